@@ -1,0 +1,125 @@
+"""Benchmark: quantkit's one-pass export vs llama.cpp's convert_hf_to_gguf.py + llama-quantize ×3.
+
+Both flows run on the same input in the same run, each step in a fresh subprocess (wall time and
+peak RSS from wait4), and the outputs are compared tensor for tensor. Results go to
+bench/results/export_speed-<input>-<date>.json.
+
+    python -m quantkit.bench.export_speed                       # SmolLM2-135M (the bundled model)
+    python -m quantkit.bench.export_speed --input llama3-8b     # synthetic Llama-3.1-8B shape
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+VARIANTS = ["q8_0", "q5_k_m", "q4_k_m"]
+
+
+def run(cmd: list[str], env: dict | None = None) -> dict:
+    """Run a command; its wall time and peak RSS (of it and its children)."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, status, ru = os.wait4(p.pid, 0)
+    wall = time.perf_counter() - t0
+    err = p.stderr.read() if p.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    return {"seconds": round(wall, 3), "peak_rss_mib": round(ru.ru_maxrss / 1024, 1)}
+
+
+def machine() -> dict:
+    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        import torch
+        info["torch"] = torch.__version__
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return info
+
+
+def prepare_input(name: str, work: Path) -> Path:
+    if name == "smollm2":
+        from quantkit.default_model import build_default_model
+        return build_default_model()
+    from quantkit.bench import synthetic
+    tok = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizers" / name.split("-")[0]
+    return synthetic.write_checkpoint(work / name, synthetic.preset_config(name), tok)
+
+
+def compare(ours: Path, ref: Path) -> dict:
+    import gguf
+    import numpy as np
+    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(ref)
+    if [(t.name, t.tensor_type) for t in a.tensors] != [(t.name, t.tensor_type) for t in b.tensors]:
+        return {"identical_tensors": False, "reason": "tensor list or types differ"}
+    diff = [t.name for t, u in zip(a.tensors, b.tensors) if not np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(u.data).view(np.uint8))]
+    return {"identical_tensors": not diff, "differing": diff[:10]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input", default="smollm2", choices=["smollm2", "llama3-8b", "qwen3-8b", "llama3-tiny", "qwen3-tiny"])
+    ap.add_argument("--device", default="auto", help="quantkit --device (auto, cpu, cuda)")
+    ap.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir)")
+    ap.add_argument("--skip-reference", action="store_true", help="time quantkit only")
+    a = ap.parse_args(argv)
+
+    from quantkit.bench.llamacpp_ref import llamacpp_src
+
+    with tempfile.TemporaryDirectory(dir=a.work) as tmp:
+        work = Path(tmp)
+        model = prepare_input(a.input, work)
+        qk = Path(sys.executable).with_name("quantkit")
+        ours = run([str(qk), "export", str(model), "--gguf", ",".join(VARIANTS), "-o", str(work / "ours"),
+                    "--device", a.device, "-q"])
+        ours_files = json.loads((work / "ours" / "export.json").read_text())["files"]
+        result = {
+            "benchmark": "export_speed", "date": dt.date.today().isoformat(), "machine": machine(),
+            "input": {"name": a.input, "path": str(model),
+                      "bytes": sum(p.stat().st_size for p in model.glob("*.safetensors"))},
+            "quantkit": {**ours, "variants": VARIANTS},
+        }
+        if not a.skip_reference:
+            src = llamacpp_src()
+            if src is None:
+                raise SystemExit("llama.cpp sources not found: run `make install-test`")
+            env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"), HF_HUB_OFFLINE="1")
+            ref = {"convert_bf16": run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model),
+                                        "--outtype", "bf16", "--outfile", str(work / "ref-bf16.gguf")], env)}
+            for v in VARIANTS:
+                ref[f"quantize_{v}"] = run([sys.executable, "-c",
+                                            "import sys; from pathlib import Path; from quantkit.bench.llamacpp_ref import llama_quantize; "
+                                            "llama_quantize(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])",
+                                            str(work / "ref-bf16.gguf"), str(work / f"ref-{v}.gguf"), v])
+            total = sum(r["seconds"] for r in ref.values())
+            result["llama_cpp"] = {"steps": ref, "seconds": round(total, 3),
+                                   "peak_rss_mib": max(r["peak_rss_mib"] for r in ref.values()),
+                                   "threads": os.cpu_count()}
+            result["speedup"] = round(total / ours["seconds"], 2)
+            result["identical"] = {v: compare(work / "ours" / ours_files[v]["path"], work / f"ref-{v}.gguf")
+                                   for v in VARIANTS}
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"export_speed-{a.input}-{result['date']}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"written {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Synthetic HF checkpoints of the real Llama-3.1-8B / Qwen3-8B shapes (or shrunk), random weights.
+
+Used by the tests (tiny models with the real tokenizers of each family) and by the speed
+benchmarks (full 8B shapes). Tensors are generated and written one shard at a time, so an 8B
+checkpoint never sits in memory.
+
+    python -m quantkit.bench.synthetic llama3-8b /tmp/llama8b --tokenizer tests/fixtures/tokenizers/llama3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+# Real configs as published (config.json of meta-llama/Llama-3.1-8B-Instruct and Qwen/Qwen3-8B).
+LLAMA31_8B = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+    "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
+    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
+    "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
+    "initializer_range": 0.02, "max_position_embeddings": 131072,
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
+    "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "use_cache": True, "vocab_size": 128256,
+}
+QWEN3_8B = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
+    "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 12288,
+    "initializer_range": 0.02, "max_position_embeddings": 40960, "max_window_layers": 36,
+    "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
+    "sliding_window": None, "use_sliding_window": False,
+    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 151936,
+}
+# Shrunk: widths stay multiples of 256 so the K-quant path (not the fallbacks) is exercised.
+TINY = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_hidden_layers": 8}
+
+PRESETS = {
+    "llama3-8b": (LLAMA31_8B, {}),
+    "qwen3-8b": (QWEN3_8B, {}),
+    "llama3-tiny": (LLAMA31_8B, TINY),
+    "qwen3-tiny": (QWEN3_8B, {**TINY, "head_dim": 64, "max_window_layers": 8}),
+}
+
+
+def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
+    """HF tensor names and shapes, in the order HF writes them (embeddings, layers, norm, head)."""
+    h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    nq, nkv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    qk_norm = cfg["model_type"] == "qwen3"
+    out = [("model.embed_tokens.weight", (v, h))]
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out += [
+            (p + "input_layernorm.weight", (h,)),
+            (p + "self_attn.q_proj.weight", (nq, h)),
+            (p + "self_attn.k_proj.weight", (nkv, h)),
+            (p + "self_attn.v_proj.weight", (nkv, h)),
+            (p + "self_attn.o_proj.weight", (h, nq)),
+        ]
+        if qk_norm:
+            out += [(p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,))]
+        out += [
+            (p + "post_attention_layernorm.weight", (h,)),
+            (p + "mlp.gate_proj.weight", (f, h)),
+            (p + "mlp.up_proj.weight", (f, h)),
+            (p + "mlp.down_proj.weight", (h, f)),
+        ]
+    out.append(("model.norm.weight", (h,)))
+    if not cfg.get("tie_word_embeddings"):
+        out.append(("lm_head.weight", (v, h)))
+    return out
+
+
+def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    if len(shape) == 1:  # norms: around 1, like trained RMSNorm gains
+        return (1.0 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
+    # heavier tails than a Gaussian (a few outliers per row), as trained weights have
+    t = torch.randn(shape, generator=gen) * 0.02
+    t += 0.05 * torch.randn(shape, generator=gen).pow_(3).clamp_(-10, 10) * 0.02
+    return t.to(dtype)
+
+
+def write_checkpoint(dest: Path, cfg: dict, tokenizer_dir: Path | None = None, *, seed: int = 0,
+                     dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 2 << 30) -> Path:
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    shapes = tensor_shapes(cfg)
+    esize = torch.empty(0, dtype=dtype).element_size()
+    # group tensors into shards of at most shard_bytes
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in shapes:
+        n = esize * int(torch.Size(shape).numel())
+        if shards[-1] and size + n > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += n
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {name: random_tensor(name, shape, gen, dtype) for name, shape in shard}
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        save_file(tensors, str(dest / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in tensors})
+        del tensors
+    if len(shards) > 1:
+        (dest / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    cfg = dict(cfg, torch_dtype={torch.bfloat16: "bfloat16", torch.float16: "float16",
+                                 torch.float32: "float32"}[dtype])
+    (dest / "config.json").write_text(json.dumps(cfg, indent=2))
+    if tokenizer_dir is not None:
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (Path(tokenizer_dir) / f).exists():
+                shutil.copyfile(Path(tokenizer_dir) / f, dest / f)
+    gen_cfg = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
+               "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    (dest / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
+    return dest
+
+
+def preset_config(preset: str, **overrides) -> dict:
+    base, shrink = PRESETS[preset]
+    return {**base, **shrink, **overrides}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("preset", choices=sorted(PRESETS))
+    ap.add_argument("dest", type=Path)
+    ap.add_argument("--tokenizer", type=Path, help="HF tokenizer dir to copy in")
+    ap.add_argument("--layers", type=int, help="override num_hidden_layers")
+    ap.add_argument("--tied", action="store_true", help="tie_word_embeddings")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shard-gb", type=float, default=2.0)
+    a = ap.parse_args(argv)
+    over = {}
+    if a.layers:
+        over["num_hidden_layers"] = a.layers
+        over["max_window_layers"] = a.layers
+    if a.tied:
+        over["tie_word_embeddings"] = True
+    write_checkpoint(a.dest, preset_config(a.preset, **over), a.tokenizer, seed=a.seed,
+                     shard_bytes=int(a.shard_gb * (1 << 30)))
+    print(a.dest)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Q8_0, Q5_0 and Q5_1: 32-value blocks, mirrors of quantize_row_q{8_0,5_0,5_1}_ref.
+
+Block layouts (ggml-common.h), all little-endian:
+
+    Q8_0  | d: f16 | qs: 32 x int8 |                                        34 bytes
+    Q5_0  | d: f16 | qh: u32 | qs: 16 bytes |                              22 bytes
+    Q5_1  | d: f16 | m: f16 | qh: u32 | qs: 16 bytes |                     24 bytes
+
+Q5_x: value j (0..31) has 5 bits; its low nibble sits in qs[j % 16] (low nibble for
+j < 16, high nibble for j >= 16) and its fifth bit is bit j of qh.
+"""
+from __future__ import annotations
+
+import gguf
+import torch
+from torch import Tensor
+
+from . import _ops
+from .registry import QuantType, register
+
+QK = 32
+
+
+def quantize_q8_0(x: Tensor) -> Tensor:
+    amax = x.abs().amax(dim=1)
+    d = _ops.div(amax, 127.0)  # amax / ((1 << 7) - 1)
+    id_ = torch.where(d != 0, _ops.div(1.0, d), torch.zeros_like(d))
+    d_bits, _ = _ops.fp16_round(d)
+    # roundf (half away from zero), then the float -> int8 conversion
+    qs = _ops.round_away(x * id_[:, None]).to(torch.int32) & 0xFF
+    return torch.cat([_ops.le_bytes(d_bits, 2), qs.to(torch.uint8)], dim=1)
+
+
+def dequantize_q8_0(b: Tensor) -> Tensor:
+    d = _ops.fp16_bits_to_f32(_ops.from_le_bytes(b[:, 0:2]))
+    qs = b[:, 2:].contiguous().view(torch.int8).to(torch.float32)
+    return qs * d[:, None]
+
+
+def _pack_q5(xi: Tensor) -> tuple[Tensor, Tensor]:
+    """5-bit codes [n, 32] (int32) -> (qh bytes [n, 4], qs bytes [n, 16])."""
+    qs = (xi[:, :16] & 0x0F) | ((xi[:, 16:] & 0x0F) << 4)
+    qh = _ops.pack_bits((xi >> 4) & 1)
+    return qh, qs.to(torch.uint8)
+
+
+def _unpack_q5(qh: Tensor, qs: Tensor) -> Tensor:
+    qs = qs.to(torch.int32)
+    low = torch.cat([qs & 0x0F, qs >> 4], dim=1)
+    return low | (_ops.unpack_bits(qh) << 4)
+
+
+def quantize_q5_0(x: Tensor) -> Tensor:
+    # max = the value with the largest magnitude, the first one on ties (`if (amax < fabsf(v))`);
+    # it stays at its initial +0.0f when every |v| is 0 (then d = 0/-16 = -0.0: fp16 0x8000)
+    ax = x.abs()
+    idx = ax.argmax(dim=1, keepdim=True)
+    max_ = x.gather(1, idx).squeeze(1)
+    max_ = torch.where(ax.gather(1, idx).squeeze(1) > 0, max_, torch.zeros_like(max_))
+    d = _ops.div(max_, -16.0)
+    id_ = torch.where(d != 0, _ops.div(1.0, d), torch.zeros_like(d))
+    d_bits, _ = _ops.fp16_round(d)
+    # MIN(31, (int8_t)(x*id + 16.5f)): truncation toward zero, then a signed 8-bit compare
+    xi8 = (((x * id_[:, None] + 16.5).to(torch.int32) & 0xFF) ^ 0x80) - 0x80
+    xi = torch.clamp(xi8, max=31) & 0xFF
+    qh, qs = _pack_q5(xi)
+    return torch.cat([_ops.le_bytes(d_bits, 2), qh, qs], dim=1)
+
+
+def dequantize_q5_0(b: Tensor) -> Tensor:
+    d = _ops.fp16_bits_to_f32(_ops.from_le_bytes(b[:, 0:2]))
+    q = _unpack_q5(b[:, 2:6], b[:, 6:22]) - 16
+    return q.to(torch.float32) * d[:, None]
+
+
+def quantize_q5_1(x: Tensor) -> Tensor:
+    # min starts at FLT_MAX, max at -FLT_MAX, both updated on strict < / >
+    min_ = _ops.first_extreme(x, 1, largest=False)
+    max_ = _ops.first_extreme(x, 1, largest=True)
+    d = _ops.div(max_ - min_, 31.0)  # (max - min) / ((1 << 5) - 1)
+    id_ = torch.where(d != 0, _ops.div(1.0, d), torch.zeros_like(d))
+    d_bits, _ = _ops.fp16_round(d)
+    m_bits, _ = _ops.fp16_round(min_)
+    # (uint8_t)((x - min)*id + 0.5f): truncation
+    xi = ((x - min_[:, None]) * id_[:, None] + 0.5).to(torch.int32) & 0xFF
+    qh, qs = _pack_q5(xi)
+    return torch.cat([_ops.le_bytes(d_bits, 2), _ops.le_bytes(m_bits, 2), qh, qs], dim=1)
+
+
+def dequantize_q5_1(b: Tensor) -> Tensor:
+    d = _ops.fp16_bits_to_f32(_ops.from_le_bytes(b[:, 0:2]))
+    m = _ops.fp16_bits_to_f32(_ops.from_le_bytes(b[:, 2:4]))
+    q = _unpack_q5(b[:, 4:8], b[:, 8:24])
+    return q.to(torch.float32) * d[:, None] + m[:, None]
+
+
+register(QuantType("q8_0", gguf.GGMLQuantizationType.Q8_0, block_size=QK,
+                   type_size=2 + QK,  # d, qs
+                   quantize=quantize_q8_0, dequantize=dequantize_q8_0))
+register(QuantType("q5_0", gguf.GGMLQuantizationType.Q5_0, block_size=QK,
+                   type_size=2 + 4 + QK // 2,  # d, qh, qs
+                   quantize=quantize_q5_0, dequantize=dequantize_q5_0))
+register(QuantType("q5_1", gguf.GGMLQuantizationType.Q5_1, block_size=QK,
+                   type_size=2 + 2 + 4 + QK // 2,  # d, m, qh, qs
+                   quantize=quantize_q5_1, dequantize=dequantize_q5_1))

@@ -1,0 +1,151 @@
+"""Lazy reader of a local HF model directory: config, shard index, one tensor at a time.
+
+Nothing is loaded up front except safetensors headers (a few KB per shard); `read()` returns one
+tensor, so peak memory is one tensor whatever the model size.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .errors import InputError
+
+FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    name: str
+    shard: Path
+    dtype: str          # safetensors dtype string: "BF16", "F16", "F32", ...
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError("file not found", path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"not valid JSON ({e})", path) from None
+
+
+def _read_header(shard: Path) -> dict:
+    """Parse and check a safetensors header: 8-byte length, JSON, offsets inside the file."""
+    try:
+        size = shard.stat().st_size
+        with open(shard, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise InputError("truncated safetensors file (no header)", shard)
+            (n,) = struct.unpack("<Q", raw)
+            if n > min(size - 8, 100 << 20):
+                raise InputError("corrupt safetensors header (header length beyond end of file)", shard)
+            header = json.loads(f.read(n))
+    except FileNotFoundError:
+        raise InputError("shard file not found", shard) from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError("corrupt safetensors header (not JSON)", shard) from None
+    data_size = size - 8 - n
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+            shape = info["shape"]
+            dtype = info["dtype"]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"corrupt safetensors header entry for tensor {name!r}", shard) from None
+        if end > data_size:
+            raise InputError(f"truncated safetensors file: tensor {name!r} ends at byte {end} "
+                             f"but the data section has {data_size}", shard)
+    return header
+
+
+class HFModel:
+    """A local HF model directory, read lazily."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise InputError("not a directory (expected a HF model directory)", self.path)
+        self.config: dict = _read_json(self.path / "config.json")
+        if not isinstance(self.config, dict):
+            raise InputError("config.json is not a JSON object", self.path / "config.json")
+
+    @property
+    def architecture(self) -> str:
+        archs = self.config.get("architectures") or []
+        if not archs:
+            raise InputError("config.json has no 'architectures' entry", self.path / "config.json")
+        return archs[0]
+
+    def optional_json(self, name: str) -> dict | None:
+        p = self.path / name
+        return _read_json(p) if p.exists() else None
+
+    @cached_property
+    def shards(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            wm = _read_json(index).get("weight_map")
+            if not isinstance(wm, dict) or not wm:
+                raise InputError("index has no 'weight_map'", index)
+            names = sorted(set(wm.values()))
+            for n in names:
+                if not (self.path / n).is_file():
+                    raise InputError(f"index names shard {n!r}, which does not exist", index)
+            return [self.path / n for n in names]
+        single = self.path / "model.safetensors"
+        if single.is_file():
+            return [single]
+        found = sorted(self.path.glob("*.safetensors"))
+        if not found:
+            raise InputError("no *.safetensors weights found (pytorch .bin checkpoints are not supported)", self.path)
+        return found
+
+    @cached_property
+    def tensors(self) -> dict[str, TensorRef]:
+        refs: dict[str, TensorRef] = {}
+        for shard in self.shards:
+            for name, info in _read_header(shard).items():
+                if name == "__metadata__":
+                    continue
+                if name in refs:
+                    raise InputError(f"tensor {name!r} appears in two shards", shard)
+                refs[name] = TensorRef(name, shard, info["dtype"], tuple(info["shape"]))
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            wm = _read_json(index)["weight_map"]
+            missing = sorted(set(wm) - set(refs))
+            if missing:
+                raise InputError(f"index lists {len(missing)} tensors not found in the shards, "
+                                 f"e.g. {missing[0]!r} (expected in {wm[missing[0]]})", index)
+        return refs
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, as stored (bf16/fp16/fp32)."""
+        ref = self.tensors[name]
+        if ref.dtype not in FLOAT_DTYPES:
+            raise InputError(f"tensor {name!r} has dtype {ref.dtype}; expected BF16, F16 or F32", ref.shard)
+        try:
+            with safe_open(ref.shard, framework="pt") as f:
+                return f.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error types for corrupt files
+            raise InputError(f"cannot read tensor {name!r}: {e}", ref.shard) from None
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.shards)

@@ -1,0 +1,55 @@
+"""The GGUF key/value metadata of one export, assembled once and shared by every output file.
+
+`general.*` comes from gguf-py's Metadata heuristics (model card, config, generation_config), as
+convert_hf_to_gguf.py does; then the architecture keys, then the tokenizer. Each output file gets
+a copy with its own `general.file_type`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+import gguf
+
+from .arch import Architecture, HParams, SourceTensor, hparam_kv
+from .hfmodel import HFModel
+from .tokenizer import Vocab, add_vocab
+
+
+@dataclass
+class ModelMetadata:
+    kv: dict[str, gguf.GGUFValue]      # without general.file_type
+    name: str                          # file name stem, e.g. SmolLM2-135M-Instruct
+    total_params: int
+
+    def for_file_type(self, file_type: gguf.LlamaFileType) -> dict[str, gguf.GGUFValue]:
+        kv = dict(self.kv)
+        kv[gguf.Keys.General.FILE_TYPE] = gguf.GGUFValue(int(file_type), gguf.GGUFValueType.UINT32)
+        return kv
+
+
+def build_metadata(model: HFModel, arch: Architecture, hp: HParams, tensors: list[SourceTensor],
+                   vocab: Vocab, name: str | None = None) -> ModelMetadata:
+    total = sum(prod(t.shape) for t in tensors)
+    meta = gguf.Metadata.load(None, model.path, name, total)
+    if meta.name is None:
+        meta.name = model.path.name
+    gen = model.optional_json("generation_config.json") or {}
+    if meta.sampling_penalty_repeat is None and "repetition_penalty" in gen:
+        # newer converters read transformers' name for it too
+        meta.sampling_penalty_repeat = gen["repetition_penalty"]
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, total, 0, 0)
+
+    w = gguf.GGUFWriter(None, arch.name)        # used as a key/value recorder only; never opened
+    w.add_type(gguf.GGUFType.MODEL)
+    meta.set_gguf_meta_model(w)
+    for key, val, vtype in hparam_kv(arch, hp):
+        w.add_key_value(key, val, vtype)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    tok_cfg = model.optional_json("tokenizer_config.json") or {}
+    if arch.writes_space_prefix and tok_cfg.get("add_prefix_space") is not None:
+        w.add_add_space_prefix(tok_cfg["add_prefix_space"])
+    add_vocab(w, vocab)
+    stem = gguf.naming_convention(meta.name, meta.basename, meta.finetune, meta.version, meta.size_label, None)
+    return ModelMetadata(dict(w.kv_data[0]), stem, total)

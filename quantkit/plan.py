@@ -1,0 +1,165 @@
+"""Per-tensor type plan for every requested variant, with the reason for each choice.
+
+The Q4_K_M / Q5_K_M mixtures follow llama.cpp's `llama-quant.cpp` (llama_tensor_get_type) for
+dense Llama / Qwen3 models, written as ordered tables of (rule name, predicate, type): the first
+rule that matches picks the type, else the variant's default; then the shape fallback of
+`tensor_type_fallback` applies (a K-quant needs rows divisible by 256).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import gguf
+
+from quantkit.kernels import registry as qreg
+
+from .arch import HParams, SourceTensor
+from .errors import UnsupportedError
+
+
+def category(gguf_name: str) -> str:
+    # llama-quant.cpp's tensor_get_category, for the tensors of dense Llama / Qwen3 models
+    if gguf_name == "output.weight":
+        return "output"
+    if gguf_name == "token_embd.weight":
+        return "token_embd"
+    for cat in ("attn_v.weight", "attn_k.weight", "attn_q.weight", "attn_output.weight",
+                "ffn_up", "ffn_gate", "ffn_down"):
+        if cat in gguf_name:
+            return cat.removesuffix(".weight")
+    return "other"
+
+
+@dataclass(frozen=True)
+class TensorCtx:
+    """What a rule may look at: the tensor, its category and its index among tensors of that category."""
+    tensor: SourceTensor
+    category: str
+    index: int          # i-th tensor of this category in file order (llama.cpp's i_attention_wv, i_ffn_down)
+    count: int          # how many of this category (n_attention_wv; n_layer for ffn)
+    hp: HParams
+    default: str        # the variant's default type
+
+    @property
+    def ncols(self) -> int:
+        return self.tensor.shape[-1]
+
+
+def use_more_bits(i: int, n: int) -> bool:
+    # llama.cpp: the first and last eighth of the layers, and every third layer in between
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def _output_like(c: TensorCtx) -> bool:
+    # tied models quantize token_embd as if it were the output tensor
+    return c.category == "output" or (c.category == "token_embd" and c.hp.tied)
+
+
+Rule = tuple[str, Callable[[TensorCtx], bool], str]
+
+OUTPUT_RULES: list[Rule] = [
+    ("output: rows not divisible by the block size", lambda c: _output_like(c) and c.ncols % qreg.get(c.default).block_size != 0, "q8_0"),
+    ("output: one step above the default", lambda c: _output_like(c) and c.default != "q8_0", "q6_k"),
+]
+K_MIXTURE_RULES: list[Rule] = OUTPUT_RULES + [
+    ("attn_v: first/last eighth or every third layer", lambda c: c.category == "attn_v" and use_more_bits(c.index, c.count), "q6_k"),
+    # llama.cpp's LLM_TYPE_70B for Llama is the 80-layer model; its attn_v is 8x smaller than attn_q
+    ("attn_v: 70B model", lambda c: c.category == "attn_v" and c.hp.n_layer == 80 and c.default == "q4_k", "q5_k"),
+    ("ffn_down: first/last eighth or every third layer", lambda c: c.category == "ffn_down" and use_more_bits(c.index, c.count), "q6_k"),
+]
+
+# llama.cpp's tensor_type_fallback: a type whose block does not divide the row falls back to a
+# 32-block type of similar size, and to F16 when even that does not fit.
+FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str                     # as the user types it: q4_k_m
+    file_type: gguf.LlamaFileType
+    default: str                  # registry name of the default tensor type
+    rules: list[Rule] = field(default_factory=list)
+    quantized: bool = True        # False: the converter's float output (no mixture, no fallback)
+
+    @property
+    def label(self) -> str:
+        return self.name.upper()
+
+
+VARIANTS = {v.name: v for v in (
+    Variant("q8_0", gguf.LlamaFileType.MOSTLY_Q8_0, "q8_0", OUTPUT_RULES),
+    Variant("q5_k_m", gguf.LlamaFileType.MOSTLY_Q5_K_M, "q5_k", K_MIXTURE_RULES),
+    Variant("q4_k_m", gguf.LlamaFileType.MOSTLY_Q4_K_M, "q4_k", K_MIXTURE_RULES),
+    Variant("bf16", gguf.LlamaFileType.MOSTLY_BF16, "bf16", quantized=False),
+    Variant("f16", gguf.LlamaFileType.MOSTLY_F16, "f16", quantized=False),
+)}
+
+
+def parse_variants(spec: str) -> list[Variant]:
+    names = [s.strip().lower() for s in spec.split(",") if s.strip()]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown or not names:
+        raise UnsupportedError(f"unknown GGUF type {', '.join(unknown) or spec!r} (choose from {', '.join(VARIANTS)})")
+    return [VARIANTS[n] for n in dict.fromkeys(names)]
+
+
+@dataclass(frozen=True)
+class Choice:
+    qtype: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    tensor: SourceTensor
+    choices: dict[str, Choice]    # variant name → type and reason
+
+
+def _choose(v: Variant, c: TensorCtx) -> Choice:
+    t = c.tensor
+    # 1-D tensors (norms, rope factors) stay F32 in every file, as the converter writes them
+    if len(t.shape) < 2 or t.gguf_name.endswith("_norm.weight"):
+        return Choice("f32", "1-D / norm: kept in F32")
+    if not v.quantized:
+        return Choice(v.default, "weight matrix")
+    qtype, reason = v.default, "default type"
+    for name, pred, rtype in v.rules:
+        if pred(c):
+            qtype, reason = rtype, name
+            break
+    if c.ncols % qreg.get(qtype).block_size != 0:
+        fb = FALLBACK.get(qtype, qtype)
+        if c.ncols % qreg.get(fb).block_size != 0:
+            fb = "f16"
+        reason += f"; {c.ncols} columns not divisible by {qreg.get(qtype).block_size}: {qtype} -> {fb}"
+        qtype = fb
+    return Choice(qtype, reason)
+
+
+def make_plan(tensors: list[SourceTensor], hp: HParams, variants: list[Variant]) -> list[TensorPlan]:
+    cats = [category(t.gguf_name) for t in tensors]
+    counts = {"attn_v": cats.count("attn_v"), "ffn_down": hp.n_layer, "ffn_gate": hp.n_layer, "ffn_up": hp.n_layer}
+    seen: dict[str, int] = {}
+    plans = []
+    for t, cat in zip(tensors, cats):
+        idx = seen.get(cat, 0)
+        seen[cat] = idx + 1
+        choices = {}
+        for v in variants:
+            ctx = TensorCtx(t, cat, idx, counts.get(cat, 0), hp, v.default)
+            choices[v.name] = _choose(v, ctx)
+        plans.append(TensorPlan(t, choices))
+    return plans
+
+
+def format_plan(plans: list[TensorPlan], variants: list[Variant]) -> str:
+    w = max(len(p.tensor.gguf_name) for p in plans)
+    head = f"{'tensor':<{w}}  {'shape':<14}" + "".join(f"  {v.label:<8}" for v in variants)
+    lines = [head, "-" * len(head)]
+    for p in plans:
+        shape = "x".join(str(d) for d in reversed(p.tensor.shape))
+        row = f"{p.tensor.gguf_name:<{w}}  {shape:<14}" + "".join(f"  {p.choices[v.name].qtype.upper():<8}" for v in variants)
+        reasons = {p.choices[v.name].reason for v in variants if p.choices[v.name].reason not in ("default type", "weight matrix", "1-D / norm: kept in F32")}
+        lines.append(row + ("   # " + "; ".join(sorted(reasons)) if reasons else ""))
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""The kernel registry and hand-checked golden blocks (no llama.cpp needed)."""
+from __future__ import annotations
+
+import gguf
+import pytest
+import torch
+
+from quantkit.errors import UnsupportedError
+from quantkit.kernels import registry
+
+NAMES = ["q8_0", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k", "f32", "f16", "bf16"]
+
+
+def test_every_planned_type_is_registered_with_gguf_sizes():
+    assert sorted(registry.QUANT_TYPES) == sorted(NAMES)
+    for name, qtype in registry.QUANT_TYPES.items():
+        assert qtype.name == name
+        assert (qtype.block_size, qtype.type_size) == gguf.GGML_QUANT_SIZES[qtype.ggml_type]
+
+
+def test_get_accepts_names_in_any_case_and_ggml_types():
+    q4k = registry.get("q4_k")
+    assert registry.get("Q4_K") is q4k
+    assert registry.get(gguf.GGMLQuantizationType.Q4_K) is q4k
+    assert registry.get(int(gguf.GGMLQuantizationType.Q4_K)) is q4k
+
+
+def test_get_rejects_unknown_types_with_the_known_list():
+    with pytest.raises(UnsupportedError, match="q8_0"):
+        registry.get("q3_k_xl")
+    with pytest.raises(UnsupportedError):
+        registry.get(gguf.GGMLQuantizationType.IQ2_XXS)
+    with pytest.raises(UnsupportedError):
+        registry.get(9999)
+
+
+def test_row_nbytes_rejects_rows_that_are_not_whole_blocks():
+    assert registry.row_nbytes(registry.get("q6_k"), 4096) == 16 * 210
+    with pytest.raises(UnsupportedError, match="multiple of 256"):
+        registry.row_nbytes(registry.get("q4_k"), 4096 + 32)
+
+
+def test_quantize_rows_rejects_non_float32_input():
+    with pytest.raises(AssertionError):
+        registry.quantize_rows(torch.zeros(2, 32, dtype=torch.float16), registry.get("q8_0"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chunked_quantization_equals_one_shot(name, monkeypatch):
+    qtype = registry.get(name)
+    x = torch.randn(6, 768 if qtype.block_size == 256 else 96, generator=torch.Generator().manual_seed(3))
+    whole = registry.quantize_rows(x, qtype)
+    # chunks of 5 blocks: the boundaries fall mid-row
+    monkeypatch.setitem(registry.CHUNK_VALUES, "cpu", 5 * qtype.block_size)
+    chunked = registry.quantize_rows(x, qtype)
+    assert torch.equal(whole, chunked)
+    assert torch.equal(registry.dequantize_rows(whole, qtype, x.shape[1]),
+                       registry.dequantize_rows(chunked, qtype, x.shape[1]))
+
+
+# relative RMS error of a round trip on N(0, 1) data: a loose ceiling per type
+RT_ERROR = {"q8_0": 0.01, "q5_0": 0.05, "q5_1": 0.05, "q4_k": 0.1, "q5_k": 0.05, "q6_k": 0.025,
+            "f32": 0.0, "f16": 1e-3, "bf16": 5e-3}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_round_trip_error_is_small(name):
+    qtype = registry.get(name)
+    x = torch.randn(16, 512, generator=torch.Generator().manual_seed(1))
+    y = registry.dequantize_rows(registry.quantize_rows(x, qtype), qtype, 512)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    rel = ((y - x).pow(2).mean() / x.pow(2).mean()).sqrt().item()
+    assert rel <= RT_ERROR[name], rel
+
+
+def test_q8_0_golden_block_of_0_to_31():
+    # amax = 31, d = 31/127 = 0.244094...: as fp16, 1.953125 * 2^-3 = 0x33D0 (mantissa
+    # 0.95276 * 1024 = 975.6 -> 976 = 0x3D0, exponent -3 + 15 = 12)
+    # qs[j] = roundf(j * 127/31) = roundf(4.0968 * j)
+    x = torch.arange(32, dtype=torch.float32)[None]
+    expected_qs = [0, 4, 8, 12, 16, 20, 25, 29, 33, 37, 41, 45, 49, 53, 57, 61,
+                   66, 70, 74, 78, 82, 86, 90, 94, 98, 102, 107, 111, 115, 119, 123, 127]
+    out = registry.quantize_rows(x, registry.get("q8_0"))[0].tolist()
+    assert out == [0xD0, 0x33] + expected_qs
+
+
+def test_q8_0_rounds_half_away_from_zero():
+    # with a 127 in the block d = 1 exactly (fp16 0x3C00) and id = 1, so qs = roundf(x):
+    # 0.5 -> 1, 1.5 -> 2, 2.5 -> 3, -2.5 -> -3 (round-half-even would give 0, 2, 2, -2)
+    x = torch.zeros(1, 32)
+    x[0, :5] = torch.tensor([127.0, 0.5, 1.5, 2.5, -2.5])
+    out = registry.quantize_rows(x, registry.get("q8_0"))[0]
+    assert out[:2].tolist() == [0x00, 0x3C]
+    assert out[2:7].view(torch.int8).tolist() == [127, 1, 2, 3, -3]
+    assert out[7:].tolist() == [0] * 27
+
+
+def test_q5_1_golden_constant_block():
+    # min = max = 2: d = 0 -> id = 0, every code is (uint8)(0 + 0.5f) = 0, m = fp16(2) = 0x4000
+    x = torch.full((1, 32), 2.0)
+    out = registry.quantize_rows(x, registry.get("q5_1"))[0].tolist()
+    assert out == [0x00, 0x00, 0x00, 0x40] + [0] * 20
+
+
+def test_q5_0_golden_block():
+    # max (largest magnitude) = -16 -> d = -16/-16 = 1 (fp16 0x3C00), id = 1;
+    # code = MIN(31, (int8)(x + 16.5)): -16 -> 0, 0 -> 16, 15 -> 31, 15.4 -> 31
+    x = torch.zeros(1, 32)
+    x[0, 0], x[0, 1], x[0, 16], x[0, 17] = -16.0, 15.0, 15.4, 3.0
+    out = registry.quantize_rows(x, registry.get("q5_0"))[0].tolist()
+    codes = [16] * 32
+    codes[0], codes[1], codes[16], codes[17] = 0, 31, 31, 19
+    qh = sum(((c >> 4) & 1) << j for j, c in enumerate(codes))
+    qs = [(codes[j] & 0xF) | ((codes[j + 16] & 0xF) << 4) for j in range(16)]
+    assert out == [0x00, 0x3C] + list(qh.to_bytes(4, "little")) + qs
+
+
+@pytest.mark.parametrize("name", ["q4_k", "q5_k", "q6_k"])
+def test_k_quants_write_all_zero_super_blocks_as_zero_bytes(name):
+    qtype = registry.get(name)
+    out = registry.quantize_rows(torch.zeros(1, 256), qtype)
+    assert out.tolist() == [[0] * qtype.type_size]
+
+
+def test_bf16_rounds_to_nearest_even_and_keeps_nan_quiet():
+    bits = torch.tensor([0x3F808000, 0x3F818000, 0x3F808001, 0x7F800001, 0xFF800000], dtype=torch.int64)
+    x = bits.to(torch.int32).view(torch.float32)[:, None]
+    out = registry.quantize_rows(x, registry.get("bf16")).view(torch.int16).to(torch.int32) & 0xFFFF
+    # tie to even (stays), tie to odd (rounds up), above the tie, sNaN forced quiet, -inf
+    assert out[:, 0].tolist() == [0x3F80, 0x3F82, 0x3F81, 0x7FC0, 0xFF80]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", NAMES)
+def test_cuda_bytes_equal_cpu_bytes(name):
+    # the CPU bytes are checked against ggml in test_kernels_vs_ggml.py
+    qtype = registry.get(name)
+    g = torch.Generator().manual_seed(7)
+    x = torch.cat([torch.randn(8, 1024, generator=g) * s for s in (1e-6, 0.02, 1.0, 1e4)])
+    x[0, :256] = 0.0
+    x[1, :512] = 3.0
+    cpu = registry.quantize_rows(x, qtype)
+    cuda = registry.quantize_rows(x.cuda(), qtype)
+    assert torch.equal(cpu, cuda.cpu())
+    assert torch.equal(registry.dequantize_rows(cpu, qtype, 1024),
+                       registry.dequantize_rows(cuda, qtype, 1024).cpu())
