@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,9 @@ def one_line_errors(fn):
         except QuantkitError as e:
             click.echo(f"quantkit: error: {e}", err=True)
             sys.exit(e.exit_code)
+        except BrokenPipeError:  # `quantkit ... | head`: the reader left, nothing to report
+            sys.stderr.close()
+            os._exit(1)
         except OSError as e:
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
             click.echo(f"quantkit: error: {where}{e.strerror or e}", err=True)
@@ -48,7 +52,7 @@ def main():
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--gguf", "gguf_types", default="q4_k_m,q5_k_m,q8_0", show_default=True,
               help="Comma-separated GGUF types: q8_0, q5_k_m, q4_k_m, bf16, f16.")
-@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (required unless --dry-run).")
 @click.option("--name", default=None, help="Model name for metadata and file names (default: from the model card/dir).")
 @click.option("--ollama", is_flag=True, help="Also write an Ollama Modelfile next to each GGUF.")
 @click.option("--dry-run", is_flag=True, help="Print the per-tensor type plan and exit without reading weights.")
@@ -71,6 +75,8 @@ def export(model, gguf_types, out_dir, name, ollama, dry_run, device, quiet):
     from .plan import parse_variants
 
     variants = parse_variants(gguf_types)
+    if out_dir is None and not dry_run:
+        raise click.UsageError("missing option '-o' / '--out' (the output directory)")
     dev = _resolve_device(device)
     res = export_gguf(model, variants, out_dir, name=name, device=dev, progress=not quiet, dry_run=dry_run)
     if dry_run:
