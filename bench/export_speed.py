@@ -26,13 +26,16 @@ VARIANTS = ["q8_0", "q5_k_m", "q4_k_m"]
 
 def run(cmd: list[str], env: dict | None = None) -> dict:
     """Run a command; its wall time and peak RSS (of it and its children)."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, ru = os.wait4(p.pid, 0)
-    wall = time.perf_counter() - t0
-    err = p.stderr.read() if p.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{err[-3000:]}")
+    # stderr goes to a file, not a pipe: llama-quantize logs every tensor, and a pipe nobody
+    # reads until the end fills up and blocks the child
+    with tempfile.TemporaryFile(mode="w+") as err:
+        t0 = time.perf_counter()
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        _, status, ru = os.wait4(p.pid, 0)
+        wall = time.perf_counter() - t0
+        if os.waitstatus_to_exitcode(status) != 0:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.read()[-3000:]}")
     return {"seconds": round(wall, 3), "peak_rss_mib": round(ru.ru_maxrss / 1024, 1)}
 
 

@@ -2,7 +2,8 @@
 
 Built on gguf-py's GGUFWriter state machine. Tensor infos (names, types, sizes) are declared up
 front from the plan, so the header can be written before any weight is quantized; each tensor's
-bytes are then appended as they are produced. The file is written under a temporary name and
+bytes are then appended as they are produced, in as many row chunks as the caller likes (the
+alignment padding gguf-py's write_tensor_data puts around a tensor is written here once per tensor). The file is written under a temporary name and
 renamed only when every tensor is in: a killed export never leaves a complete-looking file.
 It never chooses types: it writes what it is given.
 """
@@ -35,7 +36,8 @@ class GGUFFile:
         self.path = Path(path)
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
         self.tensors = tensors
-        self._next = 0
+        self._next = 0          # index of the tensor being written
+        self._written = 0       # bytes of it written so far
         self._w = gguf.GGUFWriter(self.tmp, arch)
         self._w.kv_data[0] = dict(kv)
         for t in tensors:
@@ -51,12 +53,23 @@ class GGUFFile:
         self._w.write_ti_data_to_file()
 
     def write(self, name: str, data: np.ndarray) -> None:
+        """Append bytes of tensor `name`: the next tensor of the plan, or more of the current one."""
+        if self._next >= len(self.tensors):
+            raise RuntimeError(f"{self.path}: got tensor {name}, but every tensor was written")
         expected = self.tensors[self._next]
-        if name != expected.name or data.nbytes != expected.nbytes:
-            raise RuntimeError(f"{self.path}: expected tensor {expected.name} ({expected.nbytes} bytes), "
-                               f"got {name} ({data.nbytes} bytes)")
-        self._w.write_tensor_data(np.ascontiguousarray(data).view(np.uint8))
-        self._next += 1
+        left = expected.nbytes - self._written
+        if name != expected.name or data.nbytes > left:
+            raise RuntimeError(f"{self.path}: expected {left} more bytes of tensor {expected.name}, "
+                               f"got {data.nbytes} bytes of {name}")
+        fout = self._w.fout[0]
+        if self._written == 0:
+            self._w.write_padding(fout, fout.tell())
+        np.ascontiguousarray(data).view(np.uint8).tofile(fout)
+        self._written += data.nbytes
+        if self._written == expected.nbytes:
+            self._w.write_padding(fout, expected.nbytes)
+            self._next += 1
+            self._written = 0
 
     def commit(self) -> Path:
         if self._next != len(self.tensors):

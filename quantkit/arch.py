@@ -129,8 +129,9 @@ class SourceTensor:
     gguf_name: str
     hf_name: str | None                 # None for generated tensors (rope_freqs)
     shape: tuple[int, ...]              # HF/torch order (rows, cols)
-    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None   # applied to whole row chunks
     generate: Callable[[], torch.Tensor] | None = None
+    row_granule: int = 1                # row chunks must be multiples of this (whole heads for q/k)
 
     @property
     def layer(self) -> int:
@@ -184,12 +185,12 @@ def source_tensors(model: HFModel, arch: Architecture, hp: HParams) -> list[Sour
         gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gname is None:
             raise UnsupportedError(f"no GGUF name for tensor {hf_name!r}", model.path)
-        transform = None
-        if arch.permute_qk and hf_name.endswith("q_proj.weight"):
-            transform = lambda w: permute_rows(w, hp.n_head)  # noqa: E731
-        elif arch.permute_qk and hf_name.endswith("k_proj.weight"):
-            transform = lambda w: permute_rows(w, hp.n_head_kv)  # noqa: E731
-        out.append(SourceTensor(gname, hf_name, expected[hf_name], transform))
+        transform, granule = None, 1
+        if arch.permute_qk and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+            # each head's rows are permuted among themselves: a chunk of whole heads permutes alone
+            hd = hp.head_dim
+            transform, granule = (lambda w: permute_rows(w, w.shape[0] // hd)), hd  # noqa: E731
+        out.append(SourceTensor(gname, hf_name, expected[hf_name], transform, row_granule=granule))
     if hp.rope.get("rope_type", hp.rope.get("type", "")).lower() == "llama3":
         out.append(SourceTensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", None,
                                 (hp.head_dim // 2,), generate=lambda: llama3_rope_factors(hp)))

@@ -27,8 +27,13 @@ from .metadata import build_metadata
 from .plan import TensorPlan, Variant, format_plan, make_plan
 from .tokenizer import load_vocab
 
-# A transform applied to every HF tensor after it is read (LoRA / residual merge plugs in here).
-TensorHook = Callable[[str, torch.Tensor], torch.Tensor]
+# A transform applied to every HF tensor as it is read (LoRA / residual merge plugs in here):
+# hook(hf_name, rows, x) -> x', where x holds rows [rows.start, rows.stop) of the tensor.
+TensorHook = Callable[[str, slice, torch.Tensor], torch.Tensor]
+
+# Values per row chunk: the unit that is read, transformed and quantized at once. 16 M values is
+# 64 MB in float32: an 8B model's largest tensor (128256 x 4096) goes through in 32 chunks.
+CHUNK_VALUES = 1 << 24
 
 
 @dataclass
@@ -61,36 +66,52 @@ def _input_hash(model: HFModel) -> str:
     return h.hexdigest()
 
 
-def read_tensor(model: HFModel, t: SourceTensor, hook: TensorHook | None) -> torch.Tensor:
+def row_chunks(t: SourceTensor, max_values: int = CHUNK_VALUES) -> Iterator[slice]:
+    rows = t.shape[0] if len(t.shape) > 1 else 1
+    cols = t.shape[-1] if len(t.shape) > 1 else max(1, t.shape[0])
+    step = max(t.row_granule, (max_values // cols) // t.row_granule * t.row_granule)
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+def read_chunk(model: HFModel, t: SourceTensor, rows: slice, hook: TensorHook | None) -> torch.Tensor:
+    """Rows of one GGUF tensor as float32 [rows, cols] (1-D tensors as [1, n]): read, merged, permuted."""
     if t.generate is not None:
-        return t.generate()
-    x = model.read(t.hf_name)
-    if hook is not None:
-        x = hook(t.hf_name, x)
-    x = x.to(torch.float32)
-    if not torch.isfinite(x).all():
-        raise InputError(f"tensor {t.hf_name!r} contains NaN or Inf", model.tensors[t.hf_name].shard)
-    if t.transform is not None:
-        x = t.transform(x)
-    return x
+        x = t.generate()
+    else:
+        x = model.read_rows(t.hf_name, rows.start, rows.stop) if len(t.shape) > 1 else model.read(t.hf_name)
+        if hook is not None:
+            x = hook(t.hf_name, rows, x)
+        x = x.to(torch.float32)
+        if not torch.isfinite(x).all():
+            raise InputError(f"tensor {t.hf_name!r} contains NaN or Inf", model.tensors[t.hf_name].shard)
+        if t.transform is not None:
+            x = t.transform(x)
+    return x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
 
 
 def quantize(x: torch.Tensor, qtype: str, device: torch.device) -> torch.Tensor:
-    x2 = x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
-    return qreg.quantize_rows(x2.to(device), qreg.get(qtype)).cpu()
+    return qreg.quantize_rows(x.to(device), qreg.get(qtype)).cpu()
 
 
-def _iter_tensors(model: HFModel, plans: list[TensorPlan], hook: TensorHook | None,
-                  progress: bool) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
-    total = sum(model.tensors[p.tensor.hf_name].numel * 2 if p.tensor.hf_name else 0 for p in plans)
+def _iter_chunks(model: HFModel, plans: list[TensorPlan], hook: TensorHook | None,
+                 progress: bool, chunk_values: int) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
+    """(plan, float32 row chunk) for every tensor in file order, with a progress bar in input bytes."""
+    def in_bytes(p: TensorPlan, rows: slice) -> int:
+        if p.tensor.hf_name is None:
+            return 0
+        ref = model.tensors[p.tensor.hf_name]
+        return ref.nbytes * (rows.stop - rows.start) // (ref.shape[0] if len(ref.shape) > 1 else 1)
+
+    total = sum(model.tensors[p.tensor.hf_name].nbytes for p in plans if p.tensor.hf_name)
     bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress, file=sys.stderr,
                desc="export", dynamic_ncols=True)
     try:
         for i, p in enumerate(plans):
             bar.set_postfix_str(f"tensor {i + 1}/{len(plans)} {p.tensor.gguf_name}", refresh=False)
-            x = read_tensor(model, p.tensor, hook)
-            yield p, x
-            bar.update(x.numel() * 2 if p.tensor.hf_name else 0)
+            for rows in row_chunks(p.tensor, chunk_values):
+                yield p, read_chunk(model, p.tensor, rows, hook)
+                bar.update(in_bytes(p, rows))
     finally:
         bar.close()
 
@@ -98,7 +119,7 @@ def _iter_tensors(model: HFModel, plans: list[TensorPlan], hook: TensorHook | No
 def export_gguf(model_dir: str | Path, variants: list[Variant], out_dir: str | Path, *,
                 name: str | None = None, device: str = "cpu", progress: bool = True,
                 dry_run: bool = False, hook: TensorHook | None = None,
-                hook_note: dict | None = None) -> ExportResult:
+                hook_note: dict | None = None, chunk_values: int = CHUNK_VALUES) -> ExportResult:
     t0 = time.perf_counter()
     model = HFModel(model_dir)
     arch = architecture_of(model)
@@ -127,8 +148,8 @@ def export_gguf(model_dir: str | Path, variants: list[Variant], out_dir: str | P
     try:
         for f in files.values():
             f.open()
-        for p, x in _iter_tensors(model, plans, hook, progress):
-            # the tensor is read once; each distinct type is quantized once and shared by the variants
+        for p, x in _iter_chunks(model, plans, hook, progress, chunk_values):
+            # each chunk is read once; each distinct type is quantized once and shared by the variants
             done: dict[str, torch.Tensor] = {}
             for v in variants:
                 qtype = p.choices[v.name].qtype

@@ -1,22 +1,26 @@
-"""Lazy reader of a local HF model directory: config, shard index, one tensor at a time.
+"""Lazy reader of a local HF model directory: config, shard index, tensors by row range.
 
-Nothing is loaded up front except safetensors headers (a few KB per shard); `read()` returns one
-tensor, so peak memory is one tensor whatever the model size.
+Nothing is loaded up front except safetensors headers (a few KB per shard). `read_rows()` returns
+a range of rows of one tensor: a row-major range is one contiguous byte range of the shard, read
+with pread into a fresh buffer. (Not mmap: the pages of a mapping stay resident and count towards
+the process's RSS until it is closed, which for a 5 GB shard is most of it.) Peak memory is one
+chunk of one tensor, whatever the model size.
 """
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-
 from .errors import InputError
 
 FLOAT_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+               "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
 @dataclass(frozen=True)
@@ -25,6 +29,8 @@ class TensorRef:
     shard: Path
     dtype: str          # safetensors dtype string: "BF16", "F16", "F32", ...
     shape: tuple[int, ...]
+    offset: int         # absolute file offset of the first byte
+    nbytes: int
 
     @property
     def numel(self) -> int:
@@ -43,8 +49,10 @@ def _read_json(path: Path) -> dict:
         raise InputError(f"not valid JSON ({e})", path) from None
 
 
-def _read_header(shard: Path) -> dict:
-    """Parse and check a safetensors header: 8-byte length, JSON, offsets inside the file."""
+def _read_header(shard: Path) -> tuple[dict, int]:
+    """Parse and check a safetensors header: 8-byte length, JSON, offsets inside the file.
+
+    Returns the header and the file offset where the data section starts."""
     try:
         size = shard.stat().st_size
         with open(shard, "rb") as f:
@@ -72,7 +80,13 @@ def _read_header(shard: Path) -> dict:
         if end > data_size:
             raise InputError(f"truncated safetensors file: tensor {name!r} ends at byte {end} "
                              f"but the data section has {data_size}", shard)
-    return header
+        n_el = 1
+        for d in shape:
+            n_el *= d
+        if dtype in DTYPE_BYTES and end - begin != n_el * DTYPE_BYTES[dtype]:
+            raise InputError(f"corrupt safetensors header: tensor {name!r} of shape {shape} and dtype {dtype} "
+                             f"spans {end - begin} bytes", shard)
+    return header, 8 + n
 
 
 class HFModel:
@@ -121,12 +135,14 @@ class HFModel:
     def tensors(self) -> dict[str, TensorRef]:
         refs: dict[str, TensorRef] = {}
         for shard in self.shards:
-            for name, info in _read_header(shard).items():
+            header, base = _read_header(shard)
+            for name, info in header.items():
                 if name == "__metadata__":
                     continue
                 if name in refs:
                     raise InputError(f"tensor {name!r} appears in two shards", shard)
-                refs[name] = TensorRef(name, shard, info["dtype"], tuple(info["shape"]))
+                begin, end = info["data_offsets"]
+                refs[name] = TensorRef(name, shard, info["dtype"], tuple(info["shape"]), base + begin, end - begin)
         index = self.path / "model.safetensors.index.json"
         if index.exists():
             wm = _read_json(index)["weight_map"]
@@ -137,15 +153,33 @@ class HFModel:
         return refs
 
     def read(self, name: str) -> torch.Tensor:
-        """One tensor, as stored (bf16/fp16/fp32)."""
+        """One whole tensor, as stored (bf16/fp16/fp32)."""
+        ref = self.tensors[name]
+        return self.read_rows(name, 0, ref.shape[0] if ref.shape else 1)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a tensor (along its first dimension), as stored."""
         ref = self.tensors[name]
         if ref.dtype not in FLOAT_DTYPES:
             raise InputError(f"tensor {name!r} has dtype {ref.dtype}; expected BF16, F16 or F32", ref.shard)
+        rows = ref.shape[0] if ref.shape else 1
+        row_bytes = ref.nbytes // rows if rows else 0
+        assert 0 <= start <= stop <= rows, (name, start, stop, rows)
+        n = (stop - start) * row_bytes
+        buf = bytearray(n)
         try:
-            with safe_open(ref.shard, framework="pt") as f:
-                return f.get_tensor(name)
-        except Exception as e:  # safetensors raises its own error types for corrupt files
-            raise InputError(f"cannot read tensor {name!r}: {e}", ref.shard) from None
+            fd = os.open(ref.shard, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [buf], ref.offset + start * row_bytes)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise InputError(f"cannot read tensor {name!r}: {e.strerror or e}", ref.shard) from None
+        if got != n:
+            raise InputError(f"truncated safetensors file: tensor {name!r} is cut short", ref.shard)
+        shape = (stop - start, *ref.shape[1:]) if ref.shape else ()
+        return torch.frombuffer(buf, dtype=FLOAT_DTYPES[ref.dtype]).reshape(shape) if n else \
+            torch.empty(shape, dtype=FLOAT_DTYPES[ref.dtype])
 
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.shards)

@@ -21,10 +21,11 @@ llama_cpp = pytest.importorskip("llama_cpp")
 FIX = Path(__file__).parent / "fixtures" / "tokenizers"
 ALL = [VARIANTS[v] for v in ("q8_0", "q5_k_m", "q4_k_m", "bf16", "f16")]
 
-# tiny model presets: (synthetic preset, tokenizer fixture, tied embeddings, llama.cpp test vectors)
+# tiny model presets: (synthetic preset, tokenizer fixture, tied embeddings, llama.cpp test vectors,
+# values per row chunk). Llama's chunks are 2 heads (128 rows of 256): q/k are permuted chunk by chunk.
 FAMILIES = {
-    "llama3": ("llama3-tiny", "llama3", False, "ggml-vocab-llama-bpe.gguf"),
-    "qwen3": ("qwen3-tiny", "qwen3", True, "ggml-vocab-qwen2.gguf"),
+    "llama3": ("llama3-tiny", "llama3", False, "ggml-vocab-llama-bpe.gguf", 1 << 15),
+    "qwen3": ("qwen3-tiny", "qwen3", True, "ggml-vocab-qwen2.gguf", 1 << 24),
 }
 
 
@@ -43,11 +44,11 @@ def read_gguf(path: Path) -> tuple[dict, list[tuple[str, str, tuple, bytes]]]:
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def exported(request, tmp_path_factory):
-    preset, tok, tied, _ = FAMILIES[request.param]
+    preset, tok, tied, _, chunk_values = FAMILIES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     model = root / f"{request.param}-tiny"
     synthetic.write_checkpoint(model, synthetic.preset_config(preset, tie_word_embeddings=tied), FIX / tok)
-    ours = export_gguf(model, ALL, root / "ours", progress=False)
+    ours = export_gguf(model, ALL, root / "ours", progress=False, chunk_values=chunk_values)
     if llamacpp_ref.llamacpp_src() is None:
         pytest.skip("llama.cpp sources (convert_hf_to_gguf.py) not unpacked: run `make install-test`")
     ref = {"bf16": llamacpp_ref.convert_hf_to_gguf(model, root / "ref-bf16.gguf", "bf16"),
