@@ -55,13 +55,17 @@ def load_vocab(model_dir: Path, vocab_size: int) -> Vocab:
     if not path.exists():
         raise InputError("missing tokenizer.json (needed for the GGUF vocabulary)", model_dir)
     try:
-        tok = Tokenizer.from_file(str(path))
         spec = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"not valid JSON ({e})", path) from None
+    kind = (spec.get("model") or {}).get("type") if isinstance(spec, dict) else None
+    if kind != "BPE":
+        raise UnsupportedError(f"tokenizer model {kind!r} is not supported "
+                               "(only byte-level BPE tokenizers: Llama 3, Qwen, SmolLM)", path)
+    try:
+        tok = Tokenizer.from_file(str(path))
     except Exception as e:
         raise InputError(f"cannot load tokenizer ({e})", path) from None
-    if spec.get("model", {}).get("type") != "BPE":
-        raise UnsupportedError(f"tokenizer model {spec.get('model', {}).get('type')!r} is not supported "
-                               "(only byte-level BPE tokenizers: Llama 3, Qwen, SmolLM)", path)
 
     check_hash = sha256(str(tok.encode(CHECK_TEXT).ids).encode()).hexdigest()
     pre = KNOWN_PRE_TOKENIZERS.get(check_hash)

@@ -25,3 +25,21 @@ def smollm2_dir() -> Path:
     except QuantkitError as e:
         pytest.skip(str(e))
     return build_default_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(smollm2_dir, tmp_path_factory) -> Path:
+    """A 2-layer, 64-wide random Llama with SmolLM2's real tokenizer and chat template: small
+    enough to export in a second, real enough for every check of the input."""
+    import json
+    import shutil
+
+    from quantkit.bench import synthetic
+
+    cfg = json.loads((smollm2_dir / "config.json").read_text())
+    cfg.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+               head_dim=16, num_hidden_layers=2)
+    dest = synthetic.write_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llama", cfg)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
+        shutil.copyfile(smollm2_dir / f, dest / f)
+    return dest

@@ -211,3 +211,22 @@ def test_ggml_row_sizes_agree_with_the_registry():
         qtype = registry.get(qname)
         for cols in (256, 4096):
             assert registry.row_nbytes(qtype, cols) == ggml_ref.row_size(int(qtype.ggml_type), cols)
+
+
+# real weights: SmolLM2's embedding, attention and MLP matrices, laid out in rows of a width every
+# block size divides (the values, not the shapes, are what the kernels see)
+REAL_TENSORS = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                "model.layers.7.self_attn.k_proj.weight", "model.layers.15.mlp.down_proj.weight",
+                "model.layers.29.mlp.gate_proj.weight", "model.layers.3.input_layernorm.weight"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qname", ALL)
+def test_bytes_match_ggml_on_real_smollm2_tensors(qname, smollm2_dir):
+    from quantkit.hfmodel import HFModel
+
+    model = HFModel(smollm2_dir)
+    for name in REAL_TENSORS:
+        x = model.read(name).float().reshape(-1)[: 256 * 2304]   # up to 590k values of each
+        x = x[: x.numel() // 2304 * 2304] if x.numel() >= 2304 else x[: x.numel() // 256 * 256]
+        _assert_bytes_match(x.reshape(-1, 2304 if x.numel() % 2304 == 0 else 256).numpy(), qname)

@@ -1,0 +1,48 @@
+"""Packaging: `quantkit` is the only top-level package, and every command documents an example."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from quantkit.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_wheel_installs_only_the_quantkit_package(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path), str(REPO)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot build a wheel here: {r.stderr[-500:]}")
+    (whl,) = tmp_path.glob("quantkit-*.whl")
+    names = zipfile.ZipFile(whl).namelist()
+    tops = {n.split("/")[0] for n in names}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"quantkit"}
+    # our kernels/, converters/ and bench/ folders live under quantkit/, with the bundled text
+    for f in ("quantkit/kernels/registry.py", "quantkit/converters/gguf_file.py", "quantkit/bench/export_speed.py",
+              "quantkit/data/wiki.test.raw"):
+        assert f in names, f
+    top_level = [n for n in names if n.endswith("top_level.txt")]
+    if top_level:
+        assert zipfile.ZipFile(whl).read(top_level[0]).decode().split() == ["quantkit"]
+
+
+def test_no_top_level_kernels_package_is_ours(tmp_path):
+    # transformers imports the PyPI package `kernels` when it is importable: ours must never be it
+    code = ("import importlib.util, sys; s = importlib.util.find_spec('kernels'); "
+            "print(s.origin if s else 'none')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert str(REPO) not in r.stdout, r.stdout
+    assert "quantkit.kernels" in sys.modules or __import__("quantkit.kernels")
+
+
+@pytest.mark.parametrize("command", [[], ["export"], ["default-model"]])
+def test_every_command_has_help_with_an_example(command):
+    r = CliRunner().invoke(main, [*command, "--help"])
+    assert r.exit_code == 0
+    assert "Example" in r.output and "quantkit " in r.output
