@@ -6,6 +6,7 @@ bench/results/export_speed-<input>-<date>.json.
 
     python -m quantkit.bench.export_speed                       # SmolLM2-135M (the bundled model)
     python -m quantkit.bench.export_speed --input llama3-8b     # synthetic Llama-3.1-8B shape
+    python -m quantkit.bench.export_speed --input llama3-8b --layers 2   # its embeddings + 2 layers
 """
 from __future__ import annotations
 
@@ -55,13 +56,14 @@ def machine() -> dict:
     return info
 
 
-def prepare_input(name: str, work: Path) -> Path:
+def prepare_input(name: str, work: Path, layers: int | None = None) -> Path:
     if name == "smollm2":
         from quantkit.default_model import build_default_model
         return build_default_model()
     from quantkit.bench import synthetic
     tok = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizers" / name.split("-")[0]
-    return synthetic.write_checkpoint(work / name, synthetic.preset_config(name), tok)
+    over = {"num_hidden_layers": layers, "max_window_layers": layers} if layers else {}
+    return synthetic.write_checkpoint(work / name, synthetic.preset_config(name, **over), tok)
 
 
 def compare(ours: Path, ref: Path) -> dict:
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--input", default="smollm2", choices=["smollm2", "llama3-8b", "qwen3-8b", "llama3-tiny", "qwen3-tiny"])
     ap.add_argument("--device", default="auto", help="quantkit --device (auto, cpu, cuda)")
     ap.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir)")
+    ap.add_argument("--layers", type=int, default=None, help="synthetic inputs: keep only this many layers")
     ap.add_argument("--skip-reference", action="store_true", help="time quantkit only")
     a = ap.parse_args(argv)
 
@@ -86,14 +89,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
         work = Path(tmp)
-        model = prepare_input(a.input, work)
+        model = prepare_input(a.input, work, a.layers)
         qk = Path(sys.executable).with_name("quantkit")
         ours = run([str(qk), "export", str(model), "--gguf", ",".join(VARIANTS), "-o", str(work / "ours"),
                     "--device", a.device, "-q"])
         ours_files = json.loads((work / "ours" / "export.json").read_text())["files"]
         result = {
             "benchmark": "export_speed", "date": dt.date.today().isoformat(), "machine": machine(),
-            "input": {"name": a.input, "path": str(model),
+            "input": {"name": a.input, "layers": a.layers, "path": str(model),
                       "bytes": sum(p.stat().st_size for p in model.glob("*.safetensors"))},
             "quantkit": {**ours, "variants": VARIANTS},
         }
@@ -117,7 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["identical"] = {v: compare(work / "ours" / ours_files[v]["path"], work / f"ref-{v}.gguf")
                                    for v in VARIANTS}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"export_speed-{a.input}-{result['date']}.json"
+    tag = a.input + (f"-{a.layers}layers" if a.layers else "")
+    out = RESULTS / f"export_speed-{tag}-{result['date']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     print(f"written {out}")
