@@ -57,13 +57,16 @@ def machine() -> dict:
 
 
 def prepare_input(name: str, work: Path, layers: int | None = None) -> Path:
+    """The input checkpoint, made in a subprocess: Linux carries a process's peak RSS over fork and
+    exec into its children, so a parent that had generated 8B of random weights itself would
+    report its own peak for every step timed after."""
     if name == "smollm2":
-        from quantkit.default_model import build_default_model
-        return build_default_model()
-    from quantkit.bench import synthetic
+        cmd = [str(Path(sys.executable).with_name("quantkit")), "default-model"]
+        return Path(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip())
     tok = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizers" / name.split("-")[0]
-    over = {"num_hidden_layers": layers, "max_window_layers": layers} if layers else {}
-    return synthetic.write_checkpoint(work / name, synthetic.preset_config(name, **over), tok)
+    cmd = [sys.executable, "-m", "quantkit.bench.synthetic", name, str(work / name), "--tokenizer", str(tok)]
+    subprocess.run(cmd + (["--layers", str(layers)] if layers else []), check=True, stdout=subprocess.DEVNULL)
+    return work / name
 
 
 def compare(ours: Path, ref: Path) -> dict:

@@ -110,3 +110,37 @@ def test_llama_cpp_loads_export_and_tokenizes_test_vectors(exported, variant):
     toks = llm.tokenize(b"Hello world", add_bos=True)
     llm.eval(toks)
     assert np.isfinite(np.asarray(llm.scores[len(toks) - 1])).all()
+
+
+# --- input dtypes, sharding and Qwen3 with its own output matrix -------------------------------
+# llama.cpp's default flow converts with `--outtype auto`: bf16 and fp16 checkpoints stay lossless,
+# fp32 ones are rounded to f16 first. quantkit quantizes the values as stored, which for fp32 is
+# llama.cpp's `--outtype f32` flow (a deliberate difference: no f16 rounding of fp32 weights).
+INPUTS = {
+    # name: (preset, tokenizer, dtype, shard bytes, converter --outtype)
+    "llama3-fp16-sharded": ("llama3-tiny", "llama3", "float16", 24 << 20, "auto"),
+    "llama3-fp32": ("llama3-tiny", "llama3", "float32", 2 << 30, "f32"),
+    "qwen3-untied-bf16": ("qwen3-tiny", "qwen3", "bfloat16", 2 << 30, "auto"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(INPUTS))
+def test_q4_k_m_of_other_inputs_matches_llama_quantize(name, tmp_path):
+    import torch
+
+    if llamacpp_ref.llamacpp_src() is None:
+        pytest.skip("llama.cpp sources (convert_hf_to_gguf.py) not unpacked: run `make install-test`")
+    preset, tok, dtype, shard_bytes, outtype = INPUTS[name]
+    cfg = synthetic.preset_config(preset, num_hidden_layers=3, max_window_layers=3, tie_word_embeddings=False)
+    model = synthetic.write_checkpoint(tmp_path / name, cfg, FIX / tok, dtype=getattr(torch, dtype),
+                                       shard_bytes=shard_bytes)
+    assert (len(list(model.glob("*.safetensors"))) > 1) == ("sharded" in name)
+    ours = export_gguf(model, [VARIANTS["q4_k_m"]], tmp_path / "ours", progress=False).files["q4_k_m"]
+    ref = llamacpp_ref.convert_hf_to_gguf(model, tmp_path / "ref.gguf", outtype)
+    ref = llamacpp_ref.llama_quantize(ref, tmp_path / "ref-q4_k_m.gguf", "q4_k_m")
+    _, mine = read_gguf(ours)
+    _, theirs = read_gguf(ref)
+    assert [t[:3] for t in mine] == [t[:3] for t in theirs]
+    assert dict((t[0], t[1]) for t in mine)["output.weight"] == "Q6_K"
+    diff = [t[0] for t, u in zip(mine, theirs) if t[3] != u[3]]
+    assert not diff, f"{name}: {len(diff)} tensors differ in bytes, e.g. {diff[:5]}"
