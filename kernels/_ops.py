@@ -45,9 +45,10 @@ def seq_sum(p: Tensor, from_zero: bool = True) -> Tensor:
 
     from_zero=False is `float s = p[0]; for (i = 1; ...) s += p[i];` (differs only for -0.0).
     """
-    s = p[0] + 0.0 if from_zero else p[0].clone()
-    for i in range(1, p.shape[0]):
-        s += p[i]
+    rows = p.unbind(0)  # one call for all the views (indexing p[i] costs a dispatch each)
+    s = rows[0] + 0.0 if from_zero else rows[0].clone()
+    for r in rows[1:]:
+        s += r
     return s
 
 

@@ -53,21 +53,27 @@ def _make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: floa
     min_ = torch.where(min_ > 0, torch.zeros_like(min_), min_)
     flat = max_ == min_
 
-    def quant(iscale: Tensor, mn: Tensor) -> Tensor:
+    # every [n, N] intermediate lives in one of three preallocated buffers, updated in place:
+    # the same float32 operations in the same order, without an allocation per operation
+    lbuf, dbuf = torch.empty_like(x), torch.empty_like(x)
+
+    def quant(iscale: Tensor, mn: Tensor, out: Tensor) -> Tensor:
         # nearest_int as torch.round (both round half to even): |iscale*(x - min)| stays
         # below ~nmax + 1 whenever iscale is finite. An infinite iscale (a range below
         # ~1e-37) gives inf/NaN products, which nearest_int maps to 0: zeroing iscale
         # reproduces that without the bit trick on every element of every step.
         iscale = torch.nan_to_num(iscale, nan=0.0, posinf=0.0, neginf=0.0)
-        return torch.round(iscale * (x - mn)).clamp_(0, nmax)
+        torch.sub(x, mn, out=out)
+        return out.mul_(iscale).round_().clamp_(0, nmax)
 
     def error(scale: Tensor, mn: Tensor, l: Tensor) -> Tensor:
-        diff = scale * l + mn - x
-        return seq_sum(w * (diff * diff))
+        # sum of w * (scale*l + min - x)^2
+        diff = torch.mul(scale, l, out=dbuf).add_(mn).sub_(x)
+        return seq_sum(diff.mul_(diff).mul_(w))
 
     iscale = div(float(nmax), max_ - min_)
     scale = div(1.0, iscale)
-    best_error = error(scale, min_, quant(iscale, min_))
+    best_error = error(scale, min_, quant(iscale, min_, lbuf))
     # L is a function of (iscale, min) at the step that set it: keep those, rebuild L once
     l_iscale, l_min = iscale, min_
 
@@ -78,7 +84,7 @@ def _make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: floa
         # min: C updates `min` in place when a step wins
         num = f32(f32(rmin + f32(f32(rdelta) * step)) + nmax)
         iscale = div(num, max_ - min_)
-        laux = quant(iscale, min_)
+        laux = quant(iscale, min_, lbuf)
         wl = torch.mul(w, laux, out=terms[:, 0])
         torch.mul(wl, laux, out=terms[:, 1])  # w*l*l
         torch.mul(wl, x, out=terms[:, 2])  # w*l*x[i]
@@ -97,7 +103,7 @@ def _make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: floa
         scale = torch.where(better, this_scale, scale)
         min_ = torch.where(better, this_min, min_)
 
-    L = quant(l_iscale, l_min)
+    L = quant(l_iscale, l_min, torch.empty_like(x))
     zero = torch.zeros_like(scale)
     L = torch.where(flat, torch.zeros_like(L), L)
     return torch.where(flat, zero, scale), -min_, L
@@ -116,10 +122,12 @@ def _make_qx_quants_rmse1(x: Tensor, nmax: int):
     w = x * x
     wx = w * x
 
-    def quant(iscale: Tensor) -> Tensor:
+    lbuf = torch.empty_like(x)
+
+    def quant(iscale: Tensor, out: Tensor | None = None) -> Tensor:
         # torch.round == nearest_int here: |iscale*x| <= ~nmax + 1 (all-zero blocks, where
         # iscale is infinite, are replaced at the end)
-        return torch.round(iscale * x).clamp_(-nmax, nmax - 1)
+        return torch.mul(x, iscale, out=lbuf if out is None else out).round_().clamp_(-nmax, nmax - 1)
 
     terms = torch.empty((x.shape[0], 2, x.shape[1]), dtype=x.dtype, device=x.device)
 
@@ -142,7 +150,7 @@ def _make_qx_quants_rmse1(x: Tensor, nmax: int):
         best = torch.where(better, new_scale * sumlx, best)
         l_iscale = torch.where(better, iscale, l_iscale)
 
-    L = quant(l_iscale) + nmax
+    L = quant(l_iscale, torch.empty_like(x)) + nmax
     L = torch.where(all_zero, torch.zeros_like(L), L)
     return torch.where(all_zero, torch.zeros_like(scale), scale), L
 
