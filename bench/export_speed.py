@@ -69,16 +69,6 @@ def prepare_input(name: str, work: Path, layers: int | None = None) -> Path:
     return work / name
 
 
-def compare(ours: Path, ref: Path) -> dict:
-    import gguf
-    import numpy as np
-    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(ref)
-    if [(t.name, t.tensor_type) for t in a.tensors] != [(t.name, t.tensor_type) for t in b.tensors]:
-        return {"identical_tensors": False, "reason": "tensor list or types differ"}
-    diff = [t.name for t, u in zip(a.tensors, b.tensors) if not np.array_equal(np.asarray(t.data).view(np.uint8), np.asarray(u.data).view(np.uint8))]
-    return {"identical_tensors": not diff, "differing": diff[:10]}
-
-
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", default="smollm2", choices=["smollm2", "llama3-8b", "qwen3-8b", "llama3-tiny", "qwen3-tiny"])
@@ -88,6 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-reference", action="store_true", help="time quantkit only")
     a = ap.parse_args(argv)
 
+    from quantkit.bench.gguf_diff import compare
     from quantkit.bench.llamacpp_ref import llamacpp_src
 
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 
-from quantkit.bench import llamacpp_ref, synthetic
+from quantkit.bench import gguf_diff, llamacpp_ref, synthetic
 from quantkit.export import export_gguf
 from quantkit.plan import VARIANTS
 
@@ -27,19 +26,6 @@ FAMILIES = {
     "llama3": ("llama3-tiny", "llama3", False, "ggml-vocab-llama-bpe.gguf", 1 << 15),
     "qwen3": ("qwen3-tiny", "qwen3", True, "ggml-vocab-qwen2.gguf", 1 << 24),
 }
-
-
-def read_gguf(path: Path) -> tuple[dict, list[tuple[str, str, tuple, bytes]]]:
-    r = gguf.GGUFReader(path)
-    kv = {}
-    for k, f in r.fields.items():
-        if k.startswith("GGUF."):
-            continue
-        v = f.contents()
-        kv[k] = (f.types[0].name, v)
-    tensors = [(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape), bytes(np.asarray(t.data).view(np.uint8)))
-               for t in r.tensors]
-    return kv, tensors
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -61,34 +47,23 @@ def exported(request, tmp_path_factory):
 @pytest.mark.parametrize("variant", ["q8_0", "q5_k_m", "q4_k_m"])
 def test_quantized_file_matches_llama_quantize_tensor_for_tensor(exported, variant):
     family, ours, ref = exported
-    _, mine = read_gguf(ours.files[variant])
-    _, theirs = read_gguf(ref[variant])
-    assert [t[:3] for t in mine] == [t[:3] for t in theirs]       # same order, names, types, shapes
-    diff = [t[0] for t, u in zip(mine, theirs) if t[3] != u[3]]
-    assert not diff, f"{family} {variant}: {len(diff)} tensors differ in bytes, e.g. {diff[:5]}"
+    result = gguf_diff.compare(ours.files[variant], ref[variant])
+    assert result["identical_tensors"], f"{family} {variant}: {result}"
 
 
 @pytest.mark.parametrize("variant", ["bf16", "f16"])
 def test_float_file_matches_converter_tensor_for_tensor(exported, variant):
     family, ours, ref = exported
-    _, mine = read_gguf(ours.files[variant])
-    _, theirs = read_gguf(ref[variant])
     # the converter writes tensors in checkpoint order; we write llama-quantize's order
-    assert sorted(t[:3] for t in mine) == sorted(t[:3] for t in theirs)
-    theirs_by_name = {t[0]: t[3] for t in theirs}
-    diff = [t[0] for t in mine if t[3] != theirs_by_name[t[0]]]
-    assert not diff, f"{family} {variant}: tensors differ in bytes: {diff[:5]}"
+    result = gguf_diff.compare(ours.files[variant], ref[variant], same_order=False)
+    assert result["identical_tensors"], f"{family} {variant}: {result}"
 
 
 @pytest.mark.parametrize("variant", ["bf16", "q4_k_m"])
 def test_metadata_equals_converter(exported, variant):
     family, ours, ref = exported
-    mine, _ = read_gguf(ours.files[variant])
-    theirs, _ = read_gguf(ref[variant])
-    assert sorted(mine) == sorted(theirs)
-    different = {k: (mine[k][0], theirs[k][0]) if mine[k][0] != theirs[k][0] else "value"
-                 for k in mine if mine[k] != theirs[k]}
-    assert not different, f"{family}: metadata differs: {different}"
+    diff = gguf_diff.metadata_differences(ours.files[variant], ref[variant])
+    assert not diff, f"{family}: metadata differs: {diff}"
 
 
 def _vectors(name: str) -> list[tuple[str, list[int]]]:
@@ -138,9 +113,20 @@ def test_q4_k_m_of_other_inputs_matches_llama_quantize(name, tmp_path):
     ours = export_gguf(model, [VARIANTS["q4_k_m"]], tmp_path / "ours", progress=False).files["q4_k_m"]
     ref = llamacpp_ref.convert_hf_to_gguf(model, tmp_path / "ref.gguf", outtype)
     ref = llamacpp_ref.llama_quantize(ref, tmp_path / "ref-q4_k_m.gguf", "q4_k_m")
-    _, mine = read_gguf(ours)
-    _, theirs = read_gguf(ref)
-    assert [t[:3] for t in mine] == [t[:3] for t in theirs]
-    assert dict((t[0], t[1]) for t in mine)["output.weight"] == "Q6_K"
-    diff = [t[0] for t, u in zip(mine, theirs) if t[3] != u[3]]
-    assert not diff, f"{name}: {len(diff)} tensors differ in bytes, e.g. {diff[:5]}"
+    assert dict((t[0], t[1]) for t in gguf_diff.tensors(ours))["output.weight"] == "Q6_K"
+    result = gguf_diff.compare(ours, ref)
+    assert result["identical_tensors"], f"{name}: {result}"
+
+
+def test_comparison_detects_one_changed_byte(tiny_model, tmp_path):
+    import gguf
+
+    (path,) = export_gguf(tiny_model, [VARIANTS["q8_0"]], tmp_path, progress=False).files.values()
+    assert gguf_diff.compare(path, path)["identical_tensors"]
+    t = gguf.GGUFReader(path).tensors[5]
+    data = bytearray(path.read_bytes())
+    data[t.data_offset + 7] ^= 0x01
+    changed = tmp_path / "changed.gguf"
+    changed.write_bytes(bytes(data))
+    assert gguf_diff.compare(path, changed) == {"identical_tensors": False, "tensors": len(gguf_diff.tensors(path)),
+                                                "differing": [t.name]}

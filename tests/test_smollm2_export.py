@@ -10,11 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 
-from quantkit.bench import llamacpp_ref
+from quantkit.bench import gguf_diff, llamacpp_ref
 from quantkit.export import export_gguf
 from quantkit.plan import VARIANTS
 
@@ -33,17 +32,6 @@ CHATS = [
      {"role": "assistant", "content": "Soft rain on the roof,\nthe garden drinks it slowly."},
      {"role": "user", "content": "Now one about snow, in   French, with 3 digits: 123."}],
 ]
-
-
-def tensors_of(path: Path) -> list[tuple[str, str, tuple, bytes]]:
-    r = gguf.GGUFReader(path)
-    return [(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape), bytes(np.asarray(t.data).view(np.uint8)))
-            for t in r.tensors]
-
-
-def metadata_of(path: Path) -> dict:
-    r = gguf.GGUFReader(path)
-    return {k: (f.types[0].name, f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")}
 
 
 @pytest.fixture(scope="module")
@@ -73,31 +61,22 @@ def q8(files):
 @pytest.mark.parametrize("variant", QUANTIZED)
 def test_smollm2_quantized_file_is_byte_identical_to_llama_quantize(files, variant):
     ours, ref = files
-    mine, theirs = tensors_of(ours[variant]), tensors_of(ref[variant])
-    assert [t[:3] for t in mine] == [t[:3] for t in theirs]
-    diff = [t[0] for t, u in zip(mine, theirs) if t[3] != u[3]]
-    assert not diff, f"{variant}: {len(diff)} tensors differ, e.g. {diff[:5]}"
+    result = gguf_diff.compare(ours[variant], ref[variant])
+    assert result["identical_tensors"], f"{variant}: {result}"
 
 
 @pytest.mark.parametrize("outtype", ["bf16", "f16"])
 def test_smollm2_float_file_has_the_converters_tensors(files, outtype):
     ours, ref = files
-    mine = {t[0]: t[1:] for t in tensors_of(ours[outtype])}
-    theirs = {t[0]: t[1:] for t in tensors_of(ref[outtype])}
-    assert mine.keys() == theirs.keys()
-    diff = [n for n in mine if mine[n] != theirs[n]]
-    assert not diff, f"{outtype}: tensors differ: {diff[:5]}"
+    result = gguf_diff.compare(ours[outtype], ref[outtype], same_order=False)
+    assert result["identical_tensors"], f"{outtype}: {result}"
 
 
 @pytest.mark.parametrize("variant", ["q4_k_m", "q8_0", "f16"])
 def test_smollm2_metadata_equals_llama_cpps(files, variant):
     ours, ref = files
-    mine, theirs = metadata_of(ours[variant]), metadata_of(ref[variant])
-    assert sorted(mine) == sorted(theirs)
-    diff = {k: (mine[k][1], theirs[k][1]) for k in mine if mine[k] != theirs[k]
-            and not isinstance(mine[k][1], list)}
-    diff_lists = [k for k in mine if mine[k] != theirs[k] and isinstance(mine[k][1], list)]
-    assert not diff and not diff_lists, (diff, diff_lists)
+    diff = gguf_diff.metadata_differences(ours[variant], ref[variant])
+    assert not diff, diff
 
 
 def test_llama_cpp_tokenizes_wikitext_like_the_hf_tokenizer(files, hf_tokenizer):

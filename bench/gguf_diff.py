@@ -1,0 +1,58 @@
+"""Compare two GGUF files (ours and llama.cpp's) tensor by tensor and key by key, with gguf-py's reader."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+
+def _reader(path: Path) -> gguf.GGUFReader:
+    # parsing a 150k-token vocabulary takes seconds: reuse the reader while the file is unchanged
+    st = Path(path).stat()
+    return _cached_reader(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_reader(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
+    return gguf.GGUFReader(path)
+
+
+def tensors(path: Path) -> list[tuple[str, str, tuple[int, ...], bytes]]:
+    """(name, type, shape, raw bytes) of every tensor, in file order."""
+    r = _reader(path)
+    return [(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape), bytes(np.asarray(t.data).view(np.uint8)))
+            for t in r.tensors]
+
+
+def metadata(path: Path) -> dict[str, tuple[str, object]]:
+    """key -> (value type, value) for every key/value but the GGUF.* header fields."""
+    r = _reader(path)
+    return {k: (f.types[0].name, f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+
+def compare(ours: Path, ref: Path, *, same_order: bool = True) -> dict:
+    """{"identical_tensors": bool, ...}: same names, types and shapes (in the same order unless
+    same_order=False: the converter writes checkpoint order, llama-quantize its own) and bytes."""
+    a, b = tensors(ours), tensors(ref)
+    heads_a, heads_b = [t[:3] for t in a], [t[:3] for t in b]
+    if (heads_a != heads_b) if same_order else (sorted(heads_a) != sorted(heads_b)):
+        return {"identical_tensors": False, "reason": "tensor list, types or shapes differ",
+                "only_ours": sorted(set(heads_a) - set(heads_b))[:5], "only_ref": sorted(set(heads_b) - set(heads_a))[:5]}
+    ref_bytes = {t[0]: t[3] for t in b}
+    differing = [t[0] for t in a if t[3] != ref_bytes[t[0]]]
+    return {"identical_tensors": not differing, "tensors": len(a), "differing": differing[:10]}
+
+
+def metadata_differences(ours: Path, ref: Path) -> dict:
+    """Keys present in only one file, and keys whose type or value differ (lists by name only)."""
+    a, b = metadata(ours), metadata(ref)
+    out: dict = {}
+    if a.keys() != b.keys():
+        out["only_ours"] = sorted(set(a) - set(b))
+        out["only_ref"] = sorted(set(b) - set(a))
+    for k in sorted(set(a) & set(b)):
+        if a[k] != b[k]:
+            out[k] = "differs" if isinstance(a[k][1], list) else (a[k], b[k])
+    return out
