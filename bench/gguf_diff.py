@@ -19,11 +19,13 @@ def _cached_reader(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
     return gguf.GGUFReader(path)
 
 
-def tensors(path: Path) -> list[tuple[str, str, tuple[int, ...], bytes]]:
-    """(name, type, shape, raw bytes) of every tensor, in file order."""
-    r = _reader(path)
-    return [(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape), bytes(np.asarray(t.data).view(np.uint8)))
-            for t in r.tensors]
+def tensors(path: Path) -> list[tuple[str, str, tuple[int, ...]]]:
+    """(name, type, shape) of every tensor, in file order."""
+    return [(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in _reader(path).tensors]
+
+
+def _data(t) -> np.ndarray:
+    return np.asarray(t.data).reshape(-1).view(np.uint8)   # a view of the file's memory map
 
 
 def metadata(path: Path) -> dict[str, tuple[str, object]]:
@@ -34,14 +36,14 @@ def metadata(path: Path) -> dict[str, tuple[str, object]]:
 
 def compare(ours: Path, ref: Path, *, same_order: bool = True) -> dict:
     """{"identical_tensors": bool, ...}: same names, types and shapes (in the same order unless
-    same_order=False: the converter writes checkpoint order, llama-quantize its own) and bytes."""
+    same_order=False: the converter writes checkpoint order, llama-quantize its own) and bytes.
+    Tensors are compared one at a time through the memory maps, never all in memory."""
     a, b = tensors(ours), tensors(ref)
-    heads_a, heads_b = [t[:3] for t in a], [t[:3] for t in b]
-    if (heads_a != heads_b) if same_order else (sorted(heads_a) != sorted(heads_b)):
+    if (a != b) if same_order else (sorted(a) != sorted(b)):
         return {"identical_tensors": False, "reason": "tensor list, types or shapes differ",
-                "only_ours": sorted(set(heads_a) - set(heads_b))[:5], "only_ref": sorted(set(heads_b) - set(heads_a))[:5]}
-    ref_bytes = {t[0]: t[3] for t in b}
-    differing = [t[0] for t in a if t[3] != ref_bytes[t[0]]]
+                "only_ours": sorted(set(a) - set(b))[:5], "only_ref": sorted(set(b) - set(a))[:5]}
+    ref_tensors = {t.name: t for t in _reader(ref).tensors}
+    differing = [t.name for t in _reader(ours).tensors if not np.array_equal(_data(t), _data(ref_tensors[t.name]))]
     return {"identical_tensors": not differing, "tensors": len(a), "differing": differing[:10]}
 
 
