@@ -48,6 +48,24 @@ def main():
     logging.getLogger("gguf").setLevel(logging.ERROR)
 
 
+def merge_options(fn):
+    """--lora/--weight/--residual/--scale/--ignore-base-name, shared by `export` and `merge`."""
+    opts = [
+        click.option("--lora", "loras", multiple=True, type=click.Path(path_type=Path),
+                     help="PEFT LoRA adapter directory to merge (repeatable: applied in order)."),
+        click.option("--weight", "weights", multiple=True, type=float,
+                     help="Scale of each --lora, in the same order (default 1.0 each)."),
+        click.option("--residual", type=click.Path(path_type=Path),
+                     help="Full-rank residual checkpoint to add (from `quantkit residual extract`)."),
+        click.option("--scale", type=float, default=1.0, show_default=True, help="Scale of --residual."),
+        click.option("--ignore-base-name", is_flag=True,
+                     help="Merge an adapter even if its base_model_name_or_path names another model."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--gguf", "gguf_types", default="q4_k_m,q5_k_m,q8_0", show_default=True,
@@ -56,29 +74,36 @@ def main():
 @click.option("--name", default=None, help="Model name for metadata and file names (default: from the model card/dir).")
 @click.option("--ollama", is_flag=True, help="Also write an Ollama Modelfile next to each GGUF.")
 @click.option("--dry-run", is_flag=True, help="Print the per-tensor type plan and exit without reading weights.")
+@merge_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]: where to quantize.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @one_line_errors
-def export(model, gguf_types, out_dir, name, ollama, dry_run, device, quiet):
+def export(model, gguf_types, out_dir, name, ollama, dry_run, loras, weights, residual, scale, ignore_base_name,
+           device, quiet):
     """Export a HF model directory to GGUF files, all types in one pass.
 
     Reads each tensor of MODEL (config.json + safetensors + tokenizer.json) once and writes one
-    GGUF per requested type, byte-identical to convert_hf_to_gguf.py + llama-quantize.
+    GGUF per requested type, byte-identical to convert_hf_to_gguf.py + llama-quantize. With --lora
+    or --residual the merge happens on the fly: the same bytes as `quantkit merge` then export,
+    with no merged copy on disk.
 
     \b
     Examples:
       quantkit export ./my-model --gguf q4_k_m,q5_k_m,q8_0 -o ./out
       quantkit export ./my-model --gguf q4_k_m --dry-run        # show the type of every tensor
-      quantkit export ./my-model --gguf q8_0 --ollama -o ./out  # plus out/Modelfile.Q8_0
+      quantkit export ./my-model --gguf q8_0 --ollama -o ./out  # plus out/<name>-Q8_0.Modelfile
+      quantkit export ./base --lora ./adapter --gguf q4_k_m -o ./out
     """
     from .export import export_gguf
+    from .merge import open_model
     from .plan import parse_variants
 
     variants = parse_variants(gguf_types)
     if out_dir is None and not dry_run:
         raise click.UsageError("missing option '-o' / '--out' (the output directory)")
     dev = _resolve_device(device)
-    res = export_gguf(model, variants, out_dir, name=name, device=dev, progress=not quiet, dry_run=dry_run)
+    src = open_model(model, loras, weights, residual, scale, device=dev, ignore_base_name=ignore_base_name)
+    res = export_gguf(src, variants, out_dir, name=name, device=dev, progress=not quiet, dry_run=dry_run)
     if dry_run:
         return
     if ollama:
@@ -88,6 +113,83 @@ def export(model, gguf_types, out_dir, name, ollama, dry_run, device, quiet):
         size = path.stat().st_size
         click.echo(f"{v.upper():8} {size / 2**20:10.1f} MiB  {path}")
     click.echo(f"done in {res.seconds:.1f} s; details in {Path(out_dir) / 'export.json'}")
+
+
+@main.command()
+@click.argument("base", type=click.Path(path_type=Path))
+@merge_options
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Output model directory (must not exist, or be empty, unless --force).")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+              help="Dtype of the merged weights.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest shard, e.g. 5GB, 500MB.")
+@click.option("--files-from", type=click.Path(path_type=Path),
+              help="Take tokenizer, chat template and generation config from here (default: BASE).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]: where to merge.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory (once the new one is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@one_line_errors
+def merge(base, loras, weights, residual, scale, ignore_base_name, out_dir, dtype, shard_size, files_from, device,
+          force, quiet):
+    """Merge LoRA adapters and/or a residual into BASE and write a complete HF model directory.
+
+    Computes W + scale * (B @ A) (DoRA, rsLoRA, rank/alpha patterns, modules_to_save and embedding
+    LoRA as peft merges them) and W + s * delta in float32, rounds once, and streams the result
+    into sharded safetensors with the base's config and tokenizer, plus merge.json.
+
+    \b
+    Examples:
+      quantkit merge ./Qwen3-8B --lora ./my-adapter -o ./merged
+      quantkit merge ./base --lora ./a1 --lora ./a2 --weight 1.0 --weight 0.5 -o ./merged
+      quantkit merge ./Llama-3.1-8B --residual ./delta --scale 1.0 -o ./merged --files-from ./delta
+    """
+    from .merge import open_model, parse_size, write_merged
+    from .merged import MergedModel
+
+    if not loras and residual is None:
+        raise click.UsageError("nothing to merge: give --lora and/or --residual")
+    src = open_model(base, loras, weights, residual, scale, dtype=dtype, device=_resolve_device(device),
+                     ignore_base_name=ignore_base_name)
+    assert isinstance(src, MergedModel)
+    note = write_merged(src, out_dir, files_from=files_from, shard_bytes=parse_size(shard_size),
+                        progress=not quiet, force=force)
+    click.echo(f"merged {len(loras)} adapter(s){' and a residual' if residual else ''} into {out_dir} "
+               f"({len(note['files']['shards'])} shard(s), {note['seconds']:.1f} s); details in {Path(out_dir) / 'merge.json'}")
+
+
+@main.group()
+def residual():
+    """Full-rank weight differences (delta = instruct - base).
+
+    \b
+    Example:
+      quantkit residual extract --instruct ./Qwen3-8B --base ./Qwen3-8B-Base -o ./delta
+    """
+
+
+@residual.command("extract")
+@click.option("--instruct", type=click.Path(path_type=Path), required=True, help="The fine-tuned model.")
+@click.option("--base", type=click.Path(path_type=Path), required=True, help="The model it was tuned from.")
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Output directory.")
+@click.option("--dtype", type=click.Choice(["fp16", "bf16", "fp32"]), default="fp16", show_default=True,
+              help="Dtype of the stored delta (residual model cards publish fp16).")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest shard, e.g. 5GB, 500MB.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory (once the new one is complete).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@one_line_errors
+def residual_extract(instruct, base, out_dir, dtype, shard_size, force, quiet):
+    """Write delta = INSTRUCT - BASE (float32 difference, rounded once) as a checkpoint.
+
+    \b
+    Examples:
+      quantkit residual extract --instruct ./Qwen3-8B --base ./Qwen3-8B-Base -o ./delta
+      quantkit merge ./my-continued-base --residual ./delta -o ./merged --files-from ./delta
+    """
+    from .merge import extract_residual, parse_size
+
+    note = extract_residual(instruct, base, out_dir, dtype=dtype, shard_bytes=parse_size(shard_size),
+                            progress=not quiet, force=force)
+    click.echo(f"residual written to {out_dir} ({len(note['files']['shards'])} shard(s), {note['seconds']:.1f} s)")
 
 
 @main.command("default-model")

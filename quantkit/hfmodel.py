@@ -8,6 +8,7 @@ chunk of one tensor, whatever the model size.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -38,6 +39,18 @@ class TensorRef:
         for d in self.shape:
             n *= d
         return n
+
+
+def row_ranges(shape: tuple[int, ...], max_values: int, granule: int = 1):
+    """Consecutive row ranges of a tensor (elements, for a 1-D one) of at most ~max_values values each,
+    in multiples of `granule` rows."""
+    rows = shape[0] if shape else 1
+    cols = 1
+    for d in shape[1:]:
+        cols *= d
+    step = max(granule, (max_values // max(cols, 1)) // granule * granule) if len(shape) > 1 else max(rows, 1)
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
 
 
 def _read_json(path: Path) -> dict:
@@ -183,3 +196,17 @@ class HFModel:
 
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.shards)
+
+    def merge_note(self) -> dict | None:
+        """What was merged into these weights (None: the checkpoint as stored)."""
+        return None
+
+    def fingerprint(self) -> str:
+        """A cheap content hash: config + every shard's safetensors header and size."""
+        h = hashlib.sha256((self.path / "config.json").read_bytes())
+        for shard in self.shards:
+            with open(shard, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                h.update(f.read(n))
+            h.update(f"{shard.name}:{shard.stat().st_size}".encode())
+        return h.hexdigest()

@@ -1,0 +1,260 @@
+"""PEFT LoRA adapters as peft writes them, mapped onto the tensors of a base checkpoint.
+
+An adapter directory holds `adapter_config.json` and `adapter_model.safetensors` (or a pickled
+`adapter_model.bin`, read only through torch's `weights_only` loader). Its keys come in the
+variants peft has written over the years:
+
+    base_model.model.<module>.lora_A[.<adapter>].weight            [r, in]
+    base_model.model.<module>.lora_B[.<adapter>].weight            [out, r]
+    base_model.model.<module>.lora_embedding_A[.<adapter>]         [r, vocab]
+    base_model.model.<module>.lora_embedding_B[.<adapter>]         [dim, r]
+    base_model.model.<module>.lora_magnitude_vector[.<adapter>][.weight]   [out]   (DoRA)
+    base_model.model.<module>.modules_to_save[.<adapter>].weight   full replacement
+    base_model.model.<module>.base_layer.weight                    saved embedding layer: replacement
+    base_model.model.<module>.weight                               modules_to_save (peft >= 0.13)
+
+Each is mapped to the base tensor `<module>.weight`; anything that maps nowhere or has the wrong
+shape is an error naming it, raised before anything is written. Scaling is peft's: alpha / r, or
+alpha / sqrt(r) with use_rslora, with r and alpha resolved through rank_pattern / alpha_pattern as
+peft's get_pattern_key does, times the user's weight for this adapter.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import InputError, UnsupportedError
+from .hfmodel import HFModel
+
+_PREFIX = "base_model.model."
+_A = "[^.]+"  # an adapter name
+_KEY_FORMS = [
+    ("lora_bias", re.compile(rf"^(?P<module>.+)\.lora_B(?:\.{_A})?\.bias$")),
+    ("lora", re.compile(rf"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>{_A}))?\.weight$")),
+    ("embedding", re.compile(rf"^(?P<module>.+)\.lora_embedding_(?P<ab>A|B)(?:\.(?P<adapter>{_A}))?$")),
+    ("magnitude", re.compile(rf"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>{_A}))?(?:\.weight)?$")),
+    ("replace", re.compile(rf"^(?P<module>.+)\.modules_to_save(?:\.(?P<adapter>{_A}))?\.(?P<param>weight|bias)$")),
+    ("replace", re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$")),
+    ("replace", re.compile(r"^(?P<module>.+)\.(?P<param>weight|bias)$")),
+]
+
+
+@dataclass
+class LoraTerm:
+    """One adapter's low-rank update of one base tensor: rows of transpose?(B @ A) * scaling."""
+    module: str
+    A: torch.Tensor                   # float32 [r, in] (linear) or [r, vocab] (embedding)
+    B: torch.Tensor                   # float32 [out, r] or [dim, r]
+    scaling: float
+    transposed: bool                  # delta = (B @ A).T: fan_in_fan_out layers and embeddings
+    magnitude: torch.Tensor | None = None   # DoRA: float32 [out]
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    def delta_shape(self) -> tuple[int, int]:
+        return (self.A.shape[1], self.B.shape[0]) if self.transposed else (self.B.shape[0], self.A.shape[1])
+
+
+@dataclass
+class Adapter:
+    path: Path
+    config: dict
+    weight: float
+    terms: dict[str, LoraTerm] = field(default_factory=dict)           # base tensor name → update
+    replacements: dict[str, torch.Tensor] = field(default_factory=dict)  # base tensor name → new tensor
+    sha256: str = ""
+
+    def note(self) -> dict:
+        """What merge.json and the safetensors metadata record about this adapter."""
+        c = self.config
+        scalings = sorted({round(t.scaling, 10) for t in self.terms.values()})
+        return {"path": str(self.path), "sha256": self.sha256, "r": c.get("r"), "lora_alpha": c.get("lora_alpha"),
+                "use_rslora": bool(c.get("use_rslora")), "use_dora": bool(c.get("use_dora")),
+                "rank_pattern": c.get("rank_pattern") or {}, "alpha_pattern": c.get("alpha_pattern") or {},
+                "weight": self.weight, "scaling": scalings, "base_model_name_or_path": c.get("base_model_name_or_path"),
+                "lora_tensors": len(self.terms), "replaced_tensors": sorted(self.replacements)}
+
+
+def pattern_key(patterns, key: str) -> str:
+    # peft.utils.other.get_pattern_key: the first pattern that matches the end of the module name
+    for p in patterns:
+        if re.match(rf"(.*\.)?({p})$", key):
+            return p
+    return key
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    st, pt = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    if st.is_file():
+        from safetensors.torch import load_file
+        try:
+            return load_file(st)
+        except Exception as e:
+            raise InputError(f"cannot read adapter weights ({e})", st) from None
+    if pt.is_file():
+        try:
+            return torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise InputError(f"refusing to load a pickle that is not plain tensors ({str(e).splitlines()[0]})",
+                             pt) from None
+    raise InputError("no adapter_model.safetensors or adapter_model.bin", path)
+
+
+def _norm_name(s: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", s.lower())
+
+
+def check_base_name(config: dict, base: HFModel, where: Path) -> None:
+    """Refuse an adapter trained on another model. Names are compared loosely (a local copy of
+    Org/Model-8B may be called model-8b-bf16), paths exactly."""
+    name = config.get("base_model_name_or_path")
+    if not name:
+        return
+    if Path(name).is_dir() and Path(name).resolve() == base.path.resolve():
+        return
+    want = _norm_name(Path(name).name)
+    have = {_norm_name(base.path.resolve().name), _norm_name(str(base.config.get("_name_or_path", "")).split("/")[-1])}
+    if want and not any(h and (want in h or h in want) for h in have):
+        raise InputError(f"adapter was trained on {name!r}, which does not look like the base {base.path.name!r} "
+                         "(--ignore-base-name merges it anyway)", where / "adapter_config.json")
+
+
+def _targets_allow(config: dict, module: str) -> bool:
+    t = config.get("target_modules")
+    if t is None or t == "all-linear":
+        return True
+    if isinstance(t, str):
+        return re.fullmatch(t, module) is not None
+    return any(module == m or module.endswith("." + m) for m in t)
+
+
+def load_adapter(path: str | Path, base: HFModel, *, weight: float = 1.0,
+                 ignore_base_name: bool = False) -> Adapter:
+    path = Path(path)
+    if not path.is_dir():
+        raise InputError("not a directory (expected a PEFT adapter directory)", path)
+    cfg_path = path / "adapter_config.json"
+    try:
+        config = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError("file not found", cfg_path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"not valid JSON ({e})", cfg_path) from None
+    if config.get("peft_type", "LORA") != "LORA":
+        raise UnsupportedError(f"peft_type {config.get('peft_type')!r} is not supported (only LORA)", cfg_path)
+    for flag in ("lora_bias", "layer_replication"):
+        if config.get(flag):
+            raise UnsupportedError(f"{flag} adapters are not supported", cfg_path)
+    if not ignore_base_name:
+        check_base_name(config, base, path)
+
+    weights = _read_weights(path)
+    h = hashlib.sha256(cfg_path.read_bytes())
+    for f in ("adapter_model.safetensors", "adapter_model.bin"):
+        if (path / f).is_file():
+            h.update((path / f).read_bytes())
+    adapter = Adapter(path, config, weight, sha256=h.hexdigest())
+    where = path / ("adapter_model.safetensors" if (path / "adapter_model.safetensors").is_file() else "adapter_model.bin")
+
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    adapter_names: set[str] = set()
+    for key, tensor in weights.items():
+        name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+        for kind, rx in _KEY_FORMS:
+            m = rx.match(name)
+            if m:
+                break
+        else:
+            raise InputError(f"adapter tensor {key!r} is not a LoRA, DoRA or modules_to_save tensor", where)
+        if kind == "lora_bias":
+            raise UnsupportedError(f"adapter tensor {key!r}: LoRA biases are not supported", where)
+        if m.groupdict().get("adapter"):
+            adapter_names.add(m.group("adapter"))
+        module = m.group("module")
+        if kind == "replace":
+            target = f"{module}.{m.group('param')}"
+            _check_replacement(target, tensor, base, key, where)
+            adapter.replacements[target] = tensor
+        else:
+            slot = {"lora": f"lora_{m.groupdict().get('ab')}", "embedding": f"emb_{m.groupdict().get('ab')}",
+                    "magnitude": "magnitude"}[kind]
+            parts.setdefault(module, {})[slot] = tensor
+    if len(adapter_names) > 1:
+        raise UnsupportedError(f"the file holds several adapters ({', '.join(sorted(adapter_names))}); "
+                               "save each on its own", where)
+
+    for module, p in sorted(parts.items()):
+        adapter.terms[f"{module}.weight"] = _make_term(module, p, config, base, weight, where)
+    if not adapter.terms and not adapter.replacements:
+        raise InputError("the adapter holds no LoRA tensors", where)
+    return adapter
+
+
+def _check_replacement(target: str, tensor: torch.Tensor, base: HFModel, key: str, where: Path) -> None:
+    refs = base.tensors
+    if target in refs:
+        shape = refs[target].shape
+    elif target == "lm_head.weight" and base.config.get("tie_word_embeddings") and "model.embed_tokens.weight" in refs:
+        shape = refs["model.embed_tokens.weight"].shape   # an untied copy of a tied output matrix
+    else:
+        raise InputError(f"adapter tensor {key!r} matches no tensor of the base ({target!r})", where)
+    if tuple(tensor.shape) != tuple(shape):
+        raise InputError(f"adapter tensor {key!r} has shape {list(tensor.shape)}, base tensor {target!r} "
+                         f"has {list(shape)}", where)
+    if not tensor.is_floating_point():
+        raise InputError(f"adapter tensor {key!r} has dtype {tensor.dtype}", where)
+
+
+def _make_term(module: str, p: dict[str, torch.Tensor], config: dict, base: HFModel, weight: float,
+               where: Path) -> LoraTerm:
+    target = f"{module}.weight"
+    embedding = "emb_A" in p or "emb_B" in p
+    A, B = (p.get("emb_A"), p.get("emb_B")) if embedding else (p.get("lora_A"), p.get("lora_B"))
+    if A is None or B is None:
+        raise InputError(f"module {module!r} has lora_{'A' if A is None else 'B'} missing", where)
+    if target not in base.tensors:
+        if target == "lm_head.weight" and base.config.get("tie_word_embeddings"):
+            raise UnsupportedError("the adapter has LoRA on lm_head of a model with tied embeddings; "
+                                   "peft would change the embeddings with it. Untie the model first", where)
+        raise InputError(f"adapter module {module!r} matches no tensor of the base ({target!r})", where)
+    if not _targets_allow(config, module):
+        raise InputError(f"adapter module {module!r} is not among target_modules {config.get('target_modules')}", where)
+    r = A.shape[0]
+    if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
+        raise InputError(f"module {module!r}: lora_A {list(A.shape)} and lora_B {list(B.shape)} do not form a "
+                         "low-rank pair", where)
+    r_cfg = (config.get("rank_pattern") or {}).get(pattern_key((config.get("rank_pattern") or {}).keys(), module),
+                                                   config.get("r", r))
+    if r_cfg != r:
+        raise InputError(f"module {module!r} has rank {r}, adapter_config.json says {r_cfg}", where)
+    alpha = (config.get("alpha_pattern") or {}).get(pattern_key((config.get("alpha_pattern") or {}).keys(), module),
+                                                    config.get("lora_alpha", r))
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    if weight != 1.0:
+        scaling *= weight          # as peft's scale_layer(weight)
+    term = LoraTerm(module, A.float(), B.float(), scaling,
+                    transposed=embedding or bool(config.get("fan_in_fan_out")))
+    shape = tuple(base.tensors[target].shape)
+    if term.delta_shape() != shape:
+        raise InputError(f"module {module!r}: lora_A {list(A.shape)} @ lora_B {list(B.shape)} gives "
+                         f"{list(term.delta_shape())}, base tensor {target!r} has {list(shape)}", where)
+    if "magnitude" in p:
+        mag = p["magnitude"].float().reshape(-1)
+        if term.transposed:
+            raise UnsupportedError(f"module {module!r}: DoRA on embedding or fan_in_fan_out layers is not supported",
+                                   where)
+        if mag.shape[0] != shape[0]:
+            raise InputError(f"module {module!r}: DoRA magnitude of shape {list(p['magnitude'].shape)} does not fit "
+                             f"{target!r} {list(shape)}", where)
+        term.magnitude = mag
+    elif config.get("use_dora") and not embedding:
+        raise InputError(f"module {module!r}: use_dora is set but lora_magnitude_vector is missing", where)
+    return term

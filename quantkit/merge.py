@@ -1,0 +1,172 @@
+"""`quantkit merge` and `quantkit residual extract`: write a complete HF model directory, streaming.
+
+The output is sharded safetensors (+ `model.safetensors.index.json`), `config.json` (dtype and
+embedding tying as merged), the non-weight files (tokenizer, chat template, generation config) of
+`files_from`, and a JSON note of what was merged. Tensors go through in row chunks, so peak memory is
+one chunk plus the adapters. Everything is written into a hidden staging directory beside the
+output and renamed into place when complete; an existing output is replaced only with `force`, and
+only once the new one is whole.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from tqdm import tqdm
+
+from quantkit.converters.safetensors_file import SafetensorsWriter, TensorSpec
+
+from .adapters import load_adapter
+from .errors import InputError, OutputError
+from .hfmodel import HFModel, row_ranges
+from .merged import DTYPE_NAMES, MergedModel, Residual
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# weights and notes of the input are not copied; everything else at the top level is (tokenizer,
+# chat template, generation config, README, license, ...)
+_NOT_COPIED = re.compile(r"(\.(safetensors|bin|pt|pth|gguf|ckpt|h5|msgpack|pkl|partial)$|^\.|"
+                         r"^(config|merge|residual|export|model\.safetensors\.index|pytorch_model\.bin\.index)\.json$|"
+                         r"^adapter_)")
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MiB', '2e9' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kmgt]i?b?)?\s*", text.lower())
+    if not m:
+        raise InputError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
+    unit = (m.group(2) or "").rstrip("b")
+    scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def open_model(base: str | Path, loras: list[str | Path] = (), weights: list[float] = (),
+               residual: str | Path | None = None, scale: float = 1.0, *, dtype: str = "bf16",
+               device: str = "cpu", ignore_base_name: bool = False) -> HFModel:
+    """The base checkpoint, or a MergedModel of it with the adapters (and residual) merged in."""
+    model = HFModel(base)
+    if not loras and residual is None:
+        return model
+    if weights and len(weights) != len(loras):
+        raise InputError(f"{len(weights)} --weight values for {len(loras)} --lora adapters (give one per adapter)")
+    adapters = [load_adapter(p, model, weight=w, ignore_base_name=ignore_base_name)
+                for p, w in zip(loras, weights or [1.0] * len(loras))]
+    res = Residual(HFModel(residual), scale) if residual is not None else None
+    return MergedModel(model, adapters, res, dtype=DTYPES[dtype], device=device)
+
+
+@contextmanager
+def staged_output(out: Path, force: bool) -> Iterator[Path]:
+    """A fresh hidden directory beside `out`, renamed to `out` when the block completes."""
+    out = Path(out).absolute()
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise OutputError("exists and is not empty (--force replaces it)", out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"cannot be created ({e.strerror or e})", out) from None
+    try:
+        yield tmp
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)        # mkdtemp makes it 0700
+        old = None
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{os.getpid()}"
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def stream_tensors(model: HFModel, writer: SafetensorsWriter, specs: list[TensorSpec], *, progress: bool,
+                   desc: str, chunk_values: int = 1 << 24) -> None:
+    total = sum(s.nbytes for s in specs)
+    bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress, file=sys.stderr, desc=desc,
+               dynamic_ncols=True)
+    try:
+        for i, spec in enumerate(specs):
+            bar.set_postfix_str(f"tensor {i + 1}/{len(specs)} {spec.name}", refresh=False)
+            for rows in row_ranges(spec.shape, chunk_values):
+                x = model.read_rows(spec.name, rows.start, rows.stop).to(spec.dtype)
+                writer.write(spec.name, x)
+                bar.update(x.numel() * x.element_size())
+    finally:
+        bar.close()
+
+
+def _copy_files(src: Path, dest: Path) -> list[str]:
+    copied = []
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not _NOT_COPIED.search(f.name):
+            shutil.copyfile(f, dest / f.name)
+            copied.append(f.name)
+    return copied
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def write_merged(model: MergedModel, out: str | Path, *, files_from: str | Path | None = None,
+                 shard_bytes: int = 5 * 10**9, progress: bool = True, force: bool = False) -> dict:
+    """Write the merged model as a HF model directory; returns the merge note (also in merge.json)."""
+    t0 = time.perf_counter()
+    files_from = Path(files_from) if files_from else model.base.path
+    note = model.merge_note()
+    specs = [TensorSpec(name, model.dtype, ref.shape) for name, ref in model.tensors.items()]
+    with staged_output(Path(out), force) as tmp:
+        writer = SafetensorsWriter(tmp, specs, shard_bytes=shard_bytes,
+                                   metadata={"quantkit_merge": json.dumps(note, separators=(",", ":"))})
+        try:
+            stream_tensors(model, writer, specs, progress=progress, desc="merge")
+            shards = writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        _write_json(tmp / "config.json", model.config)
+        note["files"] = {"shards": [p.name for p in shards], "copied_from": str(files_from),
+                         "copied": _copy_files(files_from, tmp)}
+        note["seconds"] = round(time.perf_counter() - t0, 3)
+        _write_json(tmp / "merge.json", note)
+    return note
+
+
+def extract_residual(instruct: str | Path, base: str | Path, out: str | Path, *, dtype: str = "fp16",
+                     shard_bytes: int = 5 * 10**9, progress: bool = True, force: bool = False) -> dict:
+    """delta = instruct - base, computed in float32 and rounded once to `dtype`, written as a
+    checkpoint with the instruct model's config and tokenizer files and a residual.json note."""
+    t0 = time.perf_counter()
+    inst, b = HFModel(instruct), HFModel(base)
+    Residual(b).check(inst, mine="the base", theirs="the instruct model")   # same names and shapes
+    delta = MergedModel(inst, residual=Residual(b, -1.0), dtype=DTYPES[dtype])   # I + (-1)*B == I - B exactly
+    note = {"quantkit_residual": 1, "instruct": {"path": str(inst.path), "fingerprint": inst.fingerprint()},
+            "base": {"path": str(b.path), "fingerprint": b.fingerprint()}, "dtype": DTYPE_NAMES[DTYPES[dtype]][1],
+            "formula": "delta = instruct - base in float32, rounded once"}
+    specs = [TensorSpec(name, delta.dtype, ref.shape) for name, ref in delta.tensors.items()]
+    with staged_output(Path(out), force) as tmp:
+        writer = SafetensorsWriter(tmp, specs, shard_bytes=shard_bytes,
+                                   metadata={"quantkit_residual": json.dumps(note, separators=(",", ":"))})
+        try:
+            stream_tensors(delta, writer, specs, progress=progress, desc="residual")
+            shards = writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+        _write_json(tmp / "config.json", dict(inst.config, torch_dtype=DTYPE_NAMES[DTYPES[dtype]][1]))
+        note["files"] = {"shards": [p.name for p in shards], "copied": _copy_files(inst.path, tmp)}
+        note["seconds"] = round(time.perf_counter() - t0, 3)
+        _write_json(tmp / "residual.json", note)
+    return note
