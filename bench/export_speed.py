@@ -14,46 +14,15 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from quantkit.bench.proc import machine, run
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ["q8_0", "q5_k_m", "q4_k_m"]
-
-
-def run(cmd: list[str], env: dict | None = None) -> dict:
-    """Run a command; its wall time and peak RSS (of it and its children)."""
-    # stderr goes to a file, not a pipe: llama-quantize logs every tensor, and a pipe nobody
-    # reads until the end fills up and blocks the child
-    with tempfile.TemporaryFile(mode="w+") as err:
-        t0 = time.perf_counter()
-        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, text=True)
-        _, status, ru = os.wait4(p.pid, 0)
-        wall = time.perf_counter() - t0
-        if os.waitstatus_to_exitcode(status) != 0:
-            err.seek(0)
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{err.read()[-3000:]}")
-    return {"seconds": round(wall, 3), "peak_rss_mib": round(ru.ru_maxrss / 1024, 1)}
-
-
-def machine() -> dict:
-    info = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
-    try:
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        import torch
-        info["torch"] = torch.__version__
-        if torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return info
 
 
 def prepare_input(name: str, work: Path, layers: int | None = None) -> Path:
@@ -64,7 +33,7 @@ def prepare_input(name: str, work: Path, layers: int | None = None) -> Path:
         cmd = [str(Path(sys.executable).with_name("quantkit")), "default-model"]
         return Path(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip())
     tok = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizers" / name.split("-")[0]
-    cmd = [sys.executable, "-m", "quantkit.bench.synthetic", name, str(work / name), "--tokenizer", str(tok)]
+    cmd = [sys.executable, "-m", "quantkit.bench.synthetic", "checkpoint", name, str(work / name), "--tokenizer", str(tok)]
     subprocess.run(cmd + (["--layers", str(layers)] if layers else []), check=True, stdout=subprocess.DEVNULL)
     return work / name
 

@@ -4,7 +4,8 @@ Used by the tests (tiny models with the real tokenizers of each family) and by t
 benchmarks (full 8B shapes). Tensors are generated and written one shard at a time, so an 8B
 checkpoint never sits in memory.
 
-    python -m quantkit.bench.synthetic llama3-8b /tmp/llama8b --tokenizer tests/fixtures/tokenizers/llama3
+    python -m quantkit.bench.synthetic checkpoint llama3-8b /tmp/llama8b --tokenizer tests/fixtures/tokenizers/llama3
+    python -m quantkit.bench.synthetic adapter /tmp/llama8b /tmp/llama8b-lora --r 64   # all projections
 """
 from __future__ import annotations
 
@@ -138,16 +139,59 @@ def preset_config(preset: str, **overrides) -> dict:
     return {**base, **shrink, **overrides}
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_lora_adapter(base: Path, dest: Path, *, r: int = 64, alpha: int = 128, targets=LORA_TARGETS,
+                       dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
+    """A PEFT LoRA adapter for the checkpoint in `base`, laid out as peft's save_pretrained writes it,
+    with random A and B sized so that the update is a few percent of the weights."""
+    import json as _json
+
+    cfg = _json.loads((Path(base) / "config.json").read_text())
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in tensor_shapes(cfg):
+        module = name.removesuffix(".weight")
+        if not module.endswith(targets) or len(shape) != 2:
+            continue
+        out_f, in_f = shape
+        key = f"base_model.model.{module}"
+        tensors[f"{key}.lora_A.weight"] = (torch.randn(r, in_f, generator=gen) / in_f ** 0.5).to(dtype)
+        tensors[f"{key}.lora_B.weight"] = (torch.randn(out_f, r, generator=gen) * 1e-3).to(dtype)
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(dest / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (dest / "adapter_config.json").write_text(_json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(Path(base).resolve()),
+        "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": list(targets), "bias": "none",
+        "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "modules_to_save": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "init_lora_weights": True}, indent=2))
+    return dest
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("preset", choices=sorted(PRESETS))
-    ap.add_argument("dest", type=Path)
-    ap.add_argument("--tokenizer", type=Path, help="HF tokenizer dir to copy in")
-    ap.add_argument("--layers", type=int, help="override num_hidden_layers")
-    ap.add_argument("--tied", action="store_true", help="tie_word_embeddings")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--shard-gb", type=float, default=2.0)
+    sub = ap.add_subparsers(dest="what", required=True)
+    c = sub.add_parser("checkpoint", help="a HF checkpoint of a preset's shapes, random weights")
+    c.add_argument("preset", choices=sorted(PRESETS))
+    c.add_argument("dest", type=Path)
+    c.add_argument("--tokenizer", type=Path, help="HF tokenizer dir to copy in")
+    c.add_argument("--layers", type=int, help="override num_hidden_layers")
+    c.add_argument("--tied", action="store_true", help="tie_word_embeddings")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--shard-gb", type=float, default=2.0)
+    ad = sub.add_parser("adapter", help="a PEFT LoRA adapter on all projections of a checkpoint")
+    ad.add_argument("base", type=Path)
+    ad.add_argument("dest", type=Path)
+    ad.add_argument("--r", type=int, default=64)
+    ad.add_argument("--alpha", type=int, default=128)
+    ad.add_argument("--seed", type=int, default=0)
     a = ap.parse_args(argv)
+    if a.what == "adapter":
+        write_lora_adapter(a.base, a.dest, r=a.r, alpha=a.alpha, seed=a.seed)
+        print(a.dest)
+        return
     over = {}
     if a.layers:
         over["num_hidden_layers"] = a.layers

@@ -25,6 +25,8 @@ from .errors import InputError, OutputError
 from .hfmodel import HFModel, row_ranges
 from .metadata import build_metadata
 from .plan import TensorPlan, Variant, format_plan, make_plan
+from .streams import prefetch
+from .transforms import all_finite
 from .tokenizer import load_vocab
 
 # Values per row chunk: the unit that is read, transformed and quantized at once. 16 M values is
@@ -63,7 +65,7 @@ def read_chunk(model: HFModel, t: SourceTensor, rows: slice) -> torch.Tensor:
     else:
         x = model.read_rows(t.hf_name, rows.start, rows.stop)
         x = x.to(torch.float32)
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise InputError(f"tensor {t.hf_name!r} contains NaN or Inf", model.tensors[t.hf_name].shard)
         if t.transform is not None:
             x = t.transform(x)
@@ -129,7 +131,8 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
     try:
         for f in files.values():
             f.open()
-        for p, x in _iter_chunks(model, plans, progress, chunk_values):
+        # a producer thread reads (and merges) the next chunks while this one is quantized and written
+        for p, x in prefetch(_iter_chunks(model, plans, progress, chunk_values), depth=2):
             # each chunk is read once; each distinct type is quantized once and shared by the variants
             done: dict[str, torch.Tensor] = {}
             for v in variants:

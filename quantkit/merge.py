@@ -29,6 +29,7 @@ from .adapters import load_adapter
 from .errors import InputError, OutputError
 from .hfmodel import HFModel, row_ranges
 from .merged import DTYPE_NAMES, MergedModel, Residual
+from .streams import prefetch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # weights and notes of the input are not copied; everything else at the top level is (tokenizer,
@@ -93,16 +94,20 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
 
 def stream_tensors(model: HFModel, writer: SafetensorsWriter, specs: list[TensorSpec], *, progress: bool,
                    desc: str, chunk_values: int = 1 << 24) -> None:
-    total = sum(s.nbytes for s in specs)
-    bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress, file=sys.stderr, desc=desc,
-               dynamic_ncols=True)
-    try:
+    """Every tensor of `specs`, row chunk by row chunk, from `model` to `writer`: a producer thread
+    reads and merges the next chunks while this one writes."""
+    def chunks():
         for i, spec in enumerate(specs):
-            bar.set_postfix_str(f"tensor {i + 1}/{len(specs)} {spec.name}", refresh=False)
             for rows in row_ranges(spec.shape, chunk_values):
-                x = model.read_rows(spec.name, rows.start, rows.stop).to(spec.dtype)
-                writer.write(spec.name, x)
-                bar.update(x.numel() * x.element_size())
+                yield i, spec, model.read_rows(spec.name, rows.start, rows.stop).to(spec.dtype)
+
+    bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True, disable=not progress,
+               file=sys.stderr, desc=desc, dynamic_ncols=True)
+    try:
+        for i, spec, x in prefetch(chunks(), depth=3):
+            bar.set_postfix_str(f"tensor {i + 1}/{len(specs)} {spec.name}", refresh=False)
+            writer.write(spec.name, x)
+            bar.update(x.numel() * x.element_size())
     finally:
         bar.close()
 

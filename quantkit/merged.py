@@ -116,7 +116,7 @@ class MergedModel(HFModel):
             shape = self.tensors[name].shape
             x = torch.zeros((stop - start, *shape[1:]), dtype=torch.float32, device=self.device)
         out = transforms.apply(ops, x, rows)   # 1-D tensors: rows are elements, the ops are elementwise
-        if not torch.isfinite(out).all():
+        if not transforms.all_finite(out):
             raise InputError(f"merging gives NaN or Inf in tensor {name!r}: the adapter or residual is broken",
                              self.adapters[0].path if self.adapters else self.residual.model.path)
         return out.to(self.dtype).cpu()

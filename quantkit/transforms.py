@@ -73,6 +73,12 @@ class AddResidual:
         return x, x
 
 
+def all_finite(x: Tensor) -> bool:
+    """No NaN or Inf in x. A NaN or Inf makes its row's sum non-finite: one read of x instead of
+    isfinite's two passes; the exact test runs only if a sum overflowed or something is wrong."""
+    return bool(torch.isfinite(x.sum(dim=-1)).all()) or bool(torch.isfinite(x).all())
+
+
 def apply(ops: list[Op], x: Tensor, rows: slice) -> Tensor:
     w0 = x
     for op in ops:
