@@ -75,6 +75,11 @@ class GGUFFile:
         if self._next != len(self.tensors):
             raise RuntimeError(f"{self.path}: {len(self.tensors) - self._next} tensors were never written")
         self._w.close()
+        fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)            # on the disk before the rename makes it look complete
+        finally:
+            os.close(fd)
         os.replace(self.tmp, self.path)
         return self.path
 

@@ -34,11 +34,25 @@ from .hfmodel import HFModel
 
 _PREFIX = "base_model.model."
 _A = "[^.]+"  # an adapter name
+# peft's LoraConfig defaults, for configs that leave them out
+DEFAULT_R, DEFAULT_ALPHA = 8, 8
+# modules peft may save whole beside modules_to_save (peft's EMBEDDING_LAYER_NAMES)
+EMBEDDING_LAYERS = ("embed_tokens", "lm_head")
+# model types whose linear layers are GPT-2's Conv1D ([in, out] weights): the only ones where peft
+# honours fan_in_fan_out (it forces it off for nn.Linear, on for Conv1D)
+CONV1D_MODEL_TYPES = {"gpt2"}
+# LoRA variants whose merge is not W + scale * B @ A on the base the user has, or that peft will
+# not merge: refused rather than merged wrongly
+_VARIANT_FIELDS = ("use_qalora", "use_bdlora", "alora_invocation_tokens", "velora_config", "monteclora_config",
+                   "kasa_config", "arrow_config", "target_parameters", "lora_bias", "layer_replication")
+# inits that change the base weights during training: such adapters must be converted first
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq", "kasa")
 _KEY_FORMS = [
     ("lora_bias", re.compile(rf"^(?P<module>.+)\.lora_B(?:\.{_A})?\.bias$")),
     ("lora", re.compile(rf"^(?P<module>.+)\.lora_(?P<ab>A|B)(?:\.(?P<adapter>{_A}))?\.weight$")),
     ("embedding", re.compile(rf"^(?P<module>.+)\.lora_embedding_(?P<ab>A|B)(?:\.(?P<adapter>{_A}))?$")),
-    ("magnitude", re.compile(rf"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>{_A}))?(?:\.weight)?$")),
+    ("magnitude", re.compile(rf"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?!weight$)(?P<adapter>{_A}))?"
+                             r"(?:\.weight)?$")),
     ("replace", re.compile(rf"^(?P<module>.+)\.modules_to_save(?:\.(?P<adapter>{_A}))?\.(?P<param>weight|bias)$")),
     ("replace", re.compile(r"^(?P<module>.+)\.base_layer\.(?P<param>weight|bias)$")),
     ("replace", re.compile(r"^(?P<module>.+)\.(?P<param>weight|bias)$")),
@@ -108,13 +122,17 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     raise InputError("no adapter_model.safetensors or adapter_model.bin", path)
 
 
+# name parts that say how a copy is stored, not which model it is
+_FORMAT_TOKENS = {"bf16", "fp16", "fp32", "f16", "f32", "hf", "safetensors", "local", "copy", "weights"}
+
+
 def _norm_name(s: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", s.lower())
+    return "".join(t for t in re.split(r"[^a-z0-9]+", s.lower()) if t and t not in _FORMAT_TOKENS)
 
 
 def check_base_name(config: dict, base: HFModel, where: Path) -> None:
-    """Refuse an adapter trained on another model. Names are compared loosely (a local copy of
-    Org/Model-8B may be called model-8b-bf16), paths exactly."""
+    """Refuse an adapter trained on another model. A local copy may carry a format suffix
+    (Org/Model-8B as model-8b-bf16); anything else must match: Qwen3-8B is not Qwen3-8B-Base."""
     name = config.get("base_model_name_or_path")
     if not name:
         return
@@ -122,7 +140,7 @@ def check_base_name(config: dict, base: HFModel, where: Path) -> None:
         return
     want = _norm_name(Path(name).name)
     have = {_norm_name(base.path.resolve().name), _norm_name(str(base.config.get("_name_or_path", "")).split("/")[-1])}
-    if want and not any(h and (want in h or h in want) for h in have):
+    if want and want not in have:
         raise InputError(f"adapter was trained on {name!r}, which does not look like the base {base.path.name!r} "
                          "(--ignore-base-name merges it anyway)", where / "adapter_config.json")
 
@@ -150,9 +168,14 @@ def load_adapter(path: str | Path, base: HFModel, *, weight: float = 1.0,
         raise InputError(f"not valid JSON ({e})", cfg_path) from None
     if config.get("peft_type", "LORA") != "LORA":
         raise UnsupportedError(f"peft_type {config.get('peft_type')!r} is not supported (only LORA)", cfg_path)
-    for flag in ("lora_bias", "layer_replication"):
+    for flag in _VARIANT_FIELDS:
         if config.get(flag):
-            raise UnsupportedError(f"{flag} adapters are not supported", cfg_path)
+            raise UnsupportedError(f"{flag} adapters are not supported (only LoRA, rsLoRA and DoRA)", cfg_path)
+    init = str(config.get("init_lora_weights", "")).lower()
+    if init.startswith(_BASE_CHANGING_INITS):
+        raise UnsupportedError(f"init_lora_weights={config['init_lora_weights']!r} changes the base weights in "
+                               "training: convert the adapter to plain LoRA first (peft's "
+                               "path_initial_model_for_weight_conversion)", cfg_path)
     if not ignore_base_name:
         check_base_name(config, base, path)
 
@@ -179,6 +202,9 @@ def load_adapter(path: str | Path, base: HFModel, *, weight: float = 1.0,
         if m.groupdict().get("adapter"):
             adapter_names.add(m.group("adapter"))
         module = m.group("module")
+        if kind == "replace" and rx is _KEY_FORMS[-1][1] and not _may_be_saved_whole(config, module):
+            raise InputError(f"adapter tensor {key!r} is a whole weight of {module!r}, which is neither in "
+                             "modules_to_save nor an embedding layer", where)
         if kind == "replace":
             target = f"{module}.{m.group('param')}"
             _check_replacement(target, tensor, base, key, where)
@@ -198,11 +224,21 @@ def load_adapter(path: str | Path, base: HFModel, *, weight: float = 1.0,
     return adapter
 
 
+def _may_be_saved_whole(config: dict, module: str) -> bool:
+    names = list(config.get("modules_to_save") or []) + list(EMBEDDING_LAYERS)
+    return any(module == n or module.endswith("." + n) for n in names)
+
+
+def is_tied(base: HFModel) -> bool:
+    """Whether the base's output matrix is its embedding matrix (config key, else: no lm_head stored)."""
+    return bool(base.config.get("tie_word_embeddings", "lm_head.weight" not in base.tensors))
+
+
 def _check_replacement(target: str, tensor: torch.Tensor, base: HFModel, key: str, where: Path) -> None:
     refs = base.tensors
     if target in refs:
         shape = refs[target].shape
-    elif target == "lm_head.weight" and base.config.get("tie_word_embeddings") and "model.embed_tokens.weight" in refs:
+    elif target == "lm_head.weight" and is_tied(base) and "model.embed_tokens.weight" in refs:
         shape = refs["model.embed_tokens.weight"].shape   # an untied copy of a tied output matrix
     else:
         raise InputError(f"adapter tensor {key!r} matches no tensor of the base ({target!r})", where)
@@ -220,10 +256,10 @@ def _make_term(module: str, p: dict[str, torch.Tensor], config: dict, base: HFMo
     A, B = (p.get("emb_A"), p.get("emb_B")) if embedding else (p.get("lora_A"), p.get("lora_B"))
     if A is None or B is None:
         raise InputError(f"module {module!r} has lora_{'A' if A is None else 'B'} missing", where)
+    if target == "lm_head.weight" and is_tied(base):
+        raise UnsupportedError("the adapter has LoRA on lm_head of a model with tied embeddings; "
+                               "peft would change the embeddings with it. Untie the model first", where)
     if target not in base.tensors:
-        if target == "lm_head.weight" and base.config.get("tie_word_embeddings"):
-            raise UnsupportedError("the adapter has LoRA on lm_head of a model with tied embeddings; "
-                                   "peft would change the embeddings with it. Untie the model first", where)
         raise InputError(f"adapter module {module!r} matches no tensor of the base ({target!r})", where)
     if not _targets_allow(config, module):
         raise InputError(f"adapter module {module!r} is not among target_modules {config.get('target_modules')}", where)
@@ -232,16 +268,16 @@ def _make_term(module: str, p: dict[str, torch.Tensor], config: dict, base: HFMo
         raise InputError(f"module {module!r}: lora_A {list(A.shape)} and lora_B {list(B.shape)} do not form a "
                          "low-rank pair", where)
     r_cfg = (config.get("rank_pattern") or {}).get(pattern_key((config.get("rank_pattern") or {}).keys(), module),
-                                                   config.get("r", r))
+                                                   config.get("r", DEFAULT_R))
     if r_cfg != r:
         raise InputError(f"module {module!r} has rank {r}, adapter_config.json says {r_cfg}", where)
     alpha = (config.get("alpha_pattern") or {}).get(pattern_key((config.get("alpha_pattern") or {}).keys(), module),
-                                                    config.get("lora_alpha", r))
+                                                    config.get("lora_alpha", DEFAULT_ALPHA))
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     if weight != 1.0:
         scaling *= weight          # as peft's scale_layer(weight)
-    term = LoraTerm(module, A.float(), B.float(), scaling,
-                    transposed=embedding or bool(config.get("fan_in_fan_out")))
+    conv1d = base.config.get("model_type") in CONV1D_MODEL_TYPES
+    term = LoraTerm(module, A.float(), B.float(), scaling, transposed=embedding or conv1d)
     shape = tuple(base.tensors[target].shape)
     if term.delta_shape() != shape:
         raise InputError(f"module {module!r}: lora_A {list(A.shape)} @ lora_B {list(B.shape)} gives "

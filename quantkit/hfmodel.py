@@ -80,6 +80,10 @@ def _read_header(shard: Path) -> tuple[dict, int]:
         raise InputError("shard file not found", shard) from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InputError("corrupt safetensors header (not JSON)", shard) from None
+    except OSError as e:
+        raise InputError(f"cannot read ({e.strerror or e})", shard) from None
+    if not isinstance(header, dict):
+        raise InputError("corrupt safetensors header (not a JSON object)", shard)
     data_size = size - 8 - n
     for name, info in header.items():
         if name == "__metadata__":
@@ -88,6 +92,8 @@ def _read_header(shard: Path) -> tuple[dict, int]:
             begin, end = info["data_offsets"]
             shape = info["shape"]
             dtype = info["dtype"]
+            if not (0 <= begin <= end) or any(int(d) < 0 for d in shape):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise InputError(f"corrupt safetensors header entry for tensor {name!r}", shard) from None
         if end > data_size:
@@ -139,7 +145,7 @@ class HFModel:
         single = self.path / "model.safetensors"
         if single.is_file():
             return [single]
-        found = sorted(self.path.glob("*.safetensors"))
+        found = sorted(p for p in self.path.glob("*.safetensors") if not p.name.startswith("adapter_"))
         if not found:
             raise InputError("no *.safetensors weights found (pytorch .bin checkpoints are not supported)", self.path)
         return found
@@ -180,10 +186,16 @@ class HFModel:
         assert 0 <= start <= stop <= rows, (name, start, stop, rows)
         n = (stop - start) * row_bytes
         buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
         try:
             fd = os.open(ref.shard, os.O_RDONLY)
             try:
-                got = os.preadv(fd, [buf], ref.offset + start * row_bytes)
+                while got < n:     # one read returns at most ~2 GiB on Linux
+                    k = os.preadv(fd, [view[got:]], ref.offset + start * row_bytes + got)
+                    if k == 0:
+                        break
+                    got += k
             finally:
                 os.close(fd)
         except OSError as e:

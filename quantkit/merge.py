@@ -65,9 +65,14 @@ def open_model(base: str | Path, loras: list[str | Path] = (), weights: list[flo
 
 
 @contextmanager
-def staged_output(out: Path, force: bool) -> Iterator[Path]:
-    """A fresh hidden directory beside `out`, renamed to `out` when the block completes."""
+def staged_output(out: Path, force: bool, inputs: list[Path] = ()) -> Iterator[Path]:
+    """A fresh hidden directory beside `out`, renamed to `out` when the block completes. An existing
+    `out` is moved aside first and deleted only once the new one is in place (put back if not)."""
     out = Path(out).absolute()
+    for i in inputs:
+        i = Path(i).resolve()
+        if out.resolve() == i or out.resolve() in i.parents:
+            raise OutputError(f"would replace the input {i}", out)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise OutputError("exists and is not empty (--force replaces it)", out)
     try:
@@ -77,19 +82,38 @@ def staged_output(out: Path, force: bool) -> Iterator[Path]:
         raise OutputError(f"cannot be created ({e.strerror or e})", out) from None
     try:
         yield tmp
+        _fsync_tree(tmp)
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o777 & ~mask)        # mkdtemp makes it 0700
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) if out.exists() else None
+            if old is not None:
+                os.replace(out, old / out.name)
+            try:
+                os.replace(tmp, out)
+            except OSError:
+                if old is not None:
+                    os.replace(old / out.name, out)
+                raise
+        except OSError as e:
+            raise OutputError(f"cannot be put in place ({e.strerror or e})", out) from None
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_tree(d: Path) -> None:
+    """Flush every file to the disk before the rename makes it look complete."""
+    for f in d.iterdir():
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def stream_tensors(model: HFModel, writer: SafetensorsWriter, specs: list[TensorSpec], *, progress: bool,
@@ -132,7 +156,9 @@ def write_merged(model: MergedModel, out: str | Path, *, files_from: str | Path 
     files_from = Path(files_from) if files_from else model.base.path
     note = model.merge_note()
     specs = [TensorSpec(name, model.dtype, ref.shape) for name, ref in model.tensors.items()]
-    with staged_output(Path(out), force) as tmp:
+    inputs = [model.base.path, files_from] + [a.path for a in model.adapters] + \
+        ([model.residual.model.path] if model.residual else [])
+    with staged_output(Path(out), force, inputs) as tmp:
         writer = SafetensorsWriter(tmp, specs, shard_bytes=shard_bytes,
                                    metadata={"quantkit_merge": json.dumps(note, separators=(",", ":"))})
         try:
@@ -161,7 +187,7 @@ def extract_residual(instruct: str | Path, base: str | Path, out: str | Path, *,
             "base": {"path": str(b.path), "fingerprint": b.fingerprint()}, "dtype": DTYPE_NAMES[DTYPES[dtype]][1],
             "formula": "delta = instruct - base in float32, rounded once"}
     specs = [TensorSpec(name, delta.dtype, ref.shape) for name, ref in delta.tensors.items()]
-    with staged_output(Path(out), force) as tmp:
+    with staged_output(Path(out), force, [inst.path, b.path]) as tmp:
         writer = SafetensorsWriter(tmp, specs, shard_bytes=shard_bytes,
                                    metadata={"quantkit_residual": json.dumps(note, separators=(",", ":"))})
         try:
@@ -170,7 +196,7 @@ def extract_residual(instruct: str | Path, base: str | Path, out: str | Path, *,
         except BaseException:
             writer.abort()
             raise
-        _write_json(tmp / "config.json", dict(inst.config, torch_dtype=DTYPE_NAMES[DTYPES[dtype]][1]))
+        _write_json(tmp / "config.json", delta.config)
         note["files"] = {"shards": [p.name for p in shards], "copied": _copy_files(inst.path, tmp)}
         note["seconds"] = round(time.perf_counter() - t0, 3)
         _write_json(tmp / "residual.json", note)

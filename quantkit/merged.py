@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import transforms
-from .adapters import Adapter
+from .adapters import Adapter, is_tied
 from .errors import InputError
 from .hfmodel import FLOAT_DTYPES, HFModel, TensorRef
 
@@ -73,8 +73,9 @@ class MergedModel(HFModel):
             for name, term in a.terms.items():
                 self.ops.setdefault(name, []).append(transforms.Lora(term))
 
-        tied = bool(base.config.get("tie_word_embeddings"))
-        self.untied = tied and "lm_head.weight" in self.ops and "lm_head.weight" not in base.tensors
+        # an adapter that replaces lm_head of a tied model unties it (also where a tied checkpoint
+        # stores lm_head anyway: transformers would re-tie it on load and drop the change)
+        self.untied = is_tied(base) and "lm_head.weight" in self.ops
         self.config = dict(base.config)
         if self.untied:
             self.config["tie_word_embeddings"] = False
@@ -83,7 +84,7 @@ class MergedModel(HFModel):
                 self.config[key] = DTYPE_NAMES[dtype][1]
 
         refs = dict(base.tensors)
-        if self.untied:
+        if self.untied and "lm_head.weight" not in refs:
             refs["lm_head.weight"] = TensorRef("lm_head.weight", refs["model.embed_tokens.weight"].shard,
                                                refs["model.embed_tokens.weight"].dtype,
                                                refs["model.embed_tokens.weight"].shape, -1, 0)
@@ -117,8 +118,9 @@ class MergedModel(HFModel):
             x = torch.zeros((stop - start, *shape[1:]), dtype=torch.float32, device=self.device)
         out = transforms.apply(ops, x, rows)   # 1-D tensors: rows are elements, the ops are elementwise
         if not transforms.all_finite(out):
-            raise InputError(f"merging gives NaN or Inf in tensor {name!r}: the adapter or residual is broken",
-                             self.adapters[0].path if self.adapters else self.residual.model.path)
+            sources = [str(a.path) for a in self.adapters] + ([str(self.residual.model.path)] if self.residual else [])
+            raise InputError(f"merging {', '.join(sources)} into it gives NaN or Inf in tensor {name!r}",
+                             self.base.path)
         return out.to(self.dtype).cpu()
 
     def total_bytes(self) -> int:

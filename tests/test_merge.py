@@ -306,6 +306,11 @@ BAD_ADAPTERS = {
                     ["something.odd_thing"]),
     "not_lora": (_edit_config(lambda c: c.update(peft_type="IA3")), ["IA3", "only LORA"]),
     "no_weights": (lambda d: (d / "adapter_model.safetensors").unlink(), ["no adapter_model.safetensors"]),
+    "whole_weight_not_in_modules_to_save": (_edit_weights(lambda t: t.update({
+        "base_model.model.model.layers.0.self_attn.q_proj.weight": torch.zeros(576, 576)})),
+        ["model.layers.0.self_attn.q_proj", "neither in modules_to_save"]),
+    "activated_lora": (_edit_config(lambda c: c.update(alora_invocation_tokens=[1, 2])), ["alora_invocation_tokens"]),
+    "pissa_init": (_edit_config(lambda c: c.update(init_lora_weights="pissa_niter_4")), ["pissa", "convert"]),
     "pickle_with_code": (lambda d: ((d / "adapter_model.safetensors").unlink(),
                                     torch.save({"x": torch.zeros(1), "f": print}, d / "adapter_model.bin")),
                          ["adapter_model.bin", "refusing"]),
@@ -385,3 +390,53 @@ def test_cuda_merge_agrees_with_cpu_merge(adapters, smollm2_dir, tmp_path):
     cpu, cuda = ours_merged(tmp_path / "cpu"), ours_merged(tmp_path / "cuda")
     # cuBLAS and MKL sum the rank dimension in different orders: at most one bf16 ulp apart
     assert max(int(_ulps(cpu[n], cuda[n]).max()) for n in cpu) <= 1
+
+
+def test_config_quirks_merge_as_peft_loads_them(adapters, smollm2_dir, tmp_path):
+    # fan_in_fan_out on nn.Linear: peft forces it off. No lora_alpha: peft's default 8 (scaling 8/8).
+    # Magnitudes saved as `.lora_magnitude_vector.weight` (older peft): the same DoRA.
+    quirky = _break(adapters["lora"], tmp_path / "quirky", _edit_config(lambda c: (c.update(fan_in_fan_out=True),
+                                                                                     c.pop("lora_alpha"))))
+    out = tmp_path / "out"
+    assert run_cli("merge", smollm2_dir, "--lora", quirky, "-o", out, "-q")[0] == 0
+    plain = _break(adapters["lora"], tmp_path / "plain", _edit_config(lambda c: c.update(lora_alpha=8)))
+    assert_close_to_peft(ours_merged(out), peft_merged(smollm2_dir, [plain])[0])
+
+    def rename_magnitudes(t):
+        for k in [k for k in t if k.endswith("lora_magnitude_vector")]:
+            t[k + ".weight"] = t.pop(k)
+    old_dora = _break(adapters["dora"], tmp_path / "old-dora", _edit_weights(rename_magnitudes))
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_cli("merge", smollm2_dir, "--lora", adapters["dora"], "-o", a, "-q")[0] == 0
+    assert run_cli("merge", smollm2_dir, "--lora", old_dora, "-o", b, "-q")[0] == 0
+    assert all(torch.equal(x, ours_merged(b)[n]) for n, x in ours_merged(a).items())
+
+
+def test_force_never_replaces_an_input(adapters, smollm2_dir, tmp_path):
+    base = tmp_path / "base"
+    shutil.copytree(smollm2_dir, base)
+    for out in (base, tmp_path):
+        r = CliRunner().invoke(main, ["merge", str(base), "--lora", str(adapters["lora"]), "--ignore-base-name",
+                                      "--force", "-o", str(out)])
+        assert r.exit_code != 0 and "would replace the input" in r.stderr
+    assert (base / "model.safetensors").exists()
+
+
+def test_base_name_check_allows_format_suffixes_but_not_other_models(tmp_path):
+    from quantkit.adapters import check_base_name
+    from quantkit.errors import InputError
+
+    class Base:
+        def __init__(self, name, config=None):
+            self.path = tmp_path / name
+            self.path.mkdir(exist_ok=True)
+            self.config = config or {}
+
+    check_base_name({"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+                    Base("smollm2-135m-instruct-bf16"), tmp_path)
+    check_base_name({"base_model_name_or_path": "Qwen/Qwen3-8B"}, Base("qwen3_8b"), tmp_path)
+    check_base_name({"base_model_name_or_path": "Qwen/Qwen3-8B"}, Base("x", {"_name_or_path": "Qwen/Qwen3-8B"}), tmp_path)
+    for adapter_base, dir_name in (("Qwen/Qwen3-8B-Base", "Qwen3-8B"), ("meta-llama/Llama-3.1-8B", "Qwen3-8B"),
+                                   ("Qwen/Qwen3-8B", "Qwen3-8B-Base")):
+        with pytest.raises(InputError, match="--ignore-base-name"):
+            check_base_name({"base_model_name_or_path": adapter_base}, Base(dir_name), tmp_path)
