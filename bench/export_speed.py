@@ -19,9 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from quantkit.bench.proc import machine, run
+from quantkit.bench.proc import machine, run, save_result
 
-RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = ["q8_0", "q5_k_m", "q4_k_m"]
 
 
@@ -82,12 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["speedup"] = round(total / ours["seconds"], 2)
             result["identical"] = {v: compare(work / "ours" / ours_files[v]["path"], work / f"ref-{v}.gguf")
                                    for v in VARIANTS}
-    RESULTS.mkdir(exist_ok=True)
     tag = a.input + (f"-{a.layers}layers" if a.layers else "")
-    out = RESULTS / f"export_speed-{tag}-{result['date']}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"written {out}")
+    save_result("export_speed", tag, result)
     return result
 
 

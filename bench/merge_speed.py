@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from quantkit.bench.proc import machine, run
+from quantkit.bench.proc import machine, run, save_result
 
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # peft's flow, as its documentation gives it: load the base in bf16, attach the adapter, merge, save
 PEFT_MERGE = """
@@ -94,12 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["speedup"] = round(peft["seconds"] / ours["seconds"], 2)
             result["rss_ratio"] = round(peft["peak_rss_mib"] / ours["peak_rss_mib"], 2)
             result["agreement"] = compare(work / "ours", work / "peft")
-    RESULTS.mkdir(exist_ok=True)
     tag = a.preset + (f"-{a.layers}layers" if a.layers else "") + f"-{device}"
-    out = RESULTS / f"merge_speed-{tag}-{result['date']}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"written {out}")
+    save_result("merge_speed", tag, result)
     return result
 
 

@@ -1,11 +1,15 @@
 """Timing commands for the benchmarks: wall time and peak RSS of a fresh process, and the machine."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 import tempfile
 import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def run(cmd: list[str], env: dict | None = None) -> dict:
@@ -41,3 +45,13 @@ def machine() -> dict:
     except ImportError:
         pass
     return info
+
+
+def save_result(benchmark: str, tag: str, result: dict) -> Path:
+    """bench/results/<benchmark>-<tag>-<date>.json, and the result on stdout."""
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"{benchmark}-{tag}-{result['date']}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    print(f"written {out}")
+    return out

@@ -136,6 +136,20 @@ def stream_tensors(model: HFModel, writer: SafetensorsWriter, specs: list[Tensor
         bar.close()
 
 
+def _write_weights(model: MergedModel, dest: Path, shard_bytes: int, notes: dict[str, dict], progress: bool,
+                   desc: str) -> list[Path]:
+    """Every tensor of `model` as shards in `dest`, with `notes` as JSON in the safetensors metadata."""
+    specs = [TensorSpec(name, model.dtype, ref.shape) for name, ref in model.tensors.items()]
+    writer = SafetensorsWriter(dest, specs, shard_bytes=shard_bytes,
+                               metadata={k: json.dumps(v, separators=(",", ":")) for k, v in notes.items()})
+    try:
+        stream_tensors(model, writer, specs, progress=progress, desc=desc)
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
 def _copy_files(src: Path, dest: Path) -> list[str]:
     copied = []
     for f in sorted(src.iterdir()):
@@ -155,18 +169,10 @@ def write_merged(model: MergedModel, out: str | Path, *, files_from: str | Path 
     t0 = time.perf_counter()
     files_from = Path(files_from) if files_from else model.base.path
     note = model.merge_note()
-    specs = [TensorSpec(name, model.dtype, ref.shape) for name, ref in model.tensors.items()]
     inputs = [model.base.path, files_from] + [a.path for a in model.adapters] + \
         ([model.residual.model.path] if model.residual else [])
     with staged_output(Path(out), force, inputs) as tmp:
-        writer = SafetensorsWriter(tmp, specs, shard_bytes=shard_bytes,
-                                   metadata={"quantkit_merge": json.dumps(note, separators=(",", ":"))})
-        try:
-            stream_tensors(model, writer, specs, progress=progress, desc="merge")
-            shards = writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
+        shards = _write_weights(model, tmp, shard_bytes, {"quantkit_merge": note}, progress, "merge")
         _write_json(tmp / "config.json", model.config)
         note["files"] = {"shards": [p.name for p in shards], "copied_from": str(files_from),
                          "copied": _copy_files(files_from, tmp)}
@@ -186,16 +192,8 @@ def extract_residual(instruct: str | Path, base: str | Path, out: str | Path, *,
     note = {"quantkit_residual": 1, "instruct": {"path": str(inst.path), "fingerprint": inst.fingerprint()},
             "base": {"path": str(b.path), "fingerprint": b.fingerprint()}, "dtype": DTYPE_NAMES[DTYPES[dtype]][1],
             "formula": "delta = instruct - base in float32, rounded once"}
-    specs = [TensorSpec(name, delta.dtype, ref.shape) for name, ref in delta.tensors.items()]
     with staged_output(Path(out), force, [inst.path, b.path]) as tmp:
-        writer = SafetensorsWriter(tmp, specs, shard_bytes=shard_bytes,
-                                   metadata={"quantkit_residual": json.dumps(note, separators=(",", ":"))})
-        try:
-            stream_tensors(delta, writer, specs, progress=progress, desc="residual")
-            shards = writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
+        shards = _write_weights(delta, tmp, shard_bytes, {"quantkit_residual": note}, progress, "residual")
         _write_json(tmp / "config.json", delta.config)
         note["files"] = {"shards": [p.name for p in shards], "copied": _copy_files(inst.path, tmp)}
         note["seconds"] = round(time.perf_counter() - t0, 3)
