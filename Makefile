@@ -38,6 +38,7 @@ demo: install
 	$(BIN)/quantkit export "$$($(BIN)/quantkit default-model)" --gguf q4_k_m,q5_k_m,q8_0 --ollama -o out/demo
 
 test: install-test
+	$(BIN)/ruff check quantkit kernels converters bench tests
 	QUANTKIT_LLAMACPP_SRC=$(SRC) $(BIN)/pytest -q
 
 bench: install-test
