@@ -192,6 +192,55 @@ def residual_extract(instruct, base, out_dir, dtype, shard_size, force, quiet):
     click.echo(f"residual written to {out_dir} ({len(note['files']['shards'])} shard(s), {note['seconds']:.1f} s)")
 
 
+@main.command()
+@click.option("--baseline", type=click.Path(path_type=Path), required=True,
+              help="The unquantized (bf16) HF model directory every variant is compared with.")
+@click.argument("variants", nargs=-1, type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Report directory.")
+@click.option("--text", type=click.Path(path_type=Path), help="Evaluation text (default: the bundled WikiText-2 test split).")
+@click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per window (llama-perplexity's -c).")
+@click.option("--limit-chunks", type=int, help="Score only the first N windows (quick runs).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--gpus", help="Comma-separated GPUs to report on, e.g. rtx4090,a100-40 (default: the whole catalog).")
+@click.option("--gpu", "extra_gpus", multiple=True, help="Add a GPU: 'NAME=GiB' (repeatable).")
+@click.option("--gpu-catalog", type=click.Path(path_type=Path), help="JSON file of GPU name -> MiB, added to the catalog.")
+@click.option("--top-k", type=int, default=128, show_default=True, help="Baseline tokens kept per position for KLD.")
+@click.option("--estimate-vram", is_flag=True, help="Estimate VRAM even on a GPU (no measuring subprocesses).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@one_line_errors
+def bench(baseline, variants, out_dir, text, ctx, limit_chunks, device, gpus, extra_gpus, gpu_catalog, top_k,
+          estimate_vram, quiet):
+    """Perplexity, KL divergence and VRAM of each variant against the bf16 baseline, and the report.
+
+    VARIANTS are GGUF files (scored with llama.cpp) and GPTQ / INT8 / NF4 / bf16 HF directories (scored
+    with transformers), all on the same tokens, with llama-perplexity's protocol. The report lands in
+    OUT: report.md, report.json, quality.png, vram.png.
+
+    \b
+    Examples:
+      quantkit bench --baseline ./my-model out/*.gguf -o ./report
+      quantkit bench --baseline ./my-model out/*.gguf --limit-chunks 20 --gpus rtx4090,a100-40 -o ./report
+    """
+    from .bench import suite, vram
+
+    if not variants:
+        raise click.UsageError("give at least one variant (a .gguf file or a model directory)")
+    try:
+        selected = vram.parse_gpus([g.strip() for g in gpus.split(",")] if gpus else None, list(extra_gpus),
+                                   gpu_catalog)
+    except (ValueError, OSError) as e:
+        raise click.UsageError(str(e)) from None
+    dev = _resolve_device(device)
+    res = suite.run(baseline, list(variants), out_dir, text=text, ctx=ctx, device=dev, limit_chunks=limit_chunks,
+                    gpus=selected, top_k=top_k, measure_vram=False if estimate_vram else None, progress=not quiet)
+    b = res["baseline"]
+    click.echo(f"{b['label']:10} ppl {b['ppl']:.4f} ± {b['ppl_err']:.4f}  (baseline)")
+    for v in res["variants"]:
+        click.echo(f"{v['label']:10} ppl {v['ppl']:.4f} ± {v['ppl_err']:.4f}  Δ {100 * (v['ppl_ratio'] - 1):+.2f}%  "
+                   f"KLD {v['kld_mean']:.5f}  top-1 {100 * v['same_top']:.1f}%")
+    click.echo(f"report: {Path(out_dir) / 'report.md'}")
+
+
 @main.command("default-model")
 @click.option("--force", is_flag=True, help="Rebuild even if a complete copy exists.")
 @one_line_errors

@@ -1,0 +1,121 @@
+"""`quantkit bench`: score the baseline once, every variant against it, work out VRAM, write the report.
+
+    tokenize (baseline's tokenizer) → windows → baseline top-k log-probs (cached on disk)
+    → each variant: ppl, Δppl, KLD, top-1 agreement → VRAM (measured on a GPU, else estimated)
+    → which GPU fits what → report.md / report.json / PNGs
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from quantkit.errors import InputError, UnsupportedError
+from quantkit.hfmodel import HFModel
+
+from . import evaluate, report, scoring, vram
+from .backends import TransformersBackend, open_backend, variant_kind
+from .proc import machine
+
+
+def label(path: Path, kind: str) -> str:
+    """What a person calls the variant: Q4_K_M, GPTQ 4-bit g128, INT8, NF4, BF16."""
+    path = Path(path)
+    if kind == "gguf":
+        import gguf
+        r = gguf.GGUFReader(path)
+        f = r.fields.get("general.file_type")
+        if f is not None:
+            try:
+                return gguf.LlamaFileType(int(f.contents())).name.removeprefix("MOSTLY_").replace("ALL_", "")
+            except ValueError:
+                pass
+        return path.stem
+    cfg = json.loads((path / "config.json").read_text())
+    q = cfg.get("quantization_config") or {}
+    if kind == "gptq":
+        return f"GPTQ {q.get('bits', 4)}-bit g{q.get('group_size', 128)}"
+    if kind == "bitsandbytes":
+        return "INT8" if q.get("load_in_8bit") else "NF4" if q.get("bnb_4bit_quant_type") == "nf4" else "4-bit"
+    return {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(cfg.get("torch_dtype") or cfg.get("dtype"), "HF")
+
+
+def file_bytes(path: Path) -> int:
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def run(baseline: Path, variants: list[Path], out_dir: Path, *, text: Path | None = None, ctx: int = 512,
+        device: str = "cpu", limit_chunks: int | None = None, gpus: dict[str, int] | None = None,
+        top_k: int = evaluate.TOP_K, measure_vram: bool | None = None, progress: bool = True) -> dict:
+    baseline, out_dir = Path(baseline), Path(out_dir)
+    model = HFModel(baseline)
+    if variant_kind(baseline) != "hf":
+        raise UnsupportedError("the baseline must be an unquantized HF model directory (bf16/fp16)", baseline)
+    kinds = [variant_kind(v) for v in variants]
+    text = Path(text) if text else evaluate.default_text()
+    try:
+        raw = text.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the text ({e})", text) from None
+    arch = vram.Arch.from_config(model.config)
+    try:
+        tokens, bos = evaluate.tokenize(baseline, raw)
+        windows = scoring.plan_windows(tokens, ctx, bos, limit_chunks)
+    except ValueError as e:
+        raise InputError(str(e), text) from None
+
+    # the baseline, once (and from the disk cache when this exact run was made before)
+    base_backend_name = f"transformers-{device}"
+    key = evaluate.baseline_key(model.fingerprint(), windows, top_k, base_backend_name, device)
+    cache = evaluate.cache_dir() / f"baseline-{key}.npz"
+    hf = None
+    if cache.exists():
+        base_scores = evaluate.BaselineScores.load(cache)
+    else:
+        hf = TransformersBackend(baseline, device)
+        base_scores = evaluate.score_baseline(hf, windows, top_k, progress)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        base_scores.save(cache)
+    base = {"name": baseline.name, "path": str(baseline), "kind": "hf", "backend": "transformers",
+            "label": label(baseline, "hf"), "file_bytes": file_bytes(baseline),
+            **scoring.perplexity(base_scores.nll), "seconds": round(base_scores.seconds, 3),
+            "tokens_per_s": round(windows.n_chunks * ctx / max(base_scores.seconds, 1e-9), 1),
+            "cache": str(cache)}
+    if hf is not None:
+        hf.close()
+
+    results_v = []
+    for path, kind in zip(variants, kinds):
+        backend = open_backend(path, ctx, device)
+        try:
+            r = evaluate.score_variant(backend, windows, base_scores, progress)
+        finally:
+            backend.close()
+        results_v.append({"name": Path(path).name, "path": str(path), "kind": kind, "backend": backend.kind,
+                          "label": label(path, kind), "file_bytes": file_bytes(path), **r})
+
+    # VRAM: measured on a GPU (a fresh process per variant), else estimated from files and architecture
+    measure = torch.cuda.is_available() if measure_vram is None else measure_vram
+    for r in [base] + results_v:
+        if measure:
+            r["vram"] = vram.measure(Path(r["path"]), r["kind"])
+        else:
+            r["vram"] = vram.estimate(vram.weights_on_gpu(Path(r["path"]), r["kind"]), arch)
+    gpus = gpus if gpus is not None else dict(vram.GPU_CATALOG)
+    results = {
+        "quantkit_bench": 1, "date": dt.date.today().isoformat(), "machine": machine(),
+        "model": model.config.get("_name_or_path") or baseline.name,
+        "text": {"name": text.name, "path": str(text), "sha256": hashlib.sha256(raw.encode()).hexdigest(),
+                 "tokens": int(len(tokens))},
+        "ctx": ctx, "chunks": windows.n_chunks, "scored_tokens": windows.n_scored, "bos": bos, "top_k": top_k,
+        "device": device, "contexts": list(vram.CONTEXTS),
+        "arch": {**arch.__dict__, "kv_mib_per_1k_tokens": round(arch.kv_bytes_per_token() * 1024 / 2**20, 1)},
+        "baseline": base, "variants": results_v, "gpus": gpus,
+        "fits": vram.gpu_fits({r["name"]: r["vram"] for r in [base] + results_v}, arch, gpus),
+    }
+    report.write(results, out_dir)
+    return results
