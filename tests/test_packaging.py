@@ -46,3 +46,13 @@ def test_every_command_has_help_with_an_example(command):
     r = CliRunner().invoke(main, [*command, "--help"])
     assert r.exit_code == 0
     assert "Example" in r.output and "quantkit " in r.output
+
+
+def test_run_from_the_checkout_our_kernels_folder_never_passes_for_the_pypi_package():
+    # python -c / -m put the working directory on sys.path: from the repository root, kernels/ would
+    # be the top-level `kernels` that transformers and bitsandbytes import
+    code = "import quantkit, importlib.util; s = importlib.util.find_spec('kernels'); print(s.origin if s else 'none')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0 and str(REPO / "kernels") not in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-c", "import kernels"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode != 0 and "quantkit's kernels/ folder" in r.stderr
