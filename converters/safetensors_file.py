@@ -115,3 +115,17 @@ class SafetensorsWriter:
 
     def abort(self) -> None:
         self._close_file()
+
+
+def write_tensors(out_dir: Path, tensors: dict[str, torch.Tensor], *, shard_bytes: int = 5 << 30,
+                  metadata: dict[str, str] | None = None) -> list[Path]:
+    """A dict of in-memory tensors, in its order, as HF-style shards."""
+    specs = [TensorSpec(name, t.dtype, tuple(t.shape)) for name, t in tensors.items()]
+    writer = SafetensorsWriter(Path(out_dir), specs, shard_bytes=shard_bytes, metadata=metadata)
+    try:
+        for name, t in tensors.items():
+            writer.write(name, t.detach().cpu())
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise

@@ -5,6 +5,7 @@ import functools
 import logging
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -66,26 +67,58 @@ def merge_options(fn):
     return fn
 
 
+def gptq_options(fn):
+    """The GPTQ / bitsandbytes options of `export`."""
+    opts = [
+        click.option("--gptq", is_flag=True, help="Write GPTQ checkpoints: OUT/gptq (AutoGPTQ v1) and OUT/gptq-ct "
+                                                  "(compressed-tensors, loads on the CPU)."),
+        click.option("--bits", type=click.Choice(["2", "4", "8"]), default="4", show_default=True, help="GPTQ bits."),
+        click.option("--group-size", type=int, default=128, show_default=True,
+                     help="GPTQ group size (-1: one group per row); must divide every input dimension."),
+        click.option("--asym", is_flag=True, help="GPTQ with zero points (default: symmetric)."),
+        click.option("--desc-act", is_flag=True, help="GPTQ act-order: columns by decreasing Hessian diagonal."),
+        click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening (x mean diag H)."),
+        click.option("--gptq-method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
+                     help="rtn: round-to-nearest in the same format (the baseline GPTQ should beat)."),
+        click.option("--gptq-format", default="gptq,compressed-tensors", show_default=True,
+                     help="Which GPTQ layouts to write (comma-separated)."),
+        click.option("--calib", type=click.Path(path_type=Path),
+                     help="Calibration text (default: text the model generates itself). Never the eval text."),
+        click.option("--calib-samples", type=int, default=128, show_default=True, help="Calibration samples."),
+        click.option("--calib-seqlen", type=int, default=2048, show_default=True, help="Tokens per sample."),
+        click.option("--int8", is_flag=True, help="Write OUT/int8: bitsandbytes LLM.int8."),
+        click.option("--nf4", is_flag=True, help="Write OUT/nf4: bitsandbytes NF4 with double quantization."),
+        click.option("--force", is_flag=True, help="Replace existing OUT/gptq, OUT/int8 ... directories."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--gguf", "gguf_types", default="q4_k_m,q5_k_m,q8_0", show_default=True,
-              help="Comma-separated GGUF types: q8_0, q5_k_m, q4_k_m, bf16, f16.")
+@click.option("--gguf", "gguf_types", default=None,
+              help="Comma-separated GGUF types: q8_0, q5_k_m, q4_k_m, bf16, f16 "
+                   "(default: q4_k_m,q5_k_m,q8_0 unless only --gptq/--int8/--nf4 are asked for).")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (required unless --dry-run).")
 @click.option("--name", default=None, help="Model name for metadata and file names (default: from the model card/dir).")
 @click.option("--ollama", is_flag=True, help="Also write an Ollama Modelfile next to each GGUF.")
 @click.option("--dry-run", is_flag=True, help="Print the per-tensor type plan and exit without reading weights.")
 @merge_options
+@gptq_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]: where to quantize.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @one_line_errors
 def export(model, gguf_types, out_dir, name, ollama, dry_run, loras, weights, residual, scale, ignore_base_name,
-           device, quiet):
-    """Export a HF model directory to GGUF files, all types in one pass.
+           gptq, bits, group_size, asym, desc_act, damp, gptq_method, gptq_format, calib, calib_samples, calib_seqlen,
+           int8, nf4, force, device, quiet):
+    """Export a HF model directory to GGUF files (all types in one pass), GPTQ and bitsandbytes checkpoints.
 
     Reads each tensor of MODEL (config.json + safetensors + tokenizer.json) once and writes one
     GGUF per requested type, byte-identical to convert_hf_to_gguf.py + llama-quantize. With --lora
     or --residual the merge happens on the fly: the same bytes as `quantkit merge` then export,
-    with no merged copy on disk.
+    with no merged copy on disk. --gptq quantizes layer by layer with GPTQ on calibration text;
+    --int8 / --nf4 go through bitsandbytes.
 
     \b
     Examples:
@@ -93,26 +126,69 @@ def export(model, gguf_types, out_dir, name, ollama, dry_run, loras, weights, re
       quantkit export ./my-model --gguf q4_k_m --dry-run        # show the type of every tensor
       quantkit export ./my-model --gguf q8_0 --ollama -o ./out  # plus out/<name>-Q8_0.Modelfile
       quantkit export ./base --lora ./adapter --gguf q4_k_m -o ./out
+      quantkit export ./my-model --gptq --group-size 128 --int8 --nf4 -o ./out   # out/gptq, gptq-ct, int8, nf4
     """
     from .export import export_gguf
     from .merge import open_model
     from .plan import parse_variants
 
-    variants = parse_variants(gguf_types)
+    others = gptq or int8 or nf4
+    variants = parse_variants(gguf_types or "q4_k_m,q5_k_m,q8_0") if (gguf_types or not others) else []
     if out_dir is None and not dry_run:
         raise click.UsageError("missing option '-o' / '--out' (the output directory)")
+    formats = tuple(f.strip() for f in gptq_format.split(",") if f.strip())
+    from .gptq import FORMATS
+    if gptq and (not formats or set(formats) - set(FORMATS)):
+        raise click.UsageError(f"--gptq-format: choose from {', '.join(FORMATS)}")
     dev = _resolve_device(device)
     src = open_model(model, loras, weights, residual, scale, device=dev, ignore_base_name=ignore_base_name)
-    res = export_gguf(src, variants, out_dir, name=name, device=dev, progress=not quiet, dry_run=dry_run)
-    if dry_run:
+    if variants:
+        res = export_gguf(src, variants, out_dir, name=name, device=dev, progress=not quiet, dry_run=dry_run)
+        if dry_run:
+            return
+        if ollama:
+            from .ollama import write_modelfiles
+            write_modelfiles(Path(model), res.files)
+        for v, path in res.files.items():
+            click.echo(f"{v.upper():8} {path.stat().st_size / 2**20:10.1f} MiB  {path}")
+        click.echo(f"done in {res.seconds:.1f} s; details in {Path(out_dir) / 'export.json'}")
+    if not others or dry_run:
         return
-    if ollama:
-        from .ollama import write_modelfiles
-        write_modelfiles(Path(model), res.files)
-    for v, path in res.files.items():
-        size = path.stat().st_size
-        click.echo(f"{v.upper():8} {size / 2**20:10.1f} MiB  {path}")
-    click.echo(f"done in {res.seconds:.1f} s; details in {Path(out_dir) / 'export.json'}")
+    with _on_disk(src, Path(out_dir), quiet) as model_dir:
+        if gptq:
+            from .gptq import GPTQSettings, quantize, write
+            s = GPTQSettings(int(bits), group_size, not asym, desc_act, damp, gptq_method, calib, calib_samples,
+                             calib_seqlen, formats=formats)
+            qmodel, result = quantize(model_dir, s, dev, progress=not quiet)
+            for fmt, d in write(qmodel, result, s, model_dir, Path(out_dir), force=force).items():
+                click.echo(f"{'GPTQ' if fmt == 'gptq' else 'GPTQ-CT':8} {_dir_mib(d):10.1f} MiB  {d}")
+            del qmodel
+        from . import bnb
+        for mode in [m for m, on in (("int8", int8), ("nf4", nf4)) if on]:
+            d = bnb.export(model_dir, Path(out_dir) / mode, mode, device=dev, force=force)
+            click.echo(f"{mode.upper():8} {_dir_mib(d):10.1f} MiB  {d}")
+
+
+def _dir_mib(d: Path) -> float:
+    return sum(p.stat().st_size for p in Path(d).glob("*.safetensors")) / 2**20
+
+
+@contextmanager
+def _on_disk(src, out_dir: Path, quiet: bool):
+    """A model directory transformers can load: the input itself, or a merged copy in OUT (removed after)."""
+    from .merged import MergedModel
+    if not isinstance(src, MergedModel):
+        yield src.path
+        return
+    import shutil
+
+    from .merge import write_merged
+    tmp = out_dir / f".merged-{os.getpid()}"
+    try:
+        write_merged(src, tmp, progress=not quiet)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @main.command()

@@ -10,15 +10,10 @@ only once the new one is whole.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tqdm import tqdm
@@ -26,19 +21,13 @@ from tqdm import tqdm
 from quantkit.converters.safetensors_file import SafetensorsWriter, TensorSpec
 
 from .adapters import load_adapter
-from .errors import InputError, OutputError
+from .errors import InputError
 from .hfmodel import HFModel, row_ranges
 from .merged import DTYPE_NAMES, MergedModel, Residual
+from .outputs import copy_model_files, staged_output, write_json
 from .streams import prefetch
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-# weights and notes of the input are not copied; everything else at the top level is (tokenizer,
-# chat template, generation config, README, license, ...)
-_NOT_COPIED = re.compile(r"(\.(safetensors|bin|pt|pth|gguf|ckpt|h5|msgpack|pkl|partial)$|^\.|"
-                         r"^(config|merge|residual|export|model\.safetensors\.index|pytorch_model\.bin\.index)\.json$|"
-                         r"^adapter_)")
-
-
 def parse_size(text: str) -> int:
     """'5GB', '500MiB', '2e9' -> bytes."""
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kmgt]i?b?)?\s*", text.lower())
@@ -62,58 +51,6 @@ def open_model(base: str | Path, loras: list[str | Path] = (), weights: list[flo
                 for p, w in zip(loras, weights or [1.0] * len(loras))]
     res = Residual(HFModel(residual), scale) if residual is not None else None
     return MergedModel(model, adapters, res, dtype=DTYPES[dtype], device=device)
-
-
-@contextmanager
-def staged_output(out: Path, force: bool, inputs: list[Path] = ()) -> Iterator[Path]:
-    """A fresh hidden directory beside `out`, renamed to `out` when the block completes. An existing
-    `out` is moved aside first and deleted only once the new one is in place (put back if not)."""
-    out = Path(out).absolute()
-    for i in inputs:
-        i = Path(i).resolve()
-        if out.resolve() == i or out.resolve() in i.parents:
-            raise OutputError(f"would replace the input {i}", out)
-    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
-        raise OutputError("exists and is not empty (--force replaces it)", out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    except OSError as e:
-        raise OutputError(f"cannot be created ({e.strerror or e})", out) from None
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)        # mkdtemp makes it 0700
-        try:
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) if out.exists() else None
-            if old is not None:
-                os.replace(out, old / out.name)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                if old is not None:
-                    os.replace(old / out.name, out)
-                raise
-        except OSError as e:
-            raise OutputError(f"cannot be put in place ({e.strerror or e})", out) from None
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _fsync_tree(d: Path) -> None:
-    """Flush every file to the disk before the rename makes it look complete."""
-    for f in d.iterdir():
-        if f.is_file():
-            fd = os.open(f, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
 
 
 def stream_tensors(model: HFModel, writer: SafetensorsWriter, specs: list[TensorSpec], *, progress: bool,
@@ -150,18 +87,6 @@ def _write_weights(model: MergedModel, dest: Path, shard_bytes: int, notes: dict
         raise
 
 
-def _copy_files(src: Path, dest: Path) -> list[str]:
-    copied = []
-    for f in sorted(src.iterdir()):
-        if f.is_file() and not _NOT_COPIED.search(f.name):
-            shutil.copyfile(f, dest / f.name)
-            copied.append(f.name)
-    return copied
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-
 
 def write_merged(model: MergedModel, out: str | Path, *, files_from: str | Path | None = None,
                  shard_bytes: int = 5 * 10**9, progress: bool = True, force: bool = False) -> dict:
@@ -173,11 +98,11 @@ def write_merged(model: MergedModel, out: str | Path, *, files_from: str | Path 
         ([model.residual.model.path] if model.residual else [])
     with staged_output(Path(out), force, inputs) as tmp:
         shards = _write_weights(model, tmp, shard_bytes, {"quantkit_merge": note}, progress, "merge")
-        _write_json(tmp / "config.json", model.config)
+        write_json(tmp / "config.json", model.config)
         note["files"] = {"shards": [p.name for p in shards], "copied_from": str(files_from),
-                         "copied": _copy_files(files_from, tmp)}
+                         "copied": copy_model_files(files_from, tmp)}
         note["seconds"] = round(time.perf_counter() - t0, 3)
-        _write_json(tmp / "merge.json", note)
+        write_json(tmp / "merge.json", note)
     return note
 
 
@@ -194,8 +119,8 @@ def extract_residual(instruct: str | Path, base: str | Path, out: str | Path, *,
             "formula": "delta = instruct - base in float32, rounded once"}
     with staged_output(Path(out), force, [inst.path, b.path]) as tmp:
         shards = _write_weights(delta, tmp, shard_bytes, {"quantkit_residual": note}, progress, "residual")
-        _write_json(tmp / "config.json", delta.config)
-        note["files"] = {"shards": [p.name for p in shards], "copied": _copy_files(inst.path, tmp)}
+        write_json(tmp / "config.json", delta.config)
+        note["files"] = {"shards": [p.name for p in shards], "copied": copy_model_files(inst.path, tmp)}
         note["seconds"] = round(time.perf_counter() - t0, 3)
-        _write_json(tmp / "residual.json", note)
+        write_json(tmp / "residual.json", note)
     return note
