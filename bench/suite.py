@@ -36,8 +36,16 @@ def label(path: Path, kind: str) -> str:
         return path.stem
     cfg = json.loads((path / "config.json").read_text())
     q = cfg.get("quantization_config") or {}
-    if kind == "gptq":
-        return f"GPTQ {q.get('bits', 4)}-bit g{q.get('group_size', 128)}"
+    if kind in ("gptq", "compressed-tensors"):
+        if kind == "gptq":
+            bits, group = q.get("bits", 4), q.get("group_size", 128)
+        else:
+            w = next(iter((q.get("config_groups") or {}).values()), {}).get("weights") or {}
+            bits, group = w.get("num_bits", "?"), w.get("group_size", "?")
+        note = path / "quantkit_gptq.json"        # ours says whether it is GPTQ or the RTN baseline
+        method = json.loads(note.read_text()).get("method", "gptq") if note.exists() else "gptq"
+        name = f"{'RTN' if method == 'rtn' else 'GPTQ'} {bits}-bit g{group}"
+        return name if kind == "gptq" else f"{name} (CT)"
     if kind == "bitsandbytes":
         return "INT8" if q.get("load_in_8bit") else "NF4" if q.get("bnb_4bit_quant_type") == "nf4" else "4-bit"
     return {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(cfg.get("torch_dtype") or cfg.get("dtype"), "HF")

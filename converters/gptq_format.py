@@ -15,7 +15,7 @@ compressed-tensors "pack-quantized" (what transformers loads on the CPU), per la
                                                    element j at bits (j % 8) * 4 of word j // 8
     L.weight_scale   [out, groups] (the model's dtype),  L.weight_shape int64 [2]
     L.weight_zero_point int32 [out * bits / 32, groups]  (asymmetric only; zero - 2^(bits-1), packed along out)
-    L.weight_g_idx   int32 [in]                          (act-order only)
+    L.weight_g_idx   int32 [in]                          (act-order with dynamic groups only)
 
 The symmetric codes are the same numbers in both: a GPTQ code q with zero 2^(bits-1) is the
 compressed-tensors value q - 2^(bits-1) stored with its offset added back.
@@ -67,25 +67,29 @@ def compressed_tensors_tensors(prefix: str, qz: Quantized, dtype: torch.dtype) -
     }
     if not qz.sym:
         t[f"{prefix}.weight_zero_point"] = pack_along_rows(qz.zeros, qz.bits)   # (zero - half) + half, along out
-    if qz.act_order:
+    if qz.act_order and not qz.static_groups:      # "group" act-order: groups follow the permuted order
         t[f"{prefix}.weight_g_idx"] = qz.g_idx.to(torch.int32)
     return t
 
 
-def autogptq_config(bits: int, group_size: int, sym: bool, desc_act: bool, damp: float) -> dict:
+def autogptq_config(bits: int, group_size: int, sym: bool, desc_act: bool, static_groups: bool, damp: float) -> dict:
     """quantize_config.json, and (with quant_method) the quantization_config of config.json."""
     return {"bits": bits, "group_size": group_size, "damp_percent": damp, "desc_act": desc_act,
-            "static_groups": False, "sym": sym, "true_sequential": True, "model_name_or_path": None,
+            "static_groups": static_groups, "sym": sym, "true_sequential": True, "model_name_or_path": None,
             "model_file_base_name": "model", "quant_method": "gptq", "checkpoint_format": "gptq"}
 
 
-def compressed_tensors_config(bits: int, group_size: int, sym: bool, act_order: bool, ignore: list[str]) -> dict:
+def compressed_tensors_config(bits: int, group_size: int, sym: bool, act_order: bool, static_groups: bool,
+                              ignore: list[str]) -> dict:
+    # act-order with static groups changes only the calibration, not the format: "weight";
+    # with dynamic groups the columns of a group are scattered and g_idx is stored: "group"
+    actorder = ("weight" if static_groups else "group") if act_order else None
     return {
         "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
         "config_groups": {"group_0": {
             "targets": ["Linear"], "input_activations": None, "output_activations": None,
             "weights": {"num_bits": bits, "type": "int", "symmetric": sym, "strategy": "group",
-                        "group_size": group_size, "actorder": "group" if act_order else None,
+                        "group_size": group_size, "actorder": actorder,
                         "dynamic": False, "observer": "minmax", "observer_kwargs": {}, "block_structure": None},
         }},
         "ignore": ignore, "kv_cache_scheme": None,

@@ -36,6 +36,7 @@ class Quantized:
     group_size: int
     sym: bool
     act_order: bool
+    static_groups: bool = False
 
     def dequantize(self) -> Tensor:
         g = self.g_idx.long()
@@ -90,8 +91,12 @@ def rtn(W: Tensor, bits: int = 4, group_size: int = 128, sym: bool = True) -> Qu
 
 
 def gptq(W: Tensor, H: Tensor, bits: int = 4, group_size: int = 128, sym: bool = True, act_order: bool = False,
-         damp: float = 0.01, block: int = 128) -> Quantized:
-    """GPTQ of W [out, in] given H [in, in] = 2 X Xᵀ of its inputs (float32 work on W's device)."""
+         damp: float = 0.01, block: int = 128, static_groups: bool = False) -> Quantized:
+    """GPTQ of W [out, in] given H [in, in] = 2 X Xᵀ of its inputs (float32 work on W's device).
+
+    static_groups: every group's scale and zero come from the original weights, before any error
+    feedback, and groups stay the consecutive columns of the original order even with act-order
+    (g_idx = column // group_size, which every loader reads without reordering)."""
     W = W.clone().float()
     H = H.clone().float().to(W.device)
     g = _check(W, group_size)
@@ -102,6 +107,14 @@ def gptq(W: Tensor, H: Tensor, bits: int = 4, group_size: int = 128, sym: bool =
     H[dead, dead] = 1
     W[:, dead] = 0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
+    scales = torch.zeros(out, cols // g, device=W.device)
+    zeros = torch.zeros(out, cols // g, device=W.device)
+    if static_groups:
+        for j in range(0, cols, g):
+            scales[:, j // g], zeros[:, j // g] = group_params(W[:, j:j + g], bits, sym)
+        group_of = perm // g                 # the (original) group of each permuted column
+    else:
+        group_of = torch.arange(cols, device=W.device) // g
     W, H = W[:, perm], H[perm][:, perm]
     H += damp * torch.mean(torch.diag(H)) * torch.eye(cols, device=W.device)
     try:
@@ -113,19 +126,18 @@ def gptq(W: Tensor, H: Tensor, bits: int = 4, group_size: int = 128, sym: bool =
     # g divides it, so a group's parameters always come from weights with all earlier errors applied
     block = max(g, block // g * g) if g <= block else block
     Q = torch.zeros_like(W)
-    scales = torch.zeros(out, cols // g, device=W.device)
-    zeros = torch.zeros(out, cols // g, device=W.device)
+    group_of = group_of.tolist()
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         Err1 = torch.zeros_like(W1)
         for i in range(i2 - i1):
             col = i1 + i
-            if col % g == 0:
+            gi = group_of[col]
+            if col % g == 0 and not static_groups:
                 grp = W1[:, i:i + g] if g <= block else torch.cat([W1[:, i:], W[:, i2:col + g]], dim=1)
-                s, z = group_params(grp, bits, sym)
-                scales[:, col // g], zeros[:, col // g] = s, z
-            s, z = scales[:, col // g], zeros[:, col // g]
+                scales[:, gi], zeros[:, gi] = group_params(grp, bits, sym)
+            s, z = scales[:, gi], zeros[:, gi]
             w = W1[:, i]
             q = quantize_column(w, s, z, bits)
             Q[:, col] = q
@@ -135,7 +147,7 @@ def gptq(W: Tensor, H: Tensor, bits: int = 4, group_size: int = 128, sym: bool =
         W[:, i2:] -= Err1 @ U[i1:i2, i2:]
 
     inv = torch.argsort(perm)
-    g_idx = (torch.arange(cols, device=W.device) // g)[inv]      # group of each original column
+    g_idx = torch.tensor(group_of, device=W.device)[inv]      # group of each original column
     assert int(Q.max()) <= maxq
     return Quantized(Q[:, inv].to(torch.int32).cpu(), scales.cpu(), zeros.to(torch.int32).cpu(),
-                     g_idx.to(torch.int32).cpu(), bits, g, sym, act_order)
+                     g_idx.to(torch.int32).cpu(), bits, g, sym, act_order, static_groups)

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from .errors import InputError
 from .hfmodel import HFModel
@@ -43,7 +45,7 @@ def from_file(path: Path, tokenizer, n_samples: int, seqlen: int) -> torch.Tenso
 
 
 def generated(model_dir: Path, model, tokenizer, n_samples: int, seqlen: int, seed: int = 0,
-              device: str = "cpu", batch: int = 32) -> torch.Tensor:
+              device: str = "cpu", batch: int = 32, progress: bool = True) -> torch.Tensor:
     """n_samples x seqlen tokens written by the model itself (cached)."""
     key = hashlib.sha256(f"{HFModel(model_dir).fingerprint()}:{n_samples}:{seqlen}:{seed}".encode()).hexdigest()[:20]
     cache = _cache_dir() / f"generated-{key}.pt"
@@ -53,6 +55,8 @@ def generated(model_dir: Path, model, tokenizer, n_samples: int, seqlen: int, se
     torch.manual_seed(seed)
     out = []
     model.eval()
+    bar = tqdm(total=n_samples * seqlen, desc="generating calibration text", unit="tok", unit_scale=True,
+               disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for i in range(0, n_samples, batch):
         b = min(batch, n_samples - i)
         ids = torch.full((b, 1), start, dtype=torch.long, device=device)
@@ -62,6 +66,8 @@ def generated(model_dir: Path, model, tokenizer, n_samples: int, seqlen: int, se
                                  top_k=0, temperature=1.0, max_new_tokens=seqlen, min_new_tokens=seqlen,
                                  pad_token_id=tokenizer.eos_token_id)
         out.append(gen[:, 1:1 + seqlen].cpu())
+        bar.update(b * seqlen)
+    bar.close()
     tokens = torch.cat(out)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f".{cache.name}.{os.getpid()}.partial")

@@ -76,7 +76,11 @@ def gptq_options(fn):
         click.option("--group-size", type=int, default=128, show_default=True,
                      help="GPTQ group size (-1: one group per row); must divide every input dimension."),
         click.option("--asym", is_flag=True, help="GPTQ with zero points (default: symmetric)."),
-        click.option("--desc-act", is_flag=True, help="GPTQ act-order: columns by decreasing Hessian diagonal."),
+        click.option("--desc-act/--no-desc-act", default=True, show_default=True,
+                     help="GPTQ act-order: quantize columns by decreasing Hessian diagonal."),
+        click.option("--static-groups/--dynamic-groups", default=True, show_default=True,
+                     help="With act-order, keep groups as consecutive columns with scales from the original weights "
+                          "(plain format); --dynamic-groups follows the act order and stores a permuted g_idx."),
         click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening (x mean diag H)."),
         click.option("--gptq-method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
                      help="rtn: round-to-nearest in the same format (the baseline GPTQ should beat)."),
@@ -110,8 +114,8 @@ def gptq_options(fn):
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @one_line_errors
 def export(model, gguf_types, out_dir, name, ollama, dry_run, loras, weights, residual, scale, ignore_base_name,
-           gptq, bits, group_size, asym, desc_act, damp, gptq_method, gptq_format, calib, calib_samples, calib_seqlen,
-           int8, nf4, force, device, quiet):
+           gptq, bits, group_size, asym, desc_act, static_groups, damp, gptq_method, gptq_format, calib, calib_samples,
+           calib_seqlen, int8, nf4, force, device, quiet):
     """Export a HF model directory to GGUF files (all types in one pass), GPTQ and bitsandbytes checkpoints.
 
     Reads each tensor of MODEL (config.json + safetensors + tokenizer.json) once and writes one
@@ -157,8 +161,9 @@ def export(model, gguf_types, out_dir, name, ollama, dry_run, loras, weights, re
     with _on_disk(src, Path(out_dir), quiet) as model_dir:
         if gptq:
             from .gptq import GPTQSettings, quantize, write
-            s = GPTQSettings(int(bits), group_size, not asym, desc_act, damp, gptq_method, calib, calib_samples,
-                             calib_seqlen, formats=formats)
+            s = GPTQSettings(bits=int(bits), group_size=group_size, sym=not asym, act_order=desc_act,
+                             static_groups=static_groups, damp=damp, method=gptq_method, calib=calib,
+                             n_samples=calib_samples, seed=0, seqlen=calib_seqlen, formats=formats)
             qmodel, result = quantize(model_dir, s, dev, progress=not quiet)
             for fmt, d in write(qmodel, result, s, model_dir, Path(out_dir), force=force).items():
                 click.echo(f"{'GPTQ' if fmt == 'gptq' else 'GPTQ-CT':8} {_dir_mib(d):10.1f} MiB  {d}")
