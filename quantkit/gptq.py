@@ -14,6 +14,9 @@ calibration activations are on the device. lm_head and the embeddings stay in fp
 """
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -94,7 +97,11 @@ def check_shapes(model: HFModel, s: GPTQSettings) -> None:
                              ref.shard)
 
 
-def quantize(model_dir: Path, s: GPTQSettings, device: str = "cpu", progress: bool = True) -> tuple[object, GPTQResult]:
+def quantize(model_dir: Path, s: GPTQSettings, device: str = "cpu", progress: bool = True,
+             tokens: torch.Tensor | None = None) -> tuple[object, GPTQResult]:
+    """Quantize every decoder linear of MODEL_DIR. Returns the model (embeddings, norms and lm_head as
+    loaded; the quantized linears' weights dropped, layer by layer, to keep memory flat) and the codes.
+    `tokens` [samples, seqlen] overrides the calibration text (benchmarks)."""
     import transformers
 
     t0 = time.perf_counter()
@@ -102,31 +109,63 @@ def quantize(model_dir: Path, s: GPTQSettings, device: str = "cpu", progress: bo
     check_shapes(hf, s)
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     # the user's calibration text is checked before any weight is loaded
-    tokens = calibration.from_file(s.calib, tok, s.n_samples, s.seqlen) if s.calib and s.method == "gptq" else None
+    if tokens is None and s.calib and s.method == "gptq":
+        tokens = calibration.from_file(s.calib, tok, s.n_samples, s.seqlen)
     if not progress:
         transformers.utils.logging.disable_progress_bar()
-    # weights as loaded; the work happens in float32 on the CPU and in the weights' dtype on a GPU
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    # the weights stay in their stored dtype on the CPU; each layer works on the device in float32 on
+    # a CPU (bf16 matmuls there are slow and round) and in the stored dtype on a GPU
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
     model.config.use_cache = False
-    if s.method == "rtn":          # no data needed: every linear rounded on its own
-        result = GPTQResult()
-        for i, layer in enumerate(model.model.layers):
-            for name in (n for g in GROUPS for n in g):
-                m = layer.get_submodule(name)
-                q = kgptq.rtn(m.weight.data.float(), s.bits, s.group_size, s.sym)
-                result.layers[f"model.layers.{i}.{name}"] = q
-                m.weight.data = q.dequantize().to(m.weight.dtype)
-        result.seconds = time.perf_counter() - t0
-        return model, result
-    if tokens is None:
-        tokens = calibration.generated(Path(model_dir), model.to(device), tok, s.n_samples, s.seqlen, s.seed, device,
-                                       progress=progress)
-        model.to("cpu")
-    result = GPTQResult(calib_tokens=int(tokens.numel()))
-
+    stored = model.dtype
+    work = torch.float32 if device == "cpu" else stored
     layers = model.model.layers
-    # the inputs of layer 0: run the embeddings (and rotary tables) on the device, stop at the layer
+    result = GPTQResult()
+
+    if s.method == "gptq" and tokens is None:
+        small = sum(math.prod(r.shape) for r in hf.tensors.values()) * 4 < _ram_bytes() // 3
+        gen_dtype = torch.float32 if device == "cpu" and small else stored
+        tokens = calibration.generated(Path(model_dir), _to(model, device, gen_dtype), tok, s.n_samples, s.seqlen,
+                                       s.seed, device, progress=progress)
+        _to(model, "cpu", stored)
+    inputs, kwargs = (_layer0_inputs(model, tokens, device, work) if s.method == "gptq" else ([], {}))
+    result.calib_tokens = int(tokens.numel()) if s.method == "gptq" else 0
+
+    def run(layer, xs):
+        with torch.no_grad():
+            return [_hidden(layer(x, **kwargs)) for x in xs]
+
+    bar = tqdm(total=len(layers), desc=f"{s.method} {s.bits}-bit", unit="layer", disable=not progress,
+               file=sys.stderr, dynamic_ncols=True)
+    try:
+        for i, layer in enumerate(layers):
+            _to(layer, device, work)
+            for group in GROUPS:
+                mods = {name: layer.get_submodule(name) for name in group}
+                H = _hessians(layer, mods, inputs, run, device) if s.method == "gptq" else {}
+                for name, m in mods.items():
+                    W = m.weight.data.float()
+                    q = (kgptq.gptq(W, H[name], s.bits, s.group_size, s.sym, s.act_order, s.damp,
+                                    static_groups=s.static_groups)
+                         if s.method == "gptq" else kgptq.rtn(W, s.bits, s.group_size, s.sym))
+                    result.layers[f"model.layers.{i}.{name}"] = dataclasses.replace(q, q=q.q.to(torch.uint8))
+                    # the next group (and the next layer) see this layer as the loader will
+                    m.weight.data = q.dequantize().to(device=m.weight.device, dtype=work)
+                H.clear()
+            if s.method == "gptq":
+                inputs = run(layer, inputs)
+            for name in (n for g in GROUPS for n in g):       # the codes are kept: the weights are done
+                layer.get_submodule(name).weight = None
+            _to(layer, "cpu", stored)
+            bar.update(1)
+    finally:
+        bar.close()
+    result.seconds = time.perf_counter() - t0
+    return model, result
+
+
+def _layer0_inputs(model, tokens: torch.Tensor, device: str, work: torch.dtype) -> tuple[list, dict]:
+    """Run the embeddings (and rotary tables) on the device and catch what decoder layer 0 receives."""
     inputs, kwargs = [], {}
 
     class Catcher(torch.nn.Module):
@@ -139,62 +178,60 @@ def quantize(model_dir: Path, s: GPTQSettings, device: str = "cpu", progress: bo
             kwargs.update(kw)
             raise _Captured
 
-    model.model.embed_tokens.to(device)
+    layers, emb = model.model.layers, model.model.embed_tokens
+    stored = emb.weight.dtype
+    _to(emb, device, work)
     model.model.rotary_emb.to(device)
     layers[0] = Catcher(layers[0])
-    with torch.no_grad():
-        for sample in tokens:
-            try:
-                model(input_ids=sample[None].to(device), use_cache=False)
-            except _Captured:
-                pass
-    layers[0] = layers[0].inner
-    model.model.embed_tokens.to("cpu")
-    kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
-
-    def run(layer, xs):
-        with torch.no_grad():
-            return [_hidden(layer(x, **kwargs)) for x in xs]
-
-    bar = tqdm(total=len(layers), desc=f"{s.method} {s.bits}-bit", unit="layer", disable=not progress,
-               file=sys.stderr, dynamic_ncols=True)
     try:
-        for i, layer in enumerate(layers):
-            layer.to(device)
-            for group in GROUPS:
-                mods = {name: layer.get_submodule(name) for name in group}
-                H = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in mods.items()}
-                seen = {name: 0 for name in mods}
-
-                def hook(name):
-                    def fn(module, args, output):
-                        x = args[0].reshape(-1, args[0].shape[-1]).float()
-                        n = x.shape[0]
-                        H[name].mul_(seen[name] / (seen[name] + n)).addmm_(x.T, x, alpha=2 / (seen[name] + n))
-                        seen[name] += n
-                    return fn
-
-                if s.method == "gptq":
-                    handles = [m.register_forward_hook(hook(name)) for name, m in mods.items()]
-                    try:
-                        run(layer, inputs)
-                    finally:
-                        for h in handles:
-                            h.remove()
-                for name, m in mods.items():
-                    W = m.weight.data.float()
-                    q = (kgptq.gptq(W, H[name], s.bits, s.group_size, s.sym, s.act_order, s.damp,
-                                       static_groups=s.static_groups)
-                         if s.method == "gptq" else kgptq.rtn(W, s.bits, s.group_size, s.sym))
-                    result.layers[f"model.layers.{i}.{name}"] = q
-                    m.weight.data = q.dequantize().to(device=m.weight.device, dtype=m.weight.dtype)
-            inputs = run(layer, inputs)
-            layer.to("cpu")
-            bar.update(1)
+        with torch.no_grad():
+            for sample in tokens:
+                try:
+                    model(input_ids=sample[None].to(device), use_cache=False)
+                except _Captured:
+                    pass
     finally:
-        bar.close()
-    result.seconds = time.perf_counter() - t0
-    return model, result
+        layers[0] = layers[0].inner
+        _to(emb, "cpu", stored)
+    return inputs, {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
+
+
+def _hessians(layer, mods: dict, inputs: list, run, device: str) -> dict[str, torch.Tensor]:
+    """H = 2 X Xᵀ / tokens of each module's inputs, over every calibration sample."""
+    H = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in mods.items()}
+    seen = {name: 0 for name in mods}
+
+    def hook(name):
+        def fn(module, args, output):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            n = x.shape[0]
+            H[name].mul_(seen[name] / (seen[name] + n)).addmm_(x.T, x, alpha=2 / (seen[name] + n))
+            seen[name] += n
+        return fn
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in mods.items()]
+    try:
+        run(layer, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return H
+
+
+def _to(module, device, dtype):
+    """Move a module and cast its parameters only: buffers such as the rotary inv_freq stay float32
+    (Module.to(dtype) would round them to bf16 and shift every position's angle)."""
+    module.to(device)
+    for p in module.parameters():
+        p.data = p.data.to(dtype)
+    return module
+
+
+def _ram_bytes() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30
 
 
 def _hidden(out):
@@ -215,13 +252,12 @@ def write(model, result: GPTQResult, s: GPTQSettings, src: Path, out_root: Path,
     dirs = {}
     for fmt in s.formats:
         tensors = {}
-        for k, v in state.items():
-            if k in quantized:
-                qz = result.layers[quantized[k]]
-                tensors.update(autogptq_tensors(quantized[k], qz) if fmt == "gptq"
-                               else compressed_tensors_tensors(quantized[k], qz, torch.float16))
-            else:
+        for k, v in state.items():          # embeddings, norms, lm_head (the linears' weights are dropped)
+            if k not in quantized:
                 tensors[k] = v.detach().to(torch.float16).contiguous()
+        for name, qz in result.layers.items():
+            tensors.update(autogptq_tensors(name, qz) if fmt == "gptq"
+                           else compressed_tensors_tensors(name, qz, torch.float16))
         if fmt == "gptq":
             qcfg = autogptq_config(s.bits, s.group_size, s.sym, s.act_order, s.static_groups, s.damp)
             dest = out_root / "gptq"
