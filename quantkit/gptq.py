@@ -197,25 +197,25 @@ def _layer0_inputs(model, tokens: torch.Tensor, device: str, work: torch.dtype) 
 
 
 def _hessians(layer, mods: dict, inputs: list, run, device: str) -> dict[str, torch.Tensor]:
-    """H = 2 X Xᵀ / tokens of each module's inputs, over every calibration sample."""
-    H = {name: torch.zeros(m.in_features, m.in_features, device=device) for name, m in mods.items()}
-    seen = {name: 0 for name in mods}
+    """H = 2 X Xᵀ / tokens of the group's input, over every calibration sample. The linears of a
+    group read the same tensor (q/k/v the normed hidden states, gate/up likewise): one H serves all."""
+    first = next(iter(mods.values()))
+    H = torch.zeros(first.in_features, first.in_features, device=device)
+    seen = 0
 
-    def hook(name):
-        def fn(module, args, output):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            n = x.shape[0]
-            H[name].mul_(seen[name] / (seen[name] + n)).addmm_(x.T, x, alpha=2 / (seen[name] + n))
-            seen[name] += n
-        return fn
+    def hook(module, args, output):
+        nonlocal seen
+        x = args[0].reshape(-1, args[0].shape[-1]).float()
+        n = x.shape[0]
+        H.mul_(seen / (seen + n)).addmm_(x.T, x, alpha=2 / (seen + n))
+        seen += n
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in mods.items()]
+    handle = first.register_forward_hook(hook)
     try:
         run(layer, inputs)
     finally:
-        for h in handles:
-            h.remove()
-    return H
+        handle.remove()
+    return {name: H for name in mods}
 
 
 def _to(module, device, dtype):

@@ -272,3 +272,16 @@ def test_gptq_refuses_a_layer_it_cannot_pack(smollm2_dir, tmp_path):
     assert code == 2 and len(lines) == 1, out
     assert "layer model.layers.0." in lines[0] and "cannot be packed 8 values to an int32" in lines[0], lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gptq_matches_the_cpu_one():
+    W = torch.randn(128, 512, generator=torch.Generator().manual_seed(6)) * 0.05
+    X = correlated(512, 4096, seed=7)
+    H = 2 * X @ X.T / X.shape[1]
+    a, b = kg.gptq(W, H, 4, 64), kg.gptq(W.cuda(), H.cuda(), 4, 64)
+    # float32 on both, different summation orders: nearly every code agrees, the error is as low
+    assert (a.q != b.q).float().mean() < 0.01
+    ea = torch.linalg.norm(W @ X - a.dequantize() @ X)
+    eb = torch.linalg.norm(W @ X - b.dequantize() @ X)
+    assert abs(ea - eb) < 0.02 * ea
