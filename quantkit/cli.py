@@ -84,8 +84,9 @@ def gptq_options(fn):
         click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening (x mean diag H)."),
         click.option("--gptq-method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
                      help="rtn: round-to-nearest in the same format (the baseline GPTQ should beat)."),
-        click.option("--gptq-format", default="gptq,compressed-tensors", show_default=True,
-                     help="Which GPTQ layouts to write (comma-separated)."),
+        click.option("--gptq-format", default=None,
+                     help="Which GPTQ layouts to write, comma-separated: gptq, compressed-tensors "
+                          "(default: both; gptq alone with --dynamic-groups)."),
         click.option("--calib", type=click.Path(path_type=Path),
                      help="Calibration text (default: text the model generates itself). Never the eval text."),
         click.option("--calib-samples", type=int, default=128, show_default=True, help="Calibration samples."),
@@ -140,10 +141,15 @@ def export(model, gguf_types, out_dir, name, ollama, dry_run, loras, weights, re
     variants = parse_variants(gguf_types or "q4_k_m,q5_k_m,q8_0") if (gguf_types or not others) else []
     if out_dir is None and not dry_run:
         raise click.UsageError("missing option '-o' / '--out' (the output directory)")
-    formats = tuple(f.strip() for f in gptq_format.split(",") if f.strip())
+    dynamic = desc_act and not static_groups
+    formats = tuple(f.strip() for f in (gptq_format or ("gptq" if dynamic else "gptq,compressed-tensors")).split(",")
+                    if f.strip())
     from .gptq import FORMATS
     if gptq and (not formats or set(formats) - set(FORMATS)):
         raise click.UsageError(f"--gptq-format: choose from {', '.join(FORMATS)}")
+    if gptq and dynamic and "compressed-tensors" in formats:
+        raise click.UsageError("--dynamic-groups cannot be written as compressed-tensors (it dropped "
+                               "actorder 'group' in 0.20): use --gptq-format gptq or static groups")
     dev = _resolve_device(device)
     src = open_model(model, loras, weights, residual, scale, device=dev, ignore_base_name=ignore_base_name)
     if variants:
