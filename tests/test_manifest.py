@@ -1,0 +1,116 @@
+"""The pipeline manifest (issue 7): a step is skipped only when its record, inputs, settings and
+outputs all still match; anything else reruns it. Checked with small steps that count their runs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+from quantkit.manifest import Manifest, Step, content_hash, run_steps
+
+
+def make_steps(tmp_path, runs, settings=None):
+    src = tmp_path / "input.txt"
+    a, b = tmp_path / "out" / "a.txt", tmp_path / "out" / "b"
+
+    def step_a():
+        runs.append("a")
+        a.parent.mkdir(parents=True, exist_ok=True)
+        a.write_text(src.read_text().upper())
+
+    def step_b():
+        runs.append("b")
+        b.mkdir(parents=True, exist_ok=True)
+        (b / "x.txt").write_text(a.read_text() * 2)
+
+    return [Step("a", [src], settings or {"mode": "upper"}, [a], step_a),
+            Step("b", [a], {}, [b], step_b)]
+
+
+def run(tmp_path, runs, settings=None):
+    return run_steps(make_steps(tmp_path, runs, settings), Manifest.load(tmp_path / "out"), echo=lambda s: None)
+
+
+def test_second_run_skips_everything(tmp_path):
+    (tmp_path / "input.txt").write_text("hello")
+    runs = []
+    assert run(tmp_path, runs) == {"a": "ran", "b": "ran"}
+    assert run(tmp_path, runs) == {"a": "done", "b": "done"} and runs == ["a", "b"]
+    rec = json.loads((tmp_path / "out" / "pipeline.json").read_text())["steps"]
+    assert rec["a"]["outputs"] == {str(tmp_path / "out" / "a.txt"): content_hash(tmp_path / "out" / "a.txt")}
+
+
+def test_changed_input_reruns_it_and_what_follows(tmp_path):
+    (tmp_path / "input.txt").write_text("hello")
+    runs = []
+    run(tmp_path, runs)
+    (tmp_path / "input.txt").write_text("world")
+    assert run(tmp_path, runs) == {"a": "ran", "b": "ran"}
+    assert (tmp_path / "out" / "b" / "x.txt").read_text() == "WORLDWORLD"
+
+
+def test_same_input_rewritten_identically_is_still_done(tmp_path):
+    (tmp_path / "input.txt").write_text("hello")
+    runs = []
+    run(tmp_path, runs)
+    (tmp_path / "input.txt").write_text("hello")          # new mtime, same content
+    assert run(tmp_path, runs) == {"a": "done", "b": "done"}
+
+
+def test_changed_settings_rerun_the_step(tmp_path):
+    (tmp_path / "input.txt").write_text("hello")
+    runs = []
+    run(tmp_path, runs)
+    assert run(tmp_path, runs, {"mode": "other"})["a"] == "ran"
+
+
+def test_an_output_changed_or_missing_is_not_trusted(tmp_path):
+    (tmp_path / "input.txt").write_text("hello")
+    runs = []
+    run(tmp_path, runs)
+    (tmp_path / "out" / "b" / "x.txt").write_text("tampered")
+    assert run(tmp_path, runs) == {"a": "done", "b": "ran"}
+    (tmp_path / "out" / "a.txt").unlink()
+    assert run(tmp_path, runs) == {"a": "ran", "b": "done"}   # a's rewrite is identical: b still holds
+
+
+def test_outputs_without_a_record_are_redone(tmp_path):
+    (tmp_path / "input.txt").write_text("hello")
+    runs = []
+    run(tmp_path, runs)
+    (tmp_path / "out" / "pipeline.json").unlink()
+    assert run(tmp_path, runs) == {"a": "ran", "b": "ran"}
+    (tmp_path / "out" / "pipeline.json").write_text("{not json")
+    assert run(tmp_path, runs) == {"a": "ran", "b": "ran"}
+
+
+def test_directory_hash_sees_names_and_contents_but_not_staging(tmp_path):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "f").write_text("1")
+    h = content_hash(d)
+    (d / ".f.partial-123").write_text("half")
+    assert content_hash(d) == h
+    (d / "g").write_text("")
+    assert content_hash(d) != h
+
+
+def test_killed_during_a_step_leaves_the_finished_ones_recorded(tmp_path):
+    """A step that dies (SIGKILL) mid-way: the next run skips the finished step and redoes the other."""
+    (tmp_path / "input.txt").write_text("hello")
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from quantkit.manifest import Manifest, Step, run_steps
+        t = Path({str(tmp_path)!r})
+        def a(): (t / "out").mkdir(exist_ok=True); (t / "out" / "a.txt").write_text("HELLO")
+        def b(): os.kill(os.getpid(), signal.SIGKILL)
+        run_steps([Step("a", [t / "input.txt"], {{"mode": "upper"}}, [t / "out" / "a.txt"], a),
+                   Step("b", [t / "out" / "a.txt"], {{}}, [t / "out" / "b"], b)], Manifest.load(t / "out"))
+    """)
+    p = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
+    assert p.returncode == -9
+    runs = []
+    assert run(tmp_path, runs) == {"a": "done", "b": "ran"} and runs == ["b"]
