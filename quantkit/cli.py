@@ -328,6 +328,60 @@ def bench(baseline, variants, out_dir, text, ctx, limit_chunks, device, gpus, ex
     click.echo(f"report: {Path(out_dir) / 'report.md'}")
 
 
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path), default="pipeline.toml")
+@click.option("--force", is_flag=True, help="Replace an existing file.")
+def init(path, force):
+    """Write a commented example pipeline.toml for `quantkit run`.
+
+    \b
+    Example:
+      quantkit init && $EDITOR pipeline.toml && quantkit run pipeline.toml --dry-run
+    """
+    from .pipeline_config import example
+    if path.exists() and not force:
+        raise click.UsageError(f"{path} exists (--force replaces it)")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp.write_text(example(), encoding="utf-8")
+    os.replace(tmp, path)
+    click.echo(f"wrote {path}: edit [input] base, then `quantkit run {path} --dry-run`")
+
+
+@main.command()
+@click.argument("pipeline", type=click.Path(path_type=Path))
+@click.option("--dry-run", is_flag=True, help="Print the steps, what is already done, sizes and disk space; run nothing.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars (one line per step stays).")
+@one_line_errors
+def run(pipeline, dry_run, quiet):
+    """Run a pipeline: merge, GGUF, GPTQ, INT8/NF4 and the report, skipping what is already done.
+
+    Every step's inputs, settings and outputs are recorded (content hashes) in OUT/pipeline.json. A
+    rerun after a crash or Ctrl-C redoes only the steps whose record does not match.
+
+    \b
+    Examples:
+      quantkit init pipeline.toml
+      quantkit run pipeline.toml --dry-run
+      quantkit run pipeline.toml
+    """
+    from . import pipeline as pl
+    from .manifest import Manifest, run_steps
+    from .pipeline_config import parse
+
+    cfg = parse(pipeline)
+    plan = pl.build(cfg, progress=not quiet)
+    manifest = Manifest.load(plan.out)
+    if dry_run:
+        for line in pl.describe(plan, manifest):
+            click.echo(line)
+        return
+    pl.require_disk(plan, manifest)
+    status = run_steps(plan.steps, manifest, echo=lambda m: click.echo(m, err=True))
+    click.echo(f"{'step':8} {'':8} outputs")
+    for s in plan.steps:
+        click.echo(f"{s.name:8} {status[s.name]:8} {', '.join(str(o) for o in s.outputs)}")
+
+
 @main.command("default-model")
 @click.option("--force", is_flag=True, help="Rebuild even if a complete copy exists.")
 @one_line_errors

@@ -1,0 +1,148 @@
+"""`quantkit run pipeline.toml`: merge → GGUF → GPTQ → INT8 / NF4 → bench, resumable.
+
+Each stage is a manifest.Step with its inputs, settings and outputs; manifest.run_steps skips those
+whose record still holds. Every stage writes through outputs.staged_output (a hidden directory
+renamed into place), so a killed run leaves no output under its final name that is incomplete.
+
+    OUT/merged/   (when adapters or a residual are given)
+    OUT/gguf/     *.gguf + *.Modelfile + export.json
+    OUT/gptq/, OUT/gptq-ct/, OUT/int8/, OUT/nf4/
+    OUT/report/   report.md, report.json, *.png
+    OUT/pipeline.json
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import OutputError
+from .hfmodel import HFModel
+from .manifest import Manifest, Step
+from .outputs import staged_output
+from .pipeline_config import Pipeline
+
+# bits per weight of each output, for the plan's size estimate (K-quant mixes measured on 8B shapes)
+_BPW = {"q8_0": 8.5, "q5_k_m": 5.7, "q4_k_m": 4.9, "bf16": 16.0, "f16": 16.0}
+
+
+@dataclass
+class Plan:
+    steps: list[Step]
+    out: Path
+    model_dir: Path            # what every export reads: OUT/merged or the base
+
+
+def _params(model: HFModel) -> int:
+    import math
+    return sum(math.prod(r.shape) for r in model.tensors.values())
+
+
+def build(cfg: Pipeline, *, progress: bool = True) -> Plan:
+    inp, out_cfg = cfg["input"], cfg["output"]
+    out = Path(out_cfg["dir"])
+    base = Path(inp["base"])
+    base_model = HFModel(base)                         # checks the base now: a clear error before any step
+    n = _params(base_model)
+    device = out_cfg["device"]
+    steps: list[Step] = []
+    merged = bool(inp["lora"] or inp["residual"])
+    model_dir = out / "merged" if merged else base
+
+    if merged:
+        def do_merge():
+            from .merge import open_model, write_merged
+            src = open_model(base, inp["lora"], inp["lora_weights"], inp["residual"] or None, inp["residual_scale"],
+                             device=_device(device))
+            write_merged(src, out / "merged", progress=progress, force=True)
+        steps.append(Step("merge", [base, *map(Path, inp["lora"])] + ([Path(inp["residual"])] if inp["residual"] else []),
+                          {"lora_weights": inp["lora_weights"], "residual_scale": inp["residual_scale"]},
+                          [out / "merged"], do_merge, expected_bytes=2 * n))
+
+    types = cfg["gguf"]["types"]
+    if types:
+        from .plan import parse_variants
+        variants = parse_variants(",".join(types))
+
+        def do_gguf():
+            from .export import export_gguf
+            from .ollama import write_modelfiles
+            with staged_output(out / "gguf", True, [model_dir]) as tmp:
+                res = export_gguf(model_dir, variants, tmp, device=_device(device), progress=progress)
+                if cfg["gguf"]["ollama"]:
+                    write_modelfiles(model_dir, res.files)
+        steps.append(Step("gguf", [model_dir], dict(cfg["gguf"]), [out / "gguf"], do_gguf,
+                          expected_bytes=int(sum(n * _BPW.get(t.lower(), 16) / 8 for t in types))))
+
+    variants_for_bench: list[Path] = []
+    g = cfg["gptq"]
+    if g["enabled"]:
+        def do_gptq():
+            from .gptq import GPTQSettings, quantize, write
+            s = GPTQSettings(bits=g["bits"], group_size=g["group_size"], sym=g["sym"], act_order=g["desc_act"],
+                             damp=g["damp"], calib=Path(g["calib"]) if g["calib"] else None,
+                             n_samples=g["calib_samples"], seqlen=g["calib_seqlen"])
+            model, result = quantize(model_dir, s, _device(device), progress=progress)
+            write(model, result, s, model_dir, out, force=True)
+        steps.append(Step("gptq", [model_dir] + ([Path(g["calib"])] if g["calib"] else []), dict(g),
+                          [out / "gptq", out / "gptq-ct"], do_gptq, expected_bytes=int(2 * n * (g["bits"] / 8 + 0.1))))
+        variants_for_bench.append(out / "gptq-ct")
+
+    for mode, frac in (("int8", 1.1), ("nf4", 0.6)):
+        if cfg["bnb"][mode]:
+            def do_bnb(mode=mode):
+                from . import bnb
+                bnb.export(model_dir, out / mode, mode, device=_device(device), force=True)
+            steps.append(Step(mode, [model_dir], {"mode": mode}, [out / mode], do_bnb, expected_bytes=int(n * frac)))
+            variants_for_bench.append(out / mode)
+
+    b = cfg["bench"]
+    if b["enabled"]:
+        def do_bench():
+            from .bench import suite, vram
+            ggufs = sorted((out / "gguf").glob("*.gguf")) if types else []
+            gpus = vram.parse_gpus(b["gpus"] or None, [], None)
+            with staged_output(out / "report", True, [model_dir]) as tmp:
+                suite.run(model_dir, ggufs + variants_for_bench, tmp, text=Path(b["text"]) if b["text"] else None,
+                          ctx=b["ctx"], device=_device(device), limit_chunks=b["limit_chunks"] or None, gpus=gpus,
+                          progress=progress)
+        inputs = [model_dir] + ([out / "gguf"] if types else []) + variants_for_bench + \
+            ([Path(b["text"])] if b["text"] else [])
+        steps.append(Step("bench", inputs, dict(b), [out / "report"], do_bench, expected_bytes=1 << 20))
+    return Plan(steps, out, model_dir)
+
+
+def _device(device: str) -> str:
+    from .cli import _resolve_device
+    return _resolve_device(device)
+
+
+def check_disk(plan: Plan, manifest: Manifest) -> tuple[int, int]:
+    """(bytes the steps still to run need, bytes free where OUT lives); OutputError if short."""
+    need = sum(s.expected_bytes for s in plan.steps if manifest.why_not_done(s) is not None)
+    probe = plan.out
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    return need, free
+
+
+def describe(plan: Plan, manifest: Manifest) -> list[str]:
+    """The --dry-run listing: each step, whether it will run (and why), its outputs and sizes."""
+    lines = []
+    for i, s in enumerate(plan.steps, 1):
+        why = manifest.why_not_done(s)
+        state = "done, will be skipped" if why is None else f"will run ({why})"
+        lines.append(f"[{i}/{len(plan.steps)}] {s.name:6} {state}")
+        for o in s.outputs:
+            lines.append(f"        {o}  (~{s.expected_bytes / len(s.outputs) / 2**20:,.0f} MiB)")
+    need, free = check_disk(plan, manifest)
+    lines.append(f"disk: ~{need / 2**30:.2f} GiB to write, {free / 2**30:.1f} GiB free in {plan.out}")
+    return lines
+
+
+def require_disk(plan: Plan, manifest: Manifest) -> None:
+    need, free = check_disk(plan, manifest)
+    if need > free:
+        raise OutputError(f"not enough disk space: the steps still to run need ~{need / 2**30:.1f} GiB, "
+                          f"{free / 2**30:.1f} GiB is free", plan.out)

@@ -1,0 +1,79 @@
+"""`quantkit init` / `quantkit run` (issue 7, in progress): a pipeline on a tiny model writes the
+same GGUF as `quantkit export`, records every step, skips them on a rerun and redoes a step whose
+settings or outputs changed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from quantkit.cli import main
+
+
+def cli(*args):
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.output
+
+
+@pytest.fixture
+def pipeline_file(tiny_model, tmp_path):
+    code, out = cli("init", tmp_path / "pipeline.toml")
+    assert code == 0, out
+    p = tmp_path / "pipeline.toml"
+    text = p.read_text()
+    for a, b in [('base = "./my-model"', f'base = "{tiny_model}"'), ('lora = ["./my-adapter"]', "lora = []"),
+                 ("enabled = true                               # GPTQ", "enabled = false  # GPTQ"),
+                 ("int8 = true", "int8 = false"), ("limit_chunks = 40", "limit_chunks = 2"),
+                 ('types = ["q4_k_m", "q5_k_m", "q8_0"]', 'types = ["q8_0", "q4_k_m"]')]:
+        assert a in text, a
+        text = text.replace(a, b)
+    p.write_text(text)
+    return p
+
+
+def test_init_refuses_to_overwrite(tmp_path):
+    (tmp_path / "p.toml").write_text("mine")
+    code, out = cli("init", tmp_path / "p.toml")
+    assert code == 2 and "exists" in out and (tmp_path / "p.toml").read_text() == "mine"
+
+
+def test_run_then_rerun_skips_and_matches_export(pipeline_file, tiny_model, tmp_path):
+    out = tmp_path / "out"
+    code, text = cli("run", pipeline_file, "--dry-run")
+    assert code == 0 and "[1/2] gguf   will run (not run yet)" in text and "GiB free" in text, text
+    assert not out.exists()
+    code, text = cli("run", pipeline_file, "-q")
+    assert code == 0, text
+    assert "gguf     ran" in text and "bench    ran" in text
+    # the pipeline's GGUFs are the export command's
+    code, _ = cli("export", tiny_model, "--gguf", "q8_0,q4_k_m", "-q", "-o", tmp_path / "direct")
+    for f in sorted((out / "gguf").glob("*.gguf")):
+        assert f.read_bytes() == (tmp_path / "direct" / f.name).read_bytes(), f.name
+    assert len(list((out / "gguf").glob("*.Modelfile"))) == 2
+    assert (out / "report" / "report.md").exists()
+    rec = json.loads((out / "pipeline.json").read_text())["steps"]
+    assert set(rec) == {"gguf", "bench"}
+    code, text = cli("run", pipeline_file, "-q")
+    assert code == 0 and "gguf     done" in text and "bench    done" in text, text
+    # a changed output is not trusted: that step and the ones reading it run again
+    (out / "gguf" / "export.json").write_text("{}")
+    code, text = cli("run", pipeline_file, "-q")
+    assert "gguf     ran" in text and "bench    ran" in text, text
+
+
+def test_not_enough_disk_stops_before_writing(pipeline_file, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10, 10, 0))
+    code, text = cli("run", pipeline_file, "-q")
+    assert code != 0 and "not enough disk space" in text, text
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_typo_names_the_line(pipeline_file):
+    pipeline_file.write_text(pipeline_file.read_text().replace("ollama = true", "olama = true"))
+    code, text = cli("run", pipeline_file)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "olama" in lines[0] and "did you mean 'ollama'" in lines[0], text
