@@ -68,7 +68,9 @@ def build(cfg: Pipeline, *, progress: bool = True) -> Plan:
             from .export import export_gguf
             from .ollama import write_modelfiles
             with staged_output(out / "gguf", True, [model_dir]) as tmp:
-                res = export_gguf(model_dir, variants, tmp, device=_device(device), progress=progress)
+                # named after the base, as `export --lora` names them (OUT/merged would give "merged")
+                res = export_gguf(model_dir, variants, tmp, name=_model_name(base) if merged else None, device=_device(device),
+                                  progress=progress)
                 if cfg["gguf"]["ollama"]:
                     write_modelfiles(model_dir, res.files)
         steps.append(Step("gguf", [model_dir], dict(cfg["gguf"]), [out / "gguf"], do_gguf,
@@ -110,6 +112,11 @@ def build(cfg: Pipeline, *, progress: bool = True) -> Plan:
             ([Path(b["text"])] if b["text"] else [])
         steps.append(Step("bench", inputs, dict(b), [out / "report"], do_bench, expected_bytes=1 << 20))
     return Plan(steps, out, model_dir)
+
+
+def _model_name(model_dir: Path) -> str:
+    import gguf
+    return gguf.Metadata.load(None, model_dir, None, 0).name or model_dir.name
 
 
 def _device(device: str) -> str:

@@ -77,3 +77,19 @@ def test_config_typo_names_the_line(pipeline_file):
     code, text = cli("run", pipeline_file)
     lines = [ln for ln in text.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and "olama" in lines[0] and "did you mean 'ollama'" in lines[0], text
+
+
+def test_with_an_adapter_the_merge_step_feeds_the_exports(pipeline_file, tiny_model, tmp_path):
+    from quantkit.bench import synthetic
+    ad = synthetic.write_lora_adapter(tiny_model, tmp_path / "adapter", r=4)
+    text = pipeline_file.read_text().replace("lora = []", f'lora = ["{ad}"]').replace("enabled = true ", "enabled = false ")
+    pipeline_file.write_text(text)
+    code, out = cli("run", pipeline_file, "-q")
+    assert code == 0 and "merge    ran" in out and "gguf     ran" in out, out
+    code, _ = cli("merge", tiny_model, "--lora", ad, "-q", "-o", tmp_path / "direct-merged")
+    assert code == 0
+    assert (tmp_path / "out" / "merged" / "model.safetensors").read_bytes() == \
+        (tmp_path / "direct-merged" / "model.safetensors").read_bytes()
+    code, _ = cli("export", tiny_model, "--lora", ad, "--gguf", "q8_0,q4_k_m", "-q", "-o", tmp_path / "direct")
+    for f in sorted((tmp_path / "out" / "gguf").glob("*.gguf")):
+        assert f.read_bytes() == (tmp_path / "direct" / f.name).read_bytes(), f.name
