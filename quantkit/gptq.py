@@ -15,7 +15,6 @@ calibration activations are on the device. lm_head and the embeddings stay in fp
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -123,7 +122,7 @@ def quantize(model_dir: Path, s: GPTQSettings, device: str = "cpu", progress: bo
     result = GPTQResult()
 
     if s.method == "gptq" and tokens is None:
-        small = sum(math.prod(r.shape) for r in hf.tensors.values()) * 4 < _ram_bytes() // 3
+        small = hf.n_params() * 4 < _ram_bytes() // 3
         gen_dtype = torch.float32 if device == "cpu" and small else stored
         tokens = calibration.generated(Path(model_dir), _to(model, device, gen_dtype), tok, s.n_samples, s.seqlen,
                                        s.seed, device, progress=progress)
@@ -241,20 +240,17 @@ def _hidden(out):
 def write(model, result: GPTQResult, s: GPTQSettings, src: Path, out_root: Path, *, force: bool = False,
           shard_bytes: int = 5 * 10**9) -> dict[str, Path]:
     """The GPTQ directories: OUT/gptq (AutoGPTQ v1) and OUT/gptq-ct (compressed-tensors pack-quantized)."""
-    state = {k: v for k, v in model.state_dict().items()}
+    # embeddings, norms, lm_head in fp16 (quantize() dropped the linears' weights: only codes remain)
+    plain = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    quantized = {f"{name}.weight": name for name in result.layers}
+        plain.pop("lm_head.weight", None)
     cfg = model.config.to_dict()
     cfg["torch_dtype"] = "float16"
     cfg.pop("dtype", None)
     cfg["use_cache"] = True
     dirs = {}
     for fmt in s.formats:
-        tensors = {}
-        for k, v in state.items():          # embeddings, norms, lm_head (the linears' weights are dropped)
-            if k not in quantized:
-                tensors[k] = v.detach().to(torch.float16).contiguous()
+        tensors = dict(plain)
         for name, qz in result.layers.items():
             tensors.update(autogptq_tensors(name, qz) if fmt == "gptq"
                            else compressed_tensors_tensors(name, qz, torch.float16))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -208,6 +209,9 @@ class HFModel:
 
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.shards)
+
+    def n_params(self) -> int:
+        return sum(math.prod(r.shape) for r in self.tensors.values())
 
     def merge_note(self) -> dict | None:
         """What was merged into these weights (None: the checkpoint as stored)."""

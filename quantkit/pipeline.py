@@ -33,17 +33,12 @@ class Plan:
     model_dir: Path            # what every export reads: OUT/merged or the base
 
 
-def _params(model: HFModel) -> int:
-    import math
-    return sum(math.prod(r.shape) for r in model.tensors.values())
-
-
 def build(cfg: Pipeline, *, progress: bool = True) -> Plan:
     inp, out_cfg = cfg["input"], cfg["output"]
     out = Path(out_cfg["dir"])
     base = Path(inp["base"])
     base_model = HFModel(base)                         # checks the base now: a clear error before any step
-    n = _params(base_model)
+    n = base_model.n_params()
     device = out_cfg["device"]
     steps: list[Step] = []
     merged = bool(inp["lora"] or inp["residual"])

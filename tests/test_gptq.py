@@ -151,6 +151,7 @@ def test_gptq_directory_layout_and_config(smol_quantized, smollm2_dir):
     t = load_file(d / "model.safetensors")
     n_layers = cfg["num_hidden_layers"]
     assert len([k for k in t if k.endswith(".qweight")]) == 7 * n_layers
+    assert not [k for k in t if k.endswith("_proj.weight")]          # the quantized linears hold codes only
     p = "model.layers.0.mlp.down_proj"
     assert t[f"{p}.qweight"].shape == (1536 // 8, 576) and t[f"{p}.qweight"].dtype == torch.int32
     assert t[f"{p}.qzeros"].shape == (1536 // 64, 576 // 8) and t[f"{p}.scales"].shape == (1536 // 64, 576)
