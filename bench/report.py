@@ -7,10 +7,10 @@ Everything here is computed from the results dict, so a report can be rebuilt fr
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from quantkit.errors import UnsupportedError
+from quantkit.outputs import write_text_atomic
 
 from . import vram
 
@@ -201,8 +201,6 @@ def write(results: dict, out_dir: Path) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = []
     for name, text in (("report.json", json.dumps(results, indent=2) + "\n"), ("report.md", markdown(results))):
-        tmp = out_dir / f".{name}.{os.getpid()}.partial"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out_dir / name)
+        write_text_atomic(out_dir / name, text)
         files.append(out_dir / name)
     return files + plots(results, out_dir)

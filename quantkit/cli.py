@@ -338,12 +338,11 @@ def init(path, force):
     Example:
       quantkit init && $EDITOR pipeline.toml && quantkit run pipeline.toml --dry-run
     """
+    from .outputs import write_text_atomic
     from .pipeline_config import example
     if path.exists() and not force:
         raise click.UsageError(f"{path} exists (--force replaces it)")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(example(), encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, example())
     click.echo(f"wrote {path}: edit [input] base, then `quantkit run {path} --dry-run`")
 
 

@@ -24,6 +24,7 @@ from .arch import SourceTensor, architecture_of, hparams_of, source_tensors
 from .errors import InputError, OutputError
 from .hfmodel import HFModel, row_ranges
 from .metadata import build_metadata
+from .outputs import write_text_atomic
 from .plan import TensorPlan, Variant, format_plan, make_plan
 from .streams import prefetch
 from .transforms import all_finite
@@ -161,7 +162,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
             } for v in variants
         },
     }
-    _write_json_atomic(out_dir / "export.json", report)
+    write_text_atomic(out_dir / "export.json", json.dumps(report, indent=2) + "\n")
     return ExportResult(written, plans, seconds, report)
 
 
@@ -173,7 +174,3 @@ def _type_counts(plans: list[TensorPlan], variant: str) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from .outputs import write_text_atomic
 
 VERSION = 1
 _CHUNK = 8 << 20
@@ -77,13 +78,8 @@ class Manifest:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
-        with open(tmp, "w") as f:
-            json.dump({"quantkit_pipeline": VERSION, "steps": self.steps}, f, indent=2)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps({"quantkit_pipeline": VERSION, "steps": self.steps}, indent=2) + "\n",
+                          fsync=True)
 
     def why_not_done(self, step: Step) -> str | None:
         """None when the step is provably done; else the reason it must run."""

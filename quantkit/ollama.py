@@ -18,10 +18,11 @@ says why. The BOS token that llama.cpp adds itself (add_bos_token) is left out.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+
+from .outputs import write_text_atomic
 
 # generation_config.json key → Ollama PARAMETER name
 SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
@@ -213,8 +214,6 @@ def write_modelfiles(model_dir: Path, files: dict[str, Path]) -> list[Path]:
     out = []
     for path in files.values():
         mf = path.with_name(path.stem + ".Modelfile")
-        tmp = mf.with_name(f".{mf.name}.{os.getpid()}.partial")
-        tmp.write_text(modelfile(path.name, Path(model_dir)), encoding="utf-8")
-        os.replace(tmp, mf)
+        write_text_atomic(mf, modelfile(path.name, Path(model_dir)))
         out.append(mf)
     return out

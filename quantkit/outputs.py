@@ -86,6 +86,19 @@ def copy_model_files(src: Path, dest: Path) -> list[str]:
     return copied
 
 
+def write_text_atomic(path: Path, text: str, *, fsync: bool = False) -> None:
+    """Write a file under a hidden temporary name in its directory and rename it into place, so
+    readers see the old content or the new, never part of it (fsync: flushed to disk first)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
