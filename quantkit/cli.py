@@ -368,7 +368,7 @@ def run(pipeline, dry_run, quiet):
     from .pipeline_config import parse
 
     cfg = parse(pipeline)
-    plan = pl.build(cfg, progress=not quiet)
+    plan = pl.build(cfg, _resolve_device(cfg["output"]["device"]), progress=not quiet)
     manifest = Manifest.load(plan.out)
     if dry_run:
         for line in pl.describe(plan, manifest):

@@ -22,7 +22,10 @@ VERSION = 1
 _CHUNK = 8 << 20
 
 
-def content_hash(path: Path, _cache: dict = {}) -> str:  # noqa: B006 (a per-process cache by design)
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}      # (path, size, mtime_ns) -> sha256, this process
+
+
+def content_hash(path: Path) -> str:
     """sha256 of a file, or of a directory's files (relative names and contents, sorted, hidden
     staging entries excluded). Cached per process by (path, size, mtime) so a step's outputs are
     read once when they become the next step's inputs."""
@@ -37,13 +40,13 @@ def content_hash(path: Path, _cache: dict = {}) -> str:  # noqa: B006 (a per-pro
         return h.hexdigest()
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _cache:
+    if key not in _FILE_HASHES:
         h = hashlib.sha256()
         with open(path, "rb") as f:
             while chunk := f.read(_CHUNK):
                 h.update(chunk)
-        _cache[key] = h.hexdigest()
-    return _cache[key]
+        _FILE_HASHES[key] = h.hexdigest()
+    return _FILE_HASHES[key]
 
 
 def settings_hash(settings: dict) -> str:

@@ -33,13 +33,13 @@ class Plan:
     model_dir: Path            # what every export reads: OUT/merged or the base
 
 
-def build(cfg: Pipeline, *, progress: bool = True) -> Plan:
+def build(cfg: Pipeline, device: str, *, progress: bool = True) -> Plan:
+    """The steps of `cfg`; `device` is resolved by the caller (cpu, cuda, cuda:N)."""
     inp, out_cfg = cfg["input"], cfg["output"]
     out = Path(out_cfg["dir"])
     base = Path(inp["base"])
     base_model = HFModel(base)                         # checks the base now: a clear error before any step
     n = base_model.n_params()
-    device = out_cfg["device"]
     steps: list[Step] = []
     merged = bool(inp["lora"] or inp["residual"])
     model_dir = out / "merged" if merged else base
@@ -48,7 +48,7 @@ def build(cfg: Pipeline, *, progress: bool = True) -> Plan:
         def do_merge():
             from .merge import open_model, write_merged
             src = open_model(base, inp["lora"], inp["lora_weights"], inp["residual"] or None, inp["residual_scale"],
-                             device=_device(device))
+                             device=device)
             write_merged(src, out / "merged", progress=progress, force=True)
         steps.append(Step("merge", [base, *map(Path, inp["lora"])] + ([Path(inp["residual"])] if inp["residual"] else []),
                           {"lora_weights": inp["lora_weights"], "residual_scale": inp["residual_scale"]},
@@ -64,7 +64,7 @@ def build(cfg: Pipeline, *, progress: bool = True) -> Plan:
             from .ollama import write_modelfiles
             with staged_output(out / "gguf", True, [model_dir]) as tmp:
                 # named after the base, as `export --lora` names them (OUT/merged would give "merged")
-                res = export_gguf(model_dir, variants, tmp, name=_model_name(base) if merged else None, device=_device(device),
+                res = export_gguf(model_dir, variants, tmp, name=_model_name(base) if merged else None, device=device,
                                   progress=progress)
                 if cfg["gguf"]["ollama"]:
                     write_modelfiles(model_dir, res.files)
@@ -79,7 +79,7 @@ def build(cfg: Pipeline, *, progress: bool = True) -> Plan:
             s = GPTQSettings(bits=g["bits"], group_size=g["group_size"], sym=g["sym"], act_order=g["desc_act"],
                              damp=g["damp"], calib=Path(g["calib"]) if g["calib"] else None,
                              n_samples=g["calib_samples"], seqlen=g["calib_seqlen"])
-            model, result = quantize(model_dir, s, _device(device), progress=progress)
+            model, result = quantize(model_dir, s, device, progress=progress)
             write(model, result, s, model_dir, out, force=True)
         steps.append(Step("gptq", [model_dir] + ([Path(g["calib"])] if g["calib"] else []), dict(g),
                           [out / "gptq", out / "gptq-ct"], do_gptq, expected_bytes=int(2 * n * (g["bits"] / 8 + 0.1))))
@@ -89,7 +89,7 @@ def build(cfg: Pipeline, *, progress: bool = True) -> Plan:
         if cfg["bnb"][mode]:
             def do_bnb(mode=mode):
                 from . import bnb
-                bnb.export(model_dir, out / mode, mode, device=_device(device), force=True)
+                bnb.export(model_dir, out / mode, mode, device=device, force=True)
             steps.append(Step(mode, [model_dir], {"mode": mode}, [out / mode], do_bnb, expected_bytes=int(n * frac)))
             variants_for_bench.append(out / mode)
 
@@ -101,7 +101,7 @@ def build(cfg: Pipeline, *, progress: bool = True) -> Plan:
             gpus = vram.parse_gpus(b["gpus"] or None, [], None)
             with staged_output(out / "report", True, [model_dir]) as tmp:
                 suite.run(model_dir, ggufs + variants_for_bench, tmp, text=Path(b["text"]) if b["text"] else None,
-                          ctx=b["ctx"], device=_device(device), limit_chunks=b["limit_chunks"] or None, gpus=gpus,
+                          ctx=b["ctx"], device=device, limit_chunks=b["limit_chunks"] or None, gpus=gpus,
                           progress=progress)
         inputs = [model_dir] + ([out / "gguf"] if types else []) + variants_for_bench + \
             ([Path(b["text"])] if b["text"] else [])
@@ -112,11 +112,6 @@ def build(cfg: Pipeline, *, progress: bool = True) -> Plan:
 def _model_name(model_dir: Path) -> str:
     import gguf
     return gguf.Metadata.load(None, model_dir, None, 0).name or model_dir.name
-
-
-def _device(device: str) -> str:
-    from .cli import _resolve_device
-    return _resolve_device(device)
 
 
 def check_disk(plan: Plan, manifest: Manifest) -> tuple[int, int]:
