@@ -5,6 +5,7 @@ logits of the scored positions (ctx/2 .. ctx-2) of each window.
 from __future__ import annotations
 
 import os
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -13,6 +14,17 @@ import numpy as np
 import torch
 
 from quantkit.errors import InputError, UnsupportedError
+
+
+
+class _NotTheCast(logging.Filter):
+    """bitsandbytes logs "inputs will be cast" on every int8 layer call with bf16 activations; the
+    cast is what we want, so the line is dropped."""
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "inputs will be cast" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_NotTheCast())
 
 
 class Backend(Protocol):

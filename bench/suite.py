@@ -56,25 +56,34 @@ def file_bytes(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.glob("*.safetensors"))
 
 
-def run(baseline: Path, variants: list[Path], out_dir: Path, *, text: Path | None = None, ctx: int = 512,
-        device: str = "cpu", limit_chunks: int | None = None, gpus: dict[str, int] | None = None,
-        top_k: int = evaluate.TOP_K, measure_vram: bool | None = None, progress: bool = True) -> dict:
-    baseline, out_dir = Path(baseline), Path(out_dir)
-    model = HFModel(baseline)
-    if variant_kind(baseline) != "hf":
-        raise UnsupportedError("the baseline must be an unquantized HF model directory (bf16/fp16)", baseline)
-    kinds = [variant_kind(v) for v in variants]
+def load_text(baseline: Path, text: Path | None, ctx: int, limit_chunks: int | None):
+    """The evaluation text (default: the bundled WikiText-2 test split), tokenized by the baseline's
+    tokenizer and cut into windows; an InputError naming the text if it cannot be read or is too
+    short for one window. (path, raw text, tokens, bos, windows)."""
     text = Path(text) if text else evaluate.default_text()
     try:
         raw = text.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise InputError(f"cannot read the text ({e})", text) from None
-    arch = vram.Arch.from_config(model.config)
     try:
-        tokens, bos = evaluate.tokenize(baseline, raw)
+        tokens, bos = evaluate.tokenize(Path(baseline), raw)
         windows = scoring.plan_windows(tokens, ctx, bos, limit_chunks)
     except ValueError as e:
         raise InputError(str(e), text) from None
+    return text, raw, tokens, bos, windows
+
+
+def run(baseline: Path, variants: list[Path], out_dir: Path, *, text: Path | None = None, ctx: int = 512,
+        device: str = "cpu", limit_chunks: int | None = None, gpus: dict[str, int] | None = None,
+        top_k: int = evaluate.TOP_K, measure_vram: bool | None = None, progress: bool = True,
+        name: str | None = None) -> dict:
+    baseline, out_dir = Path(baseline), Path(out_dir)
+    model = HFModel(baseline)
+    if variant_kind(baseline) != "hf":
+        raise UnsupportedError("the baseline must be an unquantized HF model directory (bf16/fp16)", baseline)
+    kinds = [variant_kind(v) for v in variants]
+    text, raw, tokens, bos, windows = load_text(baseline, text, ctx, limit_chunks)
+    arch = vram.Arch.from_config(model.config)
 
     # the baseline, once (and from the disk cache when this exact run was made before)
     base_backend_name = f"transformers-{device}"
@@ -116,7 +125,7 @@ def run(baseline: Path, variants: list[Path], out_dir: Path, *, text: Path | Non
     gpus = gpus if gpus is not None else dict(vram.GPU_CATALOG)
     results = {
         "quantkit_bench": 1, "date": dt.date.today().isoformat(), "machine": machine(),
-        "model": model.config.get("_name_or_path") or baseline.name,
+        "model": name or model.config.get("_name_or_path") or baseline.name,
         "text": {"name": text.name, "path": str(text), "sha256": hashlib.sha256(raw.encode()).hexdigest(),
                  "tokens": int(len(tokens))},
         "ctx": ctx, "chunks": windows.n_chunks, "scored_tokens": windows.n_scored, "bos": bos, "top_k": top_k,

@@ -7,7 +7,6 @@ the CPU (0.45+) or on CUDA; lm_head stays unquantized, as transformers' integrat
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -34,12 +33,11 @@ def export(model_dir: Path, out_dir: Path, mode: str, *, device: str = "cpu", fo
         import transformers
     except ImportError:
         raise UnsupportedError("--int8 / --nf4 need bitsandbytes and transformers: pip install 'quantkit[quant]'") from None
-    t0 = time.perf_counter()
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config(mode),
                                                               device_map=device, dtype=torch.bfloat16)
     with staged_output(out_dir, force, [Path(model_dir)]) as tmp:
         model.save_pretrained(tmp)
         copy_model_files(Path(model_dir), tmp)
         write_json(tmp / "quantkit_bnb.json", {"mode": mode, "bitsandbytes": bitsandbytes.__version__,
-                                              "device": device, "seconds": round(time.perf_counter() - t0, 3)})
+                                              "device": device})
     return Path(out_dir)

@@ -346,28 +346,83 @@ def init(path, force):
     click.echo(f"wrote {path}: edit [input] base, then `quantkit run {path} --dry-run`")
 
 
+def _comma_list(ctx, param, value):
+    if value is None:
+        return None
+    return [] if value.strip().lower() in ("", "none") else [v.strip() for v in value.split(",") if v.strip()]
+
+
+# `quantkit run` flags: each sets one pipeline.toml key (and wins over the file's value)
+RUN_FLAGS = [
+    (("--base",), "input", "base", dict(type=click.Path(path_type=Path), help="The HF model directory to ship.")),
+    (("--lora",), "input", "lora", dict(multiple=True, type=click.Path(path_type=Path),
+                                        help="PEFT adapter to merge (repeatable, in order).")),
+    (("--weight",), "input", "lora_weights", dict(multiple=True, type=float, help="Scale of each --lora.")),
+    (("--residual",), "input", "residual", dict(type=click.Path(path_type=Path), help="Full-rank residual to add.")),
+    (("--scale",), "input", "residual_scale", dict(type=float, help="Scale of --residual.")),
+    (("-o", "--out"), "output", "dir", dict(type=click.Path(path_type=Path), help="Output directory OUT.")),
+    (("--device",), "output", "device", dict(help="auto, cpu or cuda[:N].")),
+    (("--gguf",), "gguf", "types", dict(callback=_comma_list, help="GGUF types, e.g. q4_k_m,q5_k_m,q8_0 (none: no GGUF).")),
+    (("--ollama/--no-ollama",), "gguf", "ollama", dict(default=None, help="Modelfiles beside the GGUFs.")),
+    (("--gptq/--no-gptq",), "gptq", "enabled", dict(default=None, help="GPTQ checkpoints (OUT/gptq, OUT/gptq-ct).")),
+    (("--bits",), "gptq", "bits", dict(type=click.Choice(["2", "4", "8"]), callback=lambda c, p, v: v and int(v),
+                                       help="GPTQ bits.")),
+    (("--group-size",), "gptq", "group_size", dict(type=int, help="GPTQ group size.")),
+    (("--calib",), "gptq", "calib", dict(type=click.Path(path_type=Path), help="GPTQ calibration text.")),
+    (("--calib-samples",), "gptq", "calib_samples", dict(type=click.IntRange(min=1), help="Calibration samples.")),
+    (("--calib-seqlen",), "gptq", "calib_seqlen", dict(type=click.IntRange(min=1), help="Tokens per sample.")),
+    (("--int8/--no-int8",), "bnb", "int8", dict(default=None, help="bitsandbytes LLM.int8 in OUT/int8.")),
+    (("--nf4/--no-nf4",), "bnb", "nf4", dict(default=None, help="bitsandbytes NF4 in OUT/nf4.")),
+    (("--bench/--no-bench",), "bench", "enabled", dict(default=None, help="The report in OUT/report.")),
+    (("--text",), "bench", "text", dict(type=click.Path(path_type=Path), help="Evaluation text.")),
+    (("--ctx",), "bench", "ctx", dict(type=click.IntRange(min=1), help="Tokens per window.")),
+    (("--limit-chunks",), "bench", "limit_chunks", dict(type=click.IntRange(min=0), help="Score the first N windows.")),
+    (("--gpus",), "bench", "gpus", dict(callback=_comma_list, help="GPU tiers of the report, e.g. rtx4090,a100-40.")),
+]
+
+
+def run_flags(fn):
+    for decls, section, key, kw in reversed(RUN_FLAGS):
+        fn = click.option(*decls, f"{section}__{key}", **kw)(fn)
+    return fn
+
+
 @main.command()
-@click.argument("pipeline", type=click.Path(path_type=Path))
+@click.argument("pipeline", type=click.Path(path_type=Path), required=False)
+@run_flags
 @click.option("--dry-run", is_flag=True, help="Print the steps, what is already done, sizes and disk space; run nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars (one line per step stays).")
 @one_line_errors
-def run(pipeline, dry_run, quiet):
+def run(pipeline, dry_run, quiet, **flags):
     """Run a pipeline: merge, GGUF, GPTQ, INT8/NF4 and the report, skipping what is already done.
 
-    Every step's inputs, settings and outputs are recorded (content hashes) in OUT/pipeline.json. A
-    rerun after a crash or Ctrl-C redoes only the steps whose record does not match.
+    The steps come from PIPELINE (a TOML file, see `quantkit init`), from flags, or both (a flag
+    wins over the file). Every step's inputs, settings and outputs are recorded (content hashes) in
+    OUT/pipeline.json; a rerun after a crash, a kill or Ctrl-C redoes only the steps whose record
+    does not match. Without a file the defaults are pipeline.toml's: all three GGUF types and the
+    report; GPTQ, INT8 and NF4 when asked for.
 
     \b
     Examples:
-      quantkit init pipeline.toml
-      quantkit run pipeline.toml --dry-run
-      quantkit run pipeline.toml
+      quantkit init pipeline.toml && quantkit run pipeline.toml --dry-run && quantkit run pipeline.toml
+      quantkit run --base ./base --lora ./adapter --gguf q4_k_m,q5_k_m,q8_0 --gptq --int8 \\
+          --bench --gpus rtx4090,a100-40 -o ./out
     """
     from . import pipeline as pl
     from .manifest import Manifest, run_steps
     from .pipeline_config import parse
 
-    cfg = parse(pipeline)
+    overrides = {}
+    for decls, section, key, _ in RUN_FLAGS:
+        value = flags[f"{section}__{key}"]
+        if value is None or value == ():
+            continue
+        if isinstance(value, tuple):
+            value = list(value)
+        overrides[(section, key)] = (value, decls[-1].split("/")[0])
+    if pipeline is None and not overrides:
+        raise click.UsageError("give a pipeline file (quantkit init writes one) or --base and the outputs wanted")
+    cfg = parse(pipeline, overrides)
     plan = pl.build(cfg, _resolve_device(cfg["output"]["device"]), progress=not quiet)
     manifest = Manifest.load(plan.out)
     if dry_run:
@@ -375,10 +430,10 @@ def run(pipeline, dry_run, quiet):
             click.echo(line)
         return
     pl.require_disk(plan, manifest)
-    status = run_steps(plan.steps, manifest, echo=lambda m: click.echo(m, err=True))
-    click.echo(f"{'step':8} {'':8} outputs")
-    for s in plan.steps:
-        click.echo(f"{s.name:8} {status[s.name]:8} {', '.join(str(o) for o in s.outputs)}")
+    with pl.claim(plan.out):
+        status = run_steps(plan.steps, manifest, echo=lambda m: click.echo(m, err=True))
+    for line in pl.summary(plan, status, manifest):
+        click.echo(line)
 
 
 @main.command("default-model")

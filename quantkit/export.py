@@ -98,6 +98,21 @@ def _iter_chunks(model: HFModel, plans: list[TensorPlan], progress: bool, chunk_
         bar.close()
 
 
+def prepare(model: HFModel, variants: list[Variant]):
+    """What an export checks and plans before reading a weight: the architecture, the tensors'
+    names and shapes against the config, and the per-tensor type plan. (arch, hparams, sources, plans)."""
+    arch = architecture_of(model)
+    hp = hparams_of(model)
+    sources = source_tensors(model, arch, hp)
+    return arch, hp, sources, make_plan(sources, hp, variants)
+
+
+def check(model: HFModel, variants: list[Variant]) -> None:
+    """Everything `export_gguf` would refuse, without reading weights (NaN/Inf shows only when read)."""
+    _, hp, _, _ = prepare(model, variants)
+    load_vocab(model.path, hp.n_vocab)
+
+
 def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: str | Path, *,
                 name: str | None = None, device: str = "cpu", progress: bool = True,
                 dry_run: bool = False, chunk_values: int = CHUNK_VALUES) -> ExportResult:
@@ -106,10 +121,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
     t0 = time.perf_counter()
     if not isinstance(model, HFModel):
         model = HFModel(model)
-    arch = architecture_of(model)
-    hp = hparams_of(model)
-    sources = source_tensors(model, arch, hp)
-    plans = make_plan(sources, hp, variants)
+    arch, hp, sources, plans = prepare(model, variants)
     if dry_run:
         print(format_plan(plans, variants))
         return ExportResult({}, plans, time.perf_counter() - t0)
@@ -153,7 +165,6 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
         "input": {"path": str(model.path), "architecture": arch.hf_name, "hash": model.fingerprint(),
                   "bytes": model.total_bytes(), "parameters": meta.total_params},
         "merge": model.merge_note(),
-        "seconds": round(seconds, 3),
         "files": {
             v.name: {
                 "path": written[v.name].name, "bytes": written[v.name].stat().st_size,

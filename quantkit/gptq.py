@@ -268,7 +268,6 @@ def write(model, result: GPTQResult, s: GPTQSettings, src: Path, out_root: Path,
                 write_json(tmp / "quantize_config.json", qcfg)
             copy_model_files(src, tmp)
             write_json(tmp / "quantkit_gptq.json", {**s.note(), "format": fmt, "calib_tokens": result.calib_tokens,
-                                                    "seconds": round(result.seconds, 3),
                                                     "layers": len(result.layers)})
         dirs[fmt] = dest
     return dirs

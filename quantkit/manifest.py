@@ -123,13 +123,14 @@ def run_steps(steps: list[Step], manifest: Manifest, echo: Callable[[str], None]
             status[step.name] = "done"
             continue
         echo(f"[{i}/{len(steps)}] {step.name}: running ({reason})")
-        manifest.steps.pop(step.name, None)      # its old record no longer vouches for anything
-        manifest.save()
+        if manifest.steps.pop(step.name, None) is not None:      # the old record no longer vouches
+            manifest.save()
         t0 = time.perf_counter()
         step.run()
         missing = [str(p) for p in step.outputs if not Path(p).exists()]
         if missing:
             raise RuntimeError(f"step {step.name} did not write {', '.join(missing)}")
         manifest.record(step, time.perf_counter() - t0)
+        echo(f"[{i}/{len(steps)}] {step.name}: done in {time.perf_counter() - t0:.1f} s")
         status[step.name] = "ran"
     return status

@@ -101,8 +101,9 @@ def write_merged(model: MergedModel, out: str | Path, *, files_from: str | Path 
         write_json(tmp / "config.json", model.config)
         note["files"] = {"shards": [p.name for p in shards], "copied_from": str(files_from),
                          "copied": copy_model_files(files_from, tmp)}
-        note["seconds"] = round(time.perf_counter() - t0, 3)
         write_json(tmp / "merge.json", note)
+    # the time goes to the caller, not into merge.json: the same inputs give the same bytes
+    note["seconds"] = round(time.perf_counter() - t0, 3)
     return note
 
 
@@ -121,6 +122,6 @@ def extract_residual(instruct: str | Path, base: str | Path, out: str | Path, *,
         shards = _write_weights(delta, tmp, shard_bytes, {"quantkit_residual": note}, progress, "residual")
         write_json(tmp / "config.json", delta.config)
         note["files"] = {"shards": [p.name for p in shards], "copied": copy_model_files(inst.path, tmp)}
-        note["seconds"] = round(time.perf_counter() - t0, 3)
         write_json(tmp / "residual.json", note)
+    note["seconds"] = round(time.perf_counter() - t0, 3)
     return note

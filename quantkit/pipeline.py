@@ -12,11 +12,16 @@ renamed into place), so a killed run leaves no output under its final name that 
 """
 from __future__ import annotations
 
+import fcntl
+import os
+import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
-from .errors import OutputError
+from .errors import OutputError, QuantkitError
 from .hfmodel import HFModel
 from .manifest import Manifest, Step
 from .outputs import staged_output
@@ -39,6 +44,7 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True) -> Plan:
     out = Path(out_cfg["dir"])
     base = Path(inp["base"])
     base_model = HFModel(base)                         # checks the base now: a clear error before any step
+    check_inputs(cfg, base_model)
     n = base_model.n_params()
     steps: list[Step] = []
     merged = bool(inp["lora"] or inp["residual"])
@@ -102,11 +108,108 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True) -> Plan:
             with staged_output(out / "report", True, [model_dir]) as tmp:
                 suite.run(model_dir, ggufs + variants_for_bench, tmp, text=Path(b["text"]) if b["text"] else None,
                           ctx=b["ctx"], device=device, limit_chunks=b["limit_chunks"] or None, gpus=gpus,
-                          progress=progress)
+                          progress=progress, name=_model_name(base) + (" + " + ", ".join(
+                              Path(a).name for a in inp["lora"] + ([inp["residual"]] if inp["residual"] else []))
+                              if merged else ""))
         inputs = [model_dir] + ([out / "gguf"] if types else []) + variants_for_bench + \
             ([Path(b["text"])] if b["text"] else [])
         steps.append(Step("bench", inputs, dict(b), [out / "report"], do_bench, expected_bytes=1 << 20))
     return Plan(steps, out, model_dir)
+
+
+def check_inputs(cfg: Pipeline, base: HFModel) -> None:
+    """Everything that can be checked before a step runs, so a mistake costs seconds, not the
+    minutes of the steps before it: adapters and residual against the base, the GGUF plan and the
+    tokenizer, GPTQ's shapes and calibration text, the evaluation text, the GPU names, and OUT.
+    (NaN/Inf in the weights shows only when they are read: the step reading them stops.)"""
+    inp, out = cfg["input"], Path(cfg["output"]["dir"])
+    for src in [base.path, *map(Path, inp["lora"])] + ([Path(inp["residual"])] if inp["residual"] else []):
+        if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
+            raise cfg.error("output", "dir", f"the output directory {out} is inside the input {src}: "
+                            "choose a directory of its own")
+    if inp["lora"] or inp["residual"]:
+        from .merge import open_model
+        open_model(base.path, inp["lora"], inp["lora_weights"], inp["residual"] or None, inp["residual_scale"])
+    if cfg["gguf"]["types"]:
+        from .export import check
+        from .plan import parse_variants
+        try:
+            variants = parse_variants(",".join(cfg["gguf"]["types"]))
+        except QuantkitError as e:
+            raise cfg.error("gguf", "types", str(e)) from None
+        check(base, variants)
+    g = cfg["gptq"]
+    if g["enabled"]:
+        from .gptq import GPTQSettings, check_shapes
+        check_shapes(base, GPTQSettings(bits=g["bits"], group_size=g["group_size"]))
+        if g["calib"]:
+            import transformers
+
+            from .calibration import from_file
+            from_file(Path(g["calib"]), transformers.AutoTokenizer.from_pretrained(base.path), g["calib_samples"],
+                      g["calib_seqlen"])
+    b = cfg["bench"]
+    if b["enabled"]:
+        from .bench import suite, vram
+        try:
+            vram.parse_gpus(b["gpus"] or None, [], None)
+        except ValueError as e:
+            raise cfg.error("bench", "gpus", str(e)) from None
+        suite.load_text(base.path, Path(b["text"]) if b["text"] else None, b["ctx"], b["limit_chunks"] or None)
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise OutputError("cannot be created: " + (f"{probe} is not a directory" if not probe.is_dir()
+                                                   else f"{probe} is not writable"), out)
+
+
+# what a killed step leaves in OUT: staging directories and half-written files under hidden names
+_STALE = re.compile(r"^\..+\.(partial|old)-[^/]*$|^\..+\.partial$")
+
+
+@contextmanager
+def claim(out: Path) -> Iterator[None]:
+    """Hold OUT for this run: one `quantkit run` at a time per OUT (an exclusive lock), and what
+    killed runs left there (hidden staging directories, temporary files) is removed first."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / ".pipeline.lock", "a")
+    except OSError as e:
+        raise OutputError(f"cannot be created ({e.strerror or e})", out) from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError("another `quantkit run` is writing here; wait for it or stop it", out) from None
+        for p in out.iterdir():
+            if _STALE.match(p.name):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        yield
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
+def _human(n: int) -> str:
+    return f"{n / 2**30:,.2f} GiB" if n >= 2**30 else f"{n / 2**20:,.1f} MiB" if n >= 2**20 else f"{n / 2**10:,.1f} KiB"
+
+
+def summary(plan: Plan, status: dict[str, str], manifest: Manifest) -> list[str]:
+    """The table printed at the end: every artifact, its size and where it is."""
+    rows = []
+    for s in plan.steps:
+        state = {"ran": f"ran ({manifest.steps[s.name]['seconds']:.1f} s)", "done": "done before"}[status[s.name]]
+        for o in s.outputs:
+            files = sorted(o.glob("*.gguf")) if s.name == "gguf" else \
+                [o / "report.md"] if s.name == "bench" else [o]
+            rows += [(s.name, state, _size(f), str(f) + ("/" if f.is_dir() else "")) for f in files]
+    w = max(len(r[1]) for r in rows)
+    lines = [f"{'step':7} {'':{w}} {'size':>10}  artifact"]
+    lines += [f"{n:7} {st:{w}} {_human(sz):>10}  {where}" for n, st, sz, where in rows]
+    lines.append(f"manifest: {plan.out / 'pipeline.json'}")
+    return lines
 
 
 def _model_name(model_dir: Path) -> str:
@@ -134,12 +237,12 @@ def describe(plan: Plan, manifest: Manifest) -> list[str]:
         for o in s.outputs:
             lines.append(f"        {o}  (~{s.expected_bytes / len(s.outputs) / 2**20:,.0f} MiB)")
     need, free = check_disk(plan, manifest)
-    lines.append(f"disk: ~{need / 2**30:.2f} GiB to write, {free / 2**30:.1f} GiB free in {plan.out}")
+    lines.append(f"disk: ~{_human(need)} to write, {_human(free)} free in {plan.out}")
     return lines
 
 
 def require_disk(plan: Plan, manifest: Manifest) -> None:
     need, free = check_disk(plan, manifest)
     if need > free:
-        raise OutputError(f"not enough disk space: the steps still to run need ~{need / 2**30:.1f} GiB, "
-                          f"{free / 2**30:.1f} GiB is free", plan.out)
+        raise OutputError(f"not enough disk space: the steps still to run need ~{_human(need)}, "
+                          f"{_human(free)} is free", plan.out)

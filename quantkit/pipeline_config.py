@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,6 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "output": {
         "dir": Key(str, "./out", "everything lands here: merged/, gguf/, gptq/, int8/, nf4/, report/, pipeline.json"),
         "device": Key(str, "auto", "auto, cpu or cuda[:N]"),
-        "merged": Key(bool, True, "keep the merged bf16 checkpoint in OUT/merged (when adapters or a residual are given)"),
     },
     "gguf": {
         "types": Key(list, ["q4_k_m", "q5_k_m", "q8_0"], "GGUF types, one streaming pass ([] for none)"),
@@ -70,12 +69,20 @@ SCHEMA: dict[str, dict[str, Key]] = {
 
 @dataclass
 class Pipeline:
-    """A parsed pipeline.toml: SCHEMA's sections as dicts, with defaults filled in and paths resolved."""
+    """A parsed pipeline: SCHEMA's sections as dicts, with defaults filled in and paths resolved.
+    `origin` says where each given key came from ("line 12" of the file, or "--gpus"), so a check
+    made later (an unknown GPU, a calibration text too short) can still name it."""
     source: Path | None
     sections: dict[str, dict[str, Any]]
+    origin: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def __getitem__(self, section: str) -> dict[str, Any]:
         return self.sections[section]
+
+    def error(self, section: str, key: str, message: str) -> InputError:
+        """An InputError naming the file (if any) and the line or flag that set [section] key."""
+        where = self.origin.get((section, key))
+        return InputError(f"{where}: {message}" if where else message, self.source)
 
 
 _HEADER = re.compile(r"^\s*\[\s*([A-Za-z0-9_.\-]+)\s*\]\s*(#.*)?$")
@@ -114,30 +121,41 @@ def _fits(value, t) -> bool:
     return isinstance(value, ts)
 
 
-def parse(path: Path) -> Pipeline:
-    """Read and check a pipeline file. Every problem is an InputError naming the file, key and line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read the pipeline file ({getattr(e, 'strerror', None) or e})", path) from None
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise InputError(f"not valid TOML ({e})", path) from None
-    lines = key_lines(text)
+# path-valued keys: relative to the TOML file's directory (or, for flags, to the working directory)
+_PATHS = (("input", "base"), ("input", "residual"), ("output", "dir"), ("gptq", "calib"), ("bench", "text"))
+
+
+def parse(path: Path | None, overrides: dict[tuple[str, str], tuple[Any, str]] | None = None) -> Pipeline:
+    """Read and check a pipeline file, then apply `overrides` ((section, key) -> (value, flag name),
+    from `quantkit run`'s flags; values already typed). Either may be absent. Every problem is an
+    InputError naming the file and the key's line (or the flag)."""
+    data: dict[str, dict[str, Any]] = {}
+    lines: dict[tuple[str, str], int] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise InputError(f"cannot read the pipeline file ({getattr(e, 'strerror', None) or e})", path) from None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise InputError(f"not valid TOML ({e})", path) from None
+        lines = key_lines(text)
+
+    origin: dict[tuple[str, str], str] = {k: f"line {n}" for k, n in lines.items()}
 
     def where(section: str, key: str = "") -> str:
-        n = lines.get((section, key))
-        return f"line {n}: " if n else ""
+        o = origin.get((section, key))
+        return f"{o}: " if o else ""
 
-    sections: dict[str, dict[str, Any]] = {}
     for section, value in data.items():
         if section not in SCHEMA:
             raise InputError(f"{where('', section) or where(section)}unknown section [{section}] "
                              f"(known: {', '.join(SCHEMA)})", path)
         if not isinstance(value, dict):
             raise InputError(f"{where('', section)}'{section}' must be a [section]", path)
+    sections: dict[str, dict[str, Any]] = {}
     for section, keys in SCHEMA.items():
         given = data.get(section, {})
         for key in given:
@@ -153,20 +171,28 @@ def parse(path: Path) -> Pipeline:
                     raise InputError(f"{where(section, key)}[{section}] {key} must be {_type_name(spec.type)}, "
                                      f"not {v!r}", path)
                 out[key] = float(v) if spec.type == (int, float) else v
+                if (section, key) in _PATHS and v:
+                    out[key] = str((path.parent / Path(v).expanduser()).resolve())
+                if (section, key) == ("input", "lora"):
+                    out[key] = [str((path.parent / Path(p).expanduser()).resolve()) if isinstance(p, str) else p
+                                for p in v]
             else:
                 out[key] = list(spec.default) if isinstance(spec.default, list) else spec.default
+                if (section, key) in _PATHS and out[key]:          # ./out: beside the file, or here
+                    out[key] = str(((path.parent if path else Path.cwd()) / out[key]).resolve())
         sections[section] = out
+    for (section, key), (value, flag) in (overrides or {}).items():
+        if (section, key) in _PATHS and value:
+            value = str(Path(value).expanduser().resolve())
+        if (section, key) == ("input", "lora"):
+            value = [str(Path(p).expanduser().resolve()) for p in value]
+        sections[section][key] = value
+        origin[(section, key)] = flag                   # a flag's value has no line in the file
     if not sections["input"]["base"]:
-        raise InputError(f"{where('input')}[input] base is required: the HF model directory", path)
+        raise InputError(f"{where('input')}[input] base is required: the HF model directory"
+                         + ("" if path else " (--base, or a pipeline file)"), path)
     _check_lists(sections, path, where)
-    base_dir = path.parent
-    for section, key in (("input", "base"), ("input", "residual"), ("output", "dir"), ("gptq", "calib"),
-                         ("bench", "text")):
-        v = sections[section][key]
-        if v:
-            sections[section][key] = str((base_dir / Path(v).expanduser()).resolve())
-    sections["input"]["lora"] = [str((base_dir / Path(p).expanduser()).resolve()) for p in sections["input"]["lora"]]
-    return Pipeline(path, sections)
+    return Pipeline(path, sections, origin)
 
 
 def _check_lists(s: dict, path: Path, where) -> None:
