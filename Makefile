@@ -34,8 +34,10 @@ install-test: install
 	  cp -r convert_hf_to_gguf.py conversion gguf-py LICENSE $(CURDIR)/$(SRC)/ && \
 	  cd $(CURDIR) && rm -rf .cache/sdist )
 
+# the pipeline on the bundled model: three GGUFs + Modelfiles (the report needs llama-cpp-python:
+# `make test` installs it, then add --bench)
 demo: install
-	$(BIN)/quantkit export "$$($(BIN)/quantkit default-model)" --gguf q4_k_m,q5_k_m,q8_0 --ollama -o out/demo
+	$(BIN)/quantkit run --base "$$($(BIN)/quantkit default-model)" --gguf q4_k_m,q5_k_m,q8_0 --no-bench -o out/demo
 
 test: install-test
 	$(BIN)/ruff check quantkit kernels converters bench tests

@@ -130,7 +130,8 @@ def run_steps(steps: list[Step], manifest: Manifest, echo: Callable[[str], None]
         missing = [str(p) for p in step.outputs if not Path(p).exists()]
         if missing:
             raise RuntimeError(f"step {step.name} did not write {', '.join(missing)}")
-        manifest.record(step, time.perf_counter() - t0)
-        echo(f"[{i}/{len(steps)}] {step.name}: done in {time.perf_counter() - t0:.1f} s")
+        seconds = time.perf_counter() - t0
+        manifest.record(step, seconds)
+        echo(f"[{i}/{len(steps)}] {step.name}: done in {seconds:.1f} s")
         status[step.name] = "ran"
     return status
