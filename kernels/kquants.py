@@ -1,7 +1,8 @@
-"""Q4_K, Q5_K and Q6_K: 256-value super-blocks, mirrors of quantize_row_q{4,5,6}_K_ref.
+"""Q4_K, Q5_K and Q6_K: 256-value super-blocks, mirrors of quantize_row_q{4,5,6}_K_ref and,
+with an importance matrix, of quantize_row_q{4,5,6}_K_impl.
 
-ggml_quantize_chunk without an importance matrix calls exactly these _ref functions
-(quantize_q4_K / quantize_q5_K / quantize_q6_K branch on `quant_weights == NULL`).
+ggml_quantize_chunk without an importance matrix calls exactly the _ref functions, with one the
+_impl functions (quantize_q4_K / quantize_q5_K / quantize_q6_K branch on `quant_weights == NULL`).
 
 Super-block layouts (ggml-common.h), little-endian:
 
@@ -109,17 +110,18 @@ def _make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: floa
     return torch.where(flat, zero, scale), -min_, L
 
 
-def _make_qx_quants_rmse1(x: Tensor, nmax: int):
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw=NULL) for many sub-blocks at once.
+def _make_qx_quants_rmse1(x: Tensor, nmax: int, qw: Tensor | None = None):
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) for many sub-blocks at once: the weights
+    are qw (an importance matrix) when given, else x*x.
 
-    x: float32 [n, N], position-major. Returns (scale [N], L [n, N]) with L as float32.
+    x, qw: float32 [n, N], position-major. Returns (scale [N], L [n, N]) with L as float32.
     """
     ax = x.abs()
     # `if (ax > amax) { amax = ax; max = x[i]; }`: the first value of largest magnitude
     idx = ax.argmax(0, keepdim=True)
     max_ = x.gather(0, idx)[0]
     all_zero = ax.gather(0, idx)[0] < GROUP_MAX_EPS
-    w = x * x
+    w = x * x if qw is None else qw
     wx = w * x
 
     lbuf = torch.empty_like(x)
@@ -153,6 +155,58 @@ def _make_qx_quants_rmse1(x: Tensor, nmax: int):
     L = quant(l_iscale, torch.empty_like(x)) + nmax
     L = torch.where(all_zero, torch.zeros_like(L), L)
     return torch.where(all_zero, torch.zeros_like(scale), scale), L
+
+
+def _make_qp_quants(x: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
+    """make_qp_quants(n, nmax, x, L, quant_weights=w) for many rows at once: the super-block
+    scale of n sub-block scales (or mins) x >= 0, weighted by w, and their integer codes.
+
+    x, w: float32 [n, N], position-major. Returns (scale [N], L [n, N] int32, as the uint8 stores hold them).
+    """
+    n = x.shape[0]
+    zero = torch.zeros_like(x[0])
+    max_ = _ops.running_max_from_zero(x, 0)
+    all_zero = max_ < GROUP_MAX_EPS
+
+    def codes(iscale: Tensor) -> Tensor:          # int l = MIN(nmax, nearest_int(iscale * x[i]))
+        return nearest_int(iscale * x).clamp_(max=nmax)
+
+    def mse(scale: Tensor, l: Tensor) -> Tensor:  # sum of w*diff*diff, diff = x - scale*l
+        diff = x - scale * l
+        return seq_sum(w * diff * diff)
+
+    iscale = div(float(nmax), max_)
+    best = mse(div(1.0, iscale), (nearest_int(iscale * x) & 0xFF).float())   # no MIN on this first pass
+    for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+        iscale_is = div(f32(f32(f32(0.1) * step) + nmax), max_)
+        cur = mse(div(1.0, iscale_is), codes(iscale_is).float())
+        better = cur < best
+        best = torch.where(better, cur, best)
+        iscale = torch.where(better, iscale_is, iscale)
+    li = codes(iscale)
+    lf = li.float()
+    wx = w * x
+    sumlx = seq_sum(wx * lf)
+    suml2 = seq_sum(w * lf * lf)
+    L = li & 0xFF
+    # up to 5 passes of coordinate descent, each position in order; a pass that changes nothing
+    # leaves the state as it was, so running all 5 everywhere equals C's early `break`
+    for _ in range(5):
+        for i in range(n):
+            Li = L[i].float()
+            slx = sumlx - wx[i] * Li
+            sl2 = suml2 - w[i] * Li * Li
+            ok = (slx > 0) & (sl2 > 0)
+            new_l = nearest_int(div(x[i] * sl2, slx)).clamp_(max=nmax)
+            nl = new_l.float()
+            slx = slx + wx[i] * nl
+            sl2 = sl2 + w[i] * nl * nl
+            take = ok & (new_l != L[i]) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+            L[i] = torch.where(take, new_l & 0xFF, L[i])
+            sumlx = torch.where(take, slx, sumlx)
+            suml2 = torch.where(take, sl2, suml2)
+    scale = torch.where(suml2 > 0, div(sumlx, suml2), zero)
+    return torch.where(all_zero, zero, scale), torch.where(all_zero[None], torch.zeros_like(L), L)
 
 
 def _pack_scales_k4(ls: Tensor, lm: Tensor) -> Tensor:
@@ -196,14 +250,45 @@ def _quantize_k_with_min(x: Tensor, nmax: int, rmin: float, rdelta: float, nstep
     lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp_(max=63)
     d_bits, d = _ops.fp16_round(div(max_scale, 63.0))
     dmin_bits, dmin = _ops.fp16_round(div(max_min, 63.0))
+    return d_bits, dmin_bits, ls, lm, _k_codes(x, d, dmin, ls, lm, l_search, nmax)
 
-    # final codes from the rounded scales; a sub-block whose scale rounds to 0 keeps the
-    # codes of the search (`if (!d) continue;`)
-    dq = (d[:, None] * ls)[:, :, None]
-    dm = (dmin[:, None] * lm)[:, :, None]
+
+def _k_codes(x: Tensor, d: Tensor, dmin: Tensor, sc: Tensor, m: Tensor, l_search: Tensor, nmax: int) -> Tensor:
+    """The final codes from the rounded scales: l = nearest_int((x + dmin*m) / (d*sc)); a
+    sub-block whose scale rounds to 0 keeps the codes of the search (`if (!d) continue;`)."""
+    n = x.shape[0]
+    dq = (d[:, None] * sc)[:, :, None]
+    dm = (dmin[:, None] * m)[:, :, None]
     l = nearest_int(div(x.reshape(n, 8, 32) + dm, dq)).clamp_(0, nmax)
-    L = torch.where(dq == 0, l_search, l)
-    return d_bits, dmin_bits, ls, lm, L.reshape(n, QK_K)
+    return torch.where(dq == 0, l_search, l).reshape(n, QK_K)
+
+
+def _quantize_k_with_min_weighted(x: Tensor, qw: Tensor, nmax: int):
+    """Shared body of quantize_row_q4_K_impl / quantize_row_q5_K_impl with quant_weights (an
+    importance matrix): sub-block weights qw * sqrt(sigma2 + x^2), the search make_qkx3_quants
+    (the same computation as make_qkx2_quants, with these weights and steps), and the scales and
+    mins quantized by make_qp_quants weighted by each sub-block's total weight.
+
+    Returns (d bits, dmin bits, ls, lm, L [n, 256] int32).
+    """
+    n = x.shape[0]
+    sum_x2 = seq_sum((x * x).T.contiguous())
+    sigma2 = div(2 * sum_x2, float(QK_K))
+    xt = x.reshape(n * 8, 32).T.contiguous()  # [32, sub-blocks]
+    w = qw.reshape(n * 8, 32).T * _ops.sqrt(sigma2.repeat_interleave(8)[None] + xt * xt)
+    sw = seq_sum(w)
+    scales, mins, l_search = _make_qkx2_quants(xt, w, nmax, f32(-0.9), 0.05, 36)
+    sw, scales, mins = sw.view(n, 8).T, scales.view(n, 8).T, mins.view(n, 8).T  # [8, n]
+    d_block, ls = _make_qp_quants(scales, sw, 63)
+    m_block, lm = _make_qp_quants(mins, sw, 63)
+    ls, lm = ls.T, lm.T
+    if nmax == 31:                                # Q5_K only: ls = MIN(63, ls)
+        ls, lm = ls.clamp(max=63), lm.clamp(max=63)
+    d_bits, d = _ops.fp16_round(d_block)
+    dmin_bits, dmin = _ops.fp16_round(m_block)
+    sc, m = _unpack_scales_k4(_pack_scales_k4(ls, lm))       # what get_scale_min_k4 reads back
+    l_search = l_search.T.reshape(n, 8, 32).to(torch.int32)
+    return d_bits, dmin_bits, ls, lm, _k_codes(x, d, dmin, sc, m, l_search, nmax)
 
 
 def _pack_nibbles_k(L: Tensor) -> Tensor:
@@ -217,8 +302,9 @@ def _unpack_nibbles_k(qs: Tensor) -> Tensor:
     return torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(-1, QK_K)
 
 
-def quantize_q4_k(x: Tensor) -> Tensor:
-    d, dmin, ls, lm, L = _quantize_k_with_min(x, 15, rmin=-1.0, rdelta=0.1, nstep=20)
+def quantize_q4_k(x: Tensor, qw: Tensor | None = None) -> Tensor:
+    d, dmin, ls, lm, L = _quantize_k_with_min(x, 15, rmin=-1.0, rdelta=0.1, nstep=20) if qw is None else \
+        _quantize_k_with_min_weighted(x, qw, 15)
     return torch.cat([_ops.le_bytes(d, 2), _ops.le_bytes(dmin, 2), _pack_scales_k4(ls, lm),
                       _pack_nibbles_k(L)], dim=1)
 
@@ -237,8 +323,9 @@ def dequantize_q4_k(b: Tensor) -> Tensor:
     return _dequantize_k_with_min(b, _unpack_nibbles_k(b[:, 16:144]))
 
 
-def quantize_q5_k(x: Tensor) -> Tensor:
-    d, dmin, ls, lm, L = _quantize_k_with_min(x, 31, rmin=-0.5, rdelta=0.1, nstep=15)
+def quantize_q5_k(x: Tensor, qw: Tensor | None = None) -> Tensor:
+    d, dmin, ls, lm, L = _quantize_k_with_min(x, 31, rmin=-0.5, rdelta=0.1, nstep=15) if qw is None else \
+        _quantize_k_with_min_weighted(x, qw, 31)
     # bit j of qh[t] is the fifth bit of L[32j + t]
     hb = (L.view(-1, 8, 32) >> 4) & 1
     qh = (hb << torch.arange(8, device=x.device, dtype=torch.int32)[:, None]).sum(1)
@@ -253,10 +340,10 @@ def dequantize_q5_k(b: Tensor) -> Tensor:
     return _dequantize_k_with_min(b, q)
 
 
-def quantize_q6_k(x: Tensor) -> Tensor:
+def quantize_q6_k(x: Tensor, qw: Tensor | None = None) -> Tensor:
     n = x.shape[0]
     xt = x.reshape(n * 16, 16).T.contiguous()  # [16, sub-blocks]
-    scales, l_search = _make_qx_quants_rmse1(xt, 32)
+    scales, l_search = _make_qx_quants_rmse1(xt, 32, None if qw is None else qw.reshape(n * 16, 16).T.contiguous())
     scales = scales.view(n, 16)
     l_search = l_search.T.reshape(n, 16, 16).to(torch.int32)
 
@@ -302,10 +389,10 @@ def dequantize_q6_k(b: Tensor) -> Tensor:
 
 register(QuantType("q4_k", gguf.GGMLQuantizationType.Q4_K, block_size=QK_K,
                    type_size=2 + 2 + 12 + QK_K // 2,  # d, dmin, scales, qs
-                   quantize=quantize_q4_k, dequantize=dequantize_q4_k))
+                   quantize=quantize_q4_k, dequantize=dequantize_q4_k, weighted=True))
 register(QuantType("q5_k", gguf.GGMLQuantizationType.Q5_K, block_size=QK_K,
                    type_size=2 + 2 + 12 + QK_K // 8 + QK_K // 2,  # d, dmin, scales, qh, qs
-                   quantize=quantize_q5_k, dequantize=dequantize_q5_k))
+                   quantize=quantize_q5_k, dequantize=dequantize_q5_k, weighted=True))
 register(QuantType("q6_k", gguf.GGMLQuantizationType.Q6_K, block_size=QK_K,
                    type_size=QK_K // 2 + QK_K // 4 + QK_K // 16 + 2,  # ql, qh, scales, d
-                   quantize=quantize_q6_k, dequantize=dequantize_q6_k))
+                   quantize=quantize_q6_k, dequantize=dequantize_q6_k, weighted=True))

@@ -37,8 +37,9 @@ class QuantType:
     ggml_type: gguf.GGMLQuantizationType
     block_size: int  # values per block
     type_size: int  # bytes per block
-    quantize: Callable[[Tensor], Tensor]
+    quantize: Callable[..., Tensor]     # (x) or, when `weighted`, (x, qw=None)
     dequantize: Callable[[Tensor], Tensor]
+    weighted: bool = False              # quantize takes importance weights qw [n_blocks, block_size]
 
 
 QUANT_TYPES: dict[str, QuantType] = {}
@@ -77,17 +78,24 @@ def row_nbytes(qtype: QuantType, cols: int) -> int:
     return cols // qtype.block_size * qtype.type_size
 
 
-def quantize_rows(x: Tensor, qtype: QuantType) -> Tensor:
-    """float32 [rows, cols] -> uint8 [rows, row_nbytes(qtype, cols)], ggml's row data."""
+def quantize_rows(x: Tensor, qtype: QuantType, imatrix: Tensor | None = None) -> Tensor:
+    """float32 [rows, cols] -> uint8 [rows, row_nbytes(qtype, cols)], ggml's row data.
+
+    imatrix: float32 [cols], the importance of each column (ggml_quantize_chunk's `imatrix`);
+    types that take no weights (Q8_0, F16 ...) ignore it, as ggml does."""
     assert x.dtype == torch.float32 and x.dim() == 2, (x.dtype, x.shape)
     rows, cols = x.shape
     nbytes = row_nbytes(qtype, cols)
     blocks = x.reshape(-1, qtype.block_size)
+    qw = None
+    if imatrix is not None and qtype.weighted:
+        assert imatrix.shape == (cols,), (imatrix.shape, cols)
+        qw = imatrix.to(device=x.device, dtype=torch.float32).view(1, cols).expand(rows, cols).reshape(-1, qtype.block_size)
     out = torch.empty((blocks.shape[0], qtype.type_size), dtype=torch.uint8, device=x.device)
     step = _chunk_blocks(qtype, x.device)
     for start in range(0, blocks.shape[0], step):
         chunk = blocks[start:start + step]
-        q = qtype.quantize(chunk)
+        q = qtype.quantize(chunk) if qw is None else qtype.quantize(chunk, qw[start:start + step])
         assert q.dtype == torch.uint8 and q.shape == (chunk.shape[0], qtype.type_size), (qtype.name, q.dtype, q.shape)
         out[start:start + step] = q
     return out.reshape(rows, nbytes)

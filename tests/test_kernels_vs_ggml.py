@@ -1,7 +1,8 @@
 """Our kernels against ggml's own reference quantizers (llama-cpp-python's libggml-base).
 
-Every quantized type must produce the same bytes as ggml_quantize_chunk(type, ..., imatrix=NULL)
-and dequantize to the same float32 bits as ggml's to_float.
+Every quantized type must produce the same bytes as ggml_quantize_chunk(type, ..., imatrix=NULL),
+and the K-quants the same bytes as ggml_quantize_chunk(type, ..., imatrix) with an importance
+matrix; every type must dequantize to the same float32 bits as ggml's to_float.
 """
 from __future__ import annotations
 
@@ -32,11 +33,13 @@ def _cols(n_blocks_256: int = 4) -> int:
     return 256 * n_blocks_256  # a multiple of every block size
 
 
-def _assert_bytes_match(x: np.ndarray, qname: str) -> None:
+def _assert_bytes_match(x: np.ndarray, qname: str, imatrix: np.ndarray | None = None) -> None:
     qtype = registry.get(qname)
     x = np.ascontiguousarray(x, dtype=np.float32)
-    ours = registry.quantize_rows(torch.from_numpy(x.copy()), qtype).numpy()
-    ref = np.frombuffer(ggml_ref.ggml_quantize(x, int(qtype.ggml_type)), dtype=np.uint8).reshape(ours.shape)
+    im = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    ours = registry.quantize_rows(torch.from_numpy(x.copy()), qtype,
+                                  None if im is None else torch.from_numpy(im.copy())).numpy()
+    ref = np.frombuffer(ggml_ref.ggml_quantize(x, int(qtype.ggml_type), im), dtype=np.uint8).reshape(ours.shape)
     if not np.array_equal(ours, ref):
         a, b = ours.reshape(-1, qtype.type_size), ref.reshape(-1, qtype.type_size)
         bad = np.nonzero((a != b).any(axis=1))[0]
@@ -153,6 +156,42 @@ def test_bytes_match_ggml_on_heavy_tailed_sparse_and_mixed_scale_weights(qname):
     mags = np.exp(rng.uniform(-12, 4, size=(4, cols // 16, 1))).repeat(16, axis=2).reshape(4, cols)
     mixed = rng.standard_normal((4, cols)) * mags
     _assert_bytes_match(np.concatenate([laplace, sparse, mixed]), qname)
+
+
+def _imatrices(rng: np.random.Generator, cols: int) -> dict[str, np.ndarray]:
+    """Importance matrices as llama-imatrix makes them (means of squared activations: positive,
+    heavy-tailed, a few huge columns), and the edge cases: zero columns, all equal, tiny, huge."""
+    act = rng.standard_normal((64, cols)) * rng.lognormal(0, 1.5, cols)
+    real = (act * act).mean(0)
+    with_zeros = real.copy()
+    with_zeros[rng.choice(cols, cols // 8, replace=False)] = 0.0
+    with_zeros[256:512] = 0.0                     # a whole super-block of zero weight
+    return {"squared_activations": real, "zero_columns": with_zeros, "all_ones": np.ones(cols),
+            "tiny": real * 1e-30, "huge": real * 1e20}
+
+
+@pytest.mark.parametrize("qname", K_QUANTS + ["q8_0"])
+def test_bytes_match_ggml_with_an_importance_matrix(qname):
+    """ggml_quantize_chunk(..., imatrix): Q4_K/Q5_K/Q6_K take the _impl path (weighted searches,
+    make_qp_quants for the scales); Q8_0 ignores the weights, as ggml does."""
+    rng = _rng("imatrix", qname)
+    cols = _cols()
+    data = {f"normal x{scale}": rng.standard_normal((8, cols)) * scale for scale in (1e-4, 0.02, 1.0, 300.0)}
+    zeros = rng.standard_normal((4, cols))
+    zeros[0] = 0.0
+    zeros[1, 32:64] = 0.0
+    zeros[2, 16:32] = 0.0
+    data["zero blocks"] = zeros
+    spiky = rng.standard_normal((8, cols)) * 0.02
+    spiky[np.arange(8), rng.integers(0, cols, 8)] = 300.0
+    data["outliers"] = spiky
+    data["positive only"] = np.abs(rng.standard_normal((4, cols)))
+    for iname, im in _imatrices(rng, cols).items():
+        for dname, x in data.items():
+            try:
+                _assert_bytes_match(x, qname, im)
+            except pytest.fail.Exception as e:
+                pytest.fail(f"imatrix {iname}, data {dname}: {e}")
 
 
 @pytest.mark.parametrize("qname", FLOATS)
