@@ -1,4 +1,5 @@
-"""Q8_0, Q5_0 and Q5_1: 32-value blocks, mirrors of quantize_row_q{8_0,5_0,5_1}_ref.
+"""Q8_0, Q5_0 and Q5_1: 32-value blocks, mirrors of quantize_row_q{8_0,5_0,5_1}_ref and, with an
+importance matrix, of quantize_row_q5_{0,1}_impl (Q8_0 ignores importance, as ggml does).
 
 Block layouts (ggml-common.h), all little-endian:
 
@@ -16,7 +17,9 @@ import torch
 from torch import Tensor
 
 from . import _ops
+from ._ops import f32
 from .registry import QuantType, register
+from .searches import make_qkx2_quants, make_qx_quants_rmse1
 
 QK = 32
 
@@ -94,12 +97,36 @@ def dequantize_q5_1(b: Tensor) -> Tensor:
     return q.to(torch.float32) * d[:, None] + m[:, None]
 
 
+def _importance(x: Tensor, qw: Tensor, sigma2: Tensor) -> Tensor:
+    """weight[j] = qw[j] * sqrtf(sigma2 + x[j]*x[j]), sigma2 being the row's mean square."""
+    return qw * _ops.sqrt(sigma2[:, None] + x * x)
+
+
+def quantize_q5_0_weighted(x: Tensor, qw: Tensor, sigma2: Tensor) -> Tensor:
+    """quantize_row_q5_0_impl: d = make_qx_quants(32, 16, x, L, 1, weight)."""
+    scale, L = make_qx_quants_rmse1(x.T.contiguous(), 16, _importance(x, qw, sigma2).T.contiguous())
+    d_bits, _ = _ops.fp16_round(scale)
+    qh, qs = _pack_q5(L.T.to(torch.int32))
+    return torch.cat([_ops.le_bytes(d_bits, 2), qh, qs], dim=1)
+
+
+def quantize_q5_1_weighted(x: Tensor, qw: Tensor, sigma2: Tensor) -> Tensor:
+    """quantize_row_q5_1_impl: make_qkx3_quants(32, 31, x, weight, L, &min, ..., -0.9, 0.05, 36);
+    d = scale, m = -min, and the codes of the search are kept."""
+    scale, the_min, L = make_qkx2_quants(x.T.contiguous(), _importance(x, qw, sigma2).T.contiguous(), 31,
+                                         f32(-0.9), 0.05, 36)
+    d_bits, _ = _ops.fp16_round(scale)
+    m_bits, _ = _ops.fp16_round(-the_min)
+    qh, qs = _pack_q5(L.T.to(torch.int32))
+    return torch.cat([_ops.le_bytes(d_bits, 2), _ops.le_bytes(m_bits, 2), qh, qs], dim=1)
+
+
 register(QuantType("q8_0", gguf.GGMLQuantizationType.Q8_0, block_size=QK,
                    type_size=2 + QK,  # d, qs
                    quantize=quantize_q8_0, dequantize=dequantize_q8_0))
 register(QuantType("q5_0", gguf.GGMLQuantizationType.Q5_0, block_size=QK,
                    type_size=2 + 4 + QK // 2,  # d, qh, qs
-                   quantize=quantize_q5_0, dequantize=dequantize_q5_0))
+                   quantize=quantize_q5_0, dequantize=dequantize_q5_0, quantize_weighted=quantize_q5_0_weighted))
 register(QuantType("q5_1", gguf.GGMLQuantizationType.Q5_1, block_size=QK,
                    type_size=2 + 2 + 4 + QK // 2,  # d, m, qh, qs
-                   quantize=quantize_q5_1, dequantize=dequantize_q5_1))
+                   quantize=quantize_q5_1, dequantize=dequantize_q5_1, quantize_weighted=quantize_q5_1_weighted))

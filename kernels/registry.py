@@ -20,6 +20,8 @@ from torch import Tensor
 
 from quantkit.errors import UnsupportedError
 
+from . import _ops
+
 # Values handed to a kernel at once. The K-quant searches keep a few dozen float32 copies of
 # a chunk alive and issue ~2000 small ops per chunk: on CPU a chunk that stays in cache wins,
 # on a GPU large chunks amortize the kernel launches.
@@ -37,9 +39,12 @@ class QuantType:
     ggml_type: gguf.GGMLQuantizationType
     block_size: int  # values per block
     type_size: int  # bytes per block
-    quantize: Callable[..., Tensor]     # (x) or, when `weighted`, (x, qw=None)
+    quantize: Callable[[Tensor], Tensor]
     dequantize: Callable[[Tensor], Tensor]
-    weighted: bool = False              # quantize takes importance weights qw [n_blocks, block_size]
+    # with an importance matrix: (x, qw [n_blocks, block_size], sigma2 [n_blocks]) -> bytes, where
+    # sigma2 is sum(x^2) / n_per_row of the block's row (Q5_0/Q5_1 weigh by it); None: the type
+    # ignores importance, as ggml's quantize_q8_0 does
+    quantize_weighted: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
 
 
 QUANT_TYPES: dict[str, QuantType] = {}
@@ -87,15 +92,18 @@ def quantize_rows(x: Tensor, qtype: QuantType, imatrix: Tensor | None = None) ->
     rows, cols = x.shape
     nbytes = row_nbytes(qtype, cols)
     blocks = x.reshape(-1, qtype.block_size)
-    qw = None
-    if imatrix is not None and qtype.weighted:
+    qw = sigma2 = None
+    if imatrix is not None and qtype.quantize_weighted is not None:
         assert imatrix.shape == (cols,), (imatrix.shape, cols)
         qw = imatrix.to(device=x.device, dtype=torch.float32).view(1, cols).expand(rows, cols).reshape(-1, qtype.block_size)
+        # float sum_x2 = 0; for (j < n_per_row) sum_x2 += x[j]*x[j]; sigma2 = sum_x2/n_per_row
+        sigma2 = _ops.div(_ops.seq_sum((x * x).T), float(cols)).repeat_interleave(cols // qtype.block_size)
     out = torch.empty((blocks.shape[0], qtype.type_size), dtype=torch.uint8, device=x.device)
     step = _chunk_blocks(qtype, x.device)
     for start in range(0, blocks.shape[0], step):
         chunk = blocks[start:start + step]
-        q = qtype.quantize(chunk) if qw is None else qtype.quantize(chunk, qw[start:start + step])
+        q = qtype.quantize(chunk) if qw is None else \
+            qtype.quantize_weighted(chunk, qw[start:start + step], sigma2[start:start + step])
         assert q.dtype == torch.uint8 and q.shape == (chunk.shape[0], qtype.type_size), (qtype.name, q.dtype, q.shape)
         out[start:start + step] = q
     return out.reshape(rows, nbytes)

@@ -109,12 +109,14 @@ def gptq_options(fn):
 @click.option("--name", default=None, help="Model name for metadata and file names (default: from the model card/dir).")
 @click.option("--ollama", is_flag=True, help="Also write an Ollama Modelfile next to each GGUF.")
 @click.option("--dry-run", is_flag=True, help="Print the per-tensor type plan and exit without reading weights.")
+@click.option("--imatrix", type=click.Path(path_type=Path),
+              help="Importance matrix (from `quantkit imatrix` or llama-imatrix) for the K-quant searches.")
 @merge_options
 @gptq_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]: where to quantize.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @one_line_errors
-def export(model, gguf_types, out_dir, name, ollama, dry_run, loras, weights, residual, scale, ignore_base_name,
+def export(model, gguf_types, out_dir, name, ollama, dry_run, imatrix, loras, weights, residual, scale, ignore_base_name,
            gptq, bits, group_size, asym, desc_act, static_groups, damp, gptq_method, gptq_format, calib, calib_samples,
            calib_seqlen, int8, nf4, force, device, quiet):
     """Export a HF model directory to GGUF files (all types in one pass), GPTQ and bitsandbytes checkpoints.
@@ -131,6 +133,7 @@ def export(model, gguf_types, out_dir, name, ollama, dry_run, loras, weights, re
       quantkit export ./my-model --gguf q4_k_m --dry-run        # show the type of every tensor
       quantkit export ./my-model --gguf q8_0 --ollama -o ./out  # plus out/<name>-Q8_0.Modelfile
       quantkit export ./base --lora ./adapter --gguf q4_k_m -o ./out
+      quantkit export ./my-model --gguf q4_k_m --imatrix imatrix.gguf -o ./out
       quantkit export ./my-model --gptq --group-size 128 --int8 --nf4 -o ./out   # out/gptq, gptq-ct, int8, nf4
     """
     from .export import export_gguf
@@ -153,7 +156,8 @@ def export(model, gguf_types, out_dir, name, ollama, dry_run, loras, weights, re
     dev = _resolve_device(device)
     src = open_model(model, loras, weights, residual, scale, device=dev, ignore_base_name=ignore_base_name)
     if variants:
-        res = export_gguf(src, variants, out_dir, name=name, device=dev, progress=not quiet, dry_run=dry_run)
+        res = export_gguf(src, variants, out_dir, name=name, device=dev, progress=not quiet, dry_run=dry_run,
+                          imatrix=imatrix)
         if dry_run:
             return
         if ollama:
@@ -200,6 +204,37 @@ def _on_disk(src, out_dir: Path, quiet: bool):
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@main.command("imatrix")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_file", type=click.Path(path_type=Path), required=True,
+              help="The imatrix GGUF to write, e.g. imatrix.gguf.")
+@click.option("--calib", type=click.Path(path_type=Path),
+              help="Calibration text (default: text the model generates itself). Never the evaluation text.")
+@click.option("--calib-samples", type=click.IntRange(min=1), default=64, show_default=True, help="Samples (chunks).")
+@click.option("--calib-seqlen", type=click.IntRange(min=16), default=512, show_default=True, help="Tokens per sample.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]: where the model runs.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@one_line_errors
+def imatrix_cmd(model, out_file, calib, calib_samples, calib_seqlen, device, quiet):
+    """Compute the importance matrix of MODEL, as llama-imatrix does, for `export --imatrix`.
+
+    Runs the bf16 model (transformers, one decoder layer at a time, on the GPU if present) over the
+    calibration text and records, for every linear layer, the mean squared activation of each
+    input column. The file is llama.cpp's imatrix GGUF: llama-quantize --imatrix reads it too.
+
+    \b
+    Examples:
+      quantkit imatrix ./my-model -o imatrix.gguf
+      quantkit imatrix ./my-model --calib my-domain-text.txt --calib-samples 128 -o imatrix.gguf
+      quantkit export ./my-model --gguf q4_k_m --imatrix imatrix.gguf -o ./out
+    """
+    from .imatrix import collect, write
+    im = collect(model, calib=calib, n_samples=calib_samples, seqlen=calib_seqlen, device=_resolve_device(device),
+                 progress=not quiet)
+    write(im, out_file)
+    click.echo(f"wrote {out_file}: {len(im.sums)} tensors, {im.chunk_count} x {im.chunk_size} tokens")
 
 
 @main.command()

@@ -73,8 +73,38 @@ def read_chunk(model: HFModel, t: SourceTensor, rows: slice) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
 
 
-def quantize(x: torch.Tensor, qtype: str, device: torch.device) -> torch.Tensor:
-    return qreg.quantize_rows(x.to(device), qreg.get(qtype)).cpu()
+def quantize(x: torch.Tensor, qtype: str, device: torch.device, imatrix: torch.Tensor | None = None) -> torch.Tensor:
+    return qreg.quantize_rows(x.to(device), qreg.get(qtype), imatrix).cpu()
+
+
+def load_imatrix(path: Path, plans: list[TensorPlan]) -> tuple[dict[str, torch.Tensor], dict]:
+    """The per-column weights of an imatrix file for the tensors of `plans` (as llama-quantize
+    loads them: sums / count), and a note for export.json. A tensor the file does not cover is
+    quantized without weights, as llama-quantize does; a size that does not match is an error."""
+    from . import imatrix as imx
+    im = imx.load(path)
+    weights = im.weights()
+    for p in plans:
+        w = weights.get(p.tensor.gguf_name)
+        if w is not None and w.numel() != p.tensor.shape[-1]:
+            raise InputError(f"imatrix for {p.tensor.gguf_name} has {w.numel()} values, the tensor has "
+                             f"{p.tensor.shape[-1]} columns: it was made for another model", path)
+    covered = [p.tensor.gguf_name for p in plans if p.tensor.gguf_name in weights]
+    if not covered:
+        raise InputError("the imatrix covers none of this model's tensors: it was made for another model", path)
+    note = {"path": str(Path(path).resolve()), "sha256": _sha256(Path(path)), "entries": len(weights),
+            "covered_tensors": len(covered), "datasets": im.datasets, "chunks": im.chunk_count,
+            "chunk_size": im.chunk_size}
+    return weights, note
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _iter_chunks(model: HFModel, plans: list[TensorPlan], progress: bool, chunk_values: int) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
@@ -115,7 +145,7 @@ def check(model: HFModel, variants: list[Variant]) -> None:
 
 def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: str | Path, *,
                 name: str | None = None, device: str = "cpu", progress: bool = True,
-                dry_run: bool = False, chunk_values: int = CHUNK_VALUES) -> ExportResult:
+                dry_run: bool = False, chunk_values: int = CHUNK_VALUES, imatrix: Path | None = None) -> ExportResult:
     """Write one GGUF per variant. `model` is a HF model directory, or a model object such as
     quantkit.merged.MergedModel (a base with adapters merged in as it is read)."""
     t0 = time.perf_counter()
@@ -126,6 +156,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
         print(format_plan(plans, variants))
         return ExportResult({}, plans, time.perf_counter() - t0)
 
+    weights, imatrix_note = load_imatrix(imatrix, plans) if imatrix is not None else ({}, None)
     vocab = load_vocab(model.path, hp.n_vocab)
     meta = build_metadata(model, arch, hp, sources, vocab, name)
     out_dir = Path(out_dir)
@@ -151,7 +182,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
             for v in variants:
                 qtype = p.choices[v.name].qtype
                 if qtype not in done:
-                    done[qtype] = quantize(x, qtype, dev)
+                    done[qtype] = quantize(x, qtype, dev, weights.get(p.tensor.gguf_name))
                 files[v.name].write(p.tensor.gguf_name, done[qtype].numpy())
         written = {v: f.commit() for v, f in files.items()}
     except BaseException:
@@ -165,6 +196,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
         "input": {"path": str(model.path), "architecture": arch.hf_name, "hash": model.fingerprint(),
                   "bytes": model.total_bytes(), "parameters": meta.total_params},
         "merge": model.merge_note(),
+        **({"imatrix": imatrix_note} if imatrix_note else {}),
         "files": {
             v.name: {
                 "path": written[v.name].name, "bytes": written[v.name].stat().st_size,

@@ -1,8 +1,7 @@
 """Our kernels against ggml's own reference quantizers (llama-cpp-python's libggml-base).
 
 Every quantized type must produce the same bytes as ggml_quantize_chunk(type, ..., imatrix=NULL),
-and the K-quants the same bytes as ggml_quantize_chunk(type, ..., imatrix) with an importance
-matrix; every type must dequantize to the same float32 bits as ggml's to_float.
+and the same bytes as ggml_quantize_chunk(type, ..., imatrix) with an importance matrix; every type must dequantize to the same float32 bits as ggml's to_float.
 """
 from __future__ import annotations
 
@@ -170,10 +169,11 @@ def _imatrices(rng: np.random.Generator, cols: int) -> dict[str, np.ndarray]:
             "tiny": real * 1e-30, "huge": real * 1e20}
 
 
-@pytest.mark.parametrize("qname", K_QUANTS + ["q8_0"])
+@pytest.mark.parametrize("qname", QUANTIZED)
 def test_bytes_match_ggml_with_an_importance_matrix(qname):
-    """ggml_quantize_chunk(..., imatrix): Q4_K/Q5_K/Q6_K take the _impl path (weighted searches,
-    make_qp_quants for the scales); Q8_0 ignores the weights, as ggml does."""
+    """ggml_quantize_chunk(..., imatrix): Q4_K/Q5_K/Q6_K and Q5_0/Q5_1 take the _impl paths
+    (weighted searches; make_qp_quants for the K scales; Q5_x weigh by their row's mean square);
+    Q8_0 ignores the weights, as ggml does."""
     rng = _rng("imatrix", qname)
     cols = _cols()
     data = {f"normal x{scale}": rng.standard_normal((8, cols)) * scale for scale in (1e-4, 0.02, 1.0, 300.0)}

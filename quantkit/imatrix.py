@@ -1,0 +1,187 @@
+"""`quantkit imatrix`: the importance matrix llama-imatrix computes, from a transformers forward pass.
+
+For every linear layer of the decoder (the GGUF tensors `blk.N.*.weight`; llama-imatrix leaves out
+`output.weight` by default, and the embedding is a lookup), the sum over calibration tokens of each
+input column's squared activation, and the number of tokens. Written as llama.cpp's imatrix GGUF:
+
+    general.type = "imatrix", imatrix.datasets, imatrix.chunk_count, imatrix.chunk_size
+    <tensor>.in_sum2   F32 [1, columns]     sum of x^2 per input column
+    <tensor>.counts    F32 [1, 1]           tokens seen
+
+llama-quantize (and `quantkit export --imatrix`) divides the sums by the count and hands the
+per-column means to the K-quant searches as weights. The model runs one decoder layer at a time
+(as GPTQ does), in float32 on a CPU and in its stored dtype on a GPU; sums accumulate in float64.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import calibration
+from .errors import InputError
+from .hfmodel import HFModel
+
+KEY_DATASETS = "imatrix.datasets"
+KEY_CHUNK_COUNT = "imatrix.chunk_count"
+KEY_CHUNK_SIZE = "imatrix.chunk_size"
+
+
+@dataclass
+class Imatrix:
+    sums: dict[str, np.ndarray] = field(default_factory=dict)     # GGUF tensor name -> float32 [columns]
+    counts: dict[str, int] = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)
+    chunk_count: int = 0
+    chunk_size: int = 0
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """What llama-quantize passes to the quantizers: sum / count per column (1 where no count)."""
+        out = {}
+        for name, s in self.sums.items():
+            c = np.float32(self.counts.get(name, 0))
+            out[name] = torch.from_numpy(s / c if c > 0 else np.ones_like(s)).to(torch.float32)
+        return out
+
+
+def linear_names(model: HFModel) -> dict[str, str]:
+    """HF weight name -> GGUF tensor name, for the decoder's linear layers."""
+    from .arch import architecture_of, hparams_of, source_tensors
+    arch, hp = architecture_of(model), hparams_of(model)
+    return {t.hf_name: t.gguf_name for t in source_tensors(model, arch, hp)
+            if t.hf_name and t.gguf_name.startswith("blk.") and len(t.shape) == 2}
+
+
+def collect(model_dir: Path, *, calib: Path | None = None, n_samples: int = 64, seqlen: int = 512,
+            device: str = "cpu", progress: bool = True, tokens: torch.Tensor | None = None) -> Imatrix:
+    """Run the model over the calibration text (default: text it generates itself) and accumulate
+    the squared input activations of every decoder linear."""
+    import transformers
+
+    from .gptq import _hidden, _layer0_inputs, _ram_bytes, _to
+
+    model_dir = Path(model_dir)
+    hf = HFModel(model_dir)
+    names = linear_names(hf)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    if tokens is None and calib is not None:
+        tokens = calibration.from_file(calib, tok, n_samples, seqlen)
+    if not progress:
+        transformers.utils.logging.disable_progress_bar()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+    model.config.use_cache = False
+    stored = model.dtype
+    work = torch.float32 if device == "cpu" else stored
+    if tokens is None:
+        small = hf.n_params() * 4 < _ram_bytes() // 3
+        tokens = calibration.generated(model_dir, _to(model, device, torch.float32 if device == "cpu" and small
+                                                      else stored), tok, n_samples, seqlen, 0, device,
+                                       progress=progress)
+        _to(model, "cpu", stored)
+    inputs, kwargs = _layer0_inputs(model, tokens, device, work)
+
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook(gguf_name):
+        def pre(module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            sums[gguf_name] = sums.get(gguf_name, 0) + (x * x).sum(0).cpu()
+            counts[gguf_name] = counts.get(gguf_name, 0) + x.shape[0]
+        return pre
+
+    layers = model.model.layers
+    bar = tqdm(total=len(layers), desc="imatrix", unit="layer", disable=not progress, file=sys.stderr,
+               dynamic_ncols=True)
+    try:
+        for i, layer in enumerate(layers):
+            _to(layer, device, work)
+            handles = [m.register_forward_pre_hook(hook(names[f"model.layers.{i}.{mname}.weight"]))
+                       for mname, m in layer.named_modules()
+                       if isinstance(m, torch.nn.Linear) and f"model.layers.{i}.{mname}.weight" in names]
+            with torch.no_grad():
+                inputs = [_hidden(layer(x, **kwargs)) for x in inputs]
+            for h in handles:
+                h.remove()
+            _to(layer, "cpu", stored)
+            layers[i] = torch.nn.Identity()             # this layer is done: free it
+            bar.update(1)
+    finally:
+        bar.close()
+    missing = sorted(set(names.values()) - set(sums))
+    if missing:
+        raise RuntimeError(f"no activations reached {', '.join(missing[:4])}")
+    for name, s in sums.items():
+        if not torch.isfinite(s).all():
+            raise InputError(f"the activations of {name} overflow (NaN or Inf)", model_dir)
+    return Imatrix({n: s.to(torch.float32).numpy() for n, s in sums.items()}, counts,
+                   [str(calib) if calib else "generated by the model"], int(tokens.shape[0]), int(tokens.shape[1]))
+
+
+def write(im: Imatrix, path: Path) -> Path:
+    """llama.cpp's imatrix GGUF, under a temporary name renamed when complete."""
+    import gguf
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    w = gguf.GGUFWriter(str(tmp), arch="")
+    w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)      # an imatrix file names no architecture
+    w.add_type(gguf.GGUFType.IMATRIX)
+    w.add_array(KEY_DATASETS, im.datasets)
+    w.add_uint32(KEY_CHUNK_COUNT, im.chunk_count)
+    w.add_uint32(KEY_CHUNK_SIZE, im.chunk_size)
+    for name in sorted(im.sums):
+        w.add_tensor(f"{name}.in_sum2", im.sums[name].reshape(1, -1).astype(np.float32))
+        w.add_tensor(f"{name}.counts", np.array([[im.counts[name]]], dtype=np.float32))
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load(path: Path) -> Imatrix:
+    """An imatrix GGUF (llama-imatrix's or ours); InputError naming the file if it is not one."""
+    import gguf
+
+    path = Path(path)
+    try:
+        r = gguf.GGUFReader(str(path))
+    except FileNotFoundError:
+        raise InputError("file not found", path) from None
+    except Exception as e:            # gguf-py raises ValueError/struct errors on a non-GGUF file
+        raise InputError(f"not a GGUF imatrix file ({e}); convert a legacy .dat with llama-imatrix", path) from None
+
+    def field_value(key):
+        f = r.fields.get(key)
+        return None if f is None else f.contents()
+
+    if field_value(gguf.Keys.General.TYPE) != gguf.GGUFType.IMATRIX:
+        raise InputError("not an imatrix file (general.type is not 'imatrix')", path)
+    im = Imatrix(datasets=list(field_value(KEY_DATASETS) or []), chunk_count=int(field_value(KEY_CHUNK_COUNT) or 0),
+                 chunk_size=int(field_value(KEY_CHUNK_SIZE) or 0))
+    tensors = {t.name: t for t in r.tensors}
+    for tname, t in tensors.items():
+        if not tname.endswith(".in_sum2"):
+            continue
+        name = tname.removesuffix(".in_sum2")
+        c = tensors.get(f"{name}.counts")
+        if c is None:
+            raise InputError(f"{name}.in_sum2 has no {name}.counts", path)
+        if int(c.n_elements) != 1:
+            raise InputError(f"{name}: {int(c.n_elements)} expert counts; quantkit handles dense models only", path)
+        im.sums[name] = np.asarray(t.data, dtype=np.float32).reshape(-1).copy()
+        im.counts[name] = int(np.asarray(c.data).reshape(-1)[0])
+    if not im.sums:
+        raise InputError("the imatrix holds no tensors", path)
+    return im
