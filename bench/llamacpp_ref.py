@@ -38,14 +38,45 @@ def convert_hf_to_gguf(model_dir: Path, out: Path, outtype: str = "bf16", *, qui
     return out
 
 
-def llama_quantize(inp: Path, out: Path, variant: str, *, nthread: int = 0) -> Path:
+def read_imatrix(path: Path) -> dict:
+    """An imatrix GGUF as llama-quantize loads it (tools/quantize/quantize.cpp, load_imatrix): for
+    each tensor, <name>.in_sum2 / <name>.counts in float32, or 1 where the count is 0."""
+    import gguf
+    import numpy as np
+
+    r = gguf.GGUFReader(str(path))
+    t = {x.name: np.asarray(x.data, dtype=np.float32).reshape(-1) for x in r.tensors}
+    out = {}
+    for name in t:
+        if name.endswith(".in_sum2"):
+            base = name.removesuffix(".in_sum2")
+            count = np.float32(t[base + ".counts"][0])
+            out[base] = t[name] / count if count > 0 else np.ones_like(t[name])
+    return out
+
+
+def llama_quantize(inp: Path, out: Path, variant: str, *, nthread: int = 0, imatrix: dict | None = None) -> Path:
+    """llama_model_quantize(inp -> out, variant); `imatrix` (tensor name -> float32 per column, as
+    read_imatrix gives) goes in params.imatrix, as llama-quantize --imatrix passes it."""
     import ctypes
 
     import llama_cpp
+    import numpy as np
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPES[variant]
     params.nthread = nthread
+    keep = []
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        for i, (name, values) in enumerate(imatrix.items()):
+            values = np.ascontiguousarray(values, dtype=np.float32)
+            keep += [name.encode(), values]
+            entries[i].name = keep[-2]
+            entries[i].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = values.size
+        entries[len(imatrix)].name = None                      # the terminator
+        params.imatrix = entries
     rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(out).encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({inp}, {variant}) returned {rc}")
