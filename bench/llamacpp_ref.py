@@ -55,9 +55,23 @@ def read_imatrix(path: Path) -> dict:
     return out
 
 
-def llama_quantize(inp: Path, out: Path, variant: str, *, nthread: int = 0, imatrix: dict | None = None) -> Path:
+def imatrix_overrides(path: str) -> list[tuple[str, str | int]]:
+    """The metadata llama-quantize --imatrix FILE adds (tools/quantize/quantize.cpp): the file name
+    as given, the first dataset, the number of entries and of chunks."""
+    import gguf
+    r = gguf.GGUFReader(str(path))
+    datasets = r.fields["imatrix.datasets"].contents() if "imatrix.datasets" in r.fields else []
+    chunks = r.fields["imatrix.chunk_count"].contents() if "imatrix.chunk_count" in r.fields else 0
+    out = [("quantize.imatrix.file", path)] + ([("quantize.imatrix.dataset", datasets[0])] if datasets else [])
+    out.append(("quantize.imatrix.entries_count", len(read_imatrix(path))))
+    return out + ([("quantize.imatrix.chunks_count", chunks)] if chunks > 0 else [])
+
+
+def llama_quantize(inp: Path, out: Path, variant: str, *, nthread: int = 0, imatrix: dict | None = None,
+                   kv_overrides: list[tuple[str, str | int]] = ()) -> Path:
     """llama_model_quantize(inp -> out, variant); `imatrix` (tensor name -> float32 per column, as
-    read_imatrix gives) goes in params.imatrix, as llama-quantize --imatrix passes it."""
+    read_imatrix gives) goes in params.imatrix and `kv_overrides` (key, str or int) in
+    params.kv_overrides, as llama-quantize --imatrix passes them."""
     import ctypes
 
     import llama_cpp
@@ -77,6 +91,19 @@ def llama_quantize(inp: Path, out: Path, variant: str, *, nthread: int = 0, imat
             entries[i].size = values.size
         entries[len(imatrix)].name = None                      # the terminator
         params.imatrix = entries
+    if kv_overrides:
+        kvs = (llama_cpp.llama_model_kv_override * (len(kv_overrides) + 1))()
+        for i, (key, value) in enumerate(kv_overrides):
+            kvs[i].key = key.encode()
+            if isinstance(value, str):
+                kvs[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+                kvs[i].value.val_str = value.encode()[:127]
+            else:
+                kvs[i].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT
+                kvs[i].value.val_i64 = int(value)
+        kvs[len(kv_overrides)].key = b""                        # the terminator
+        keep.append(kvs)
+        params.kv_overrides = kvs
     rc = llama_cpp.llama_model_quantize(str(inp).encode(), str(out).encode(), ctypes.byref(params))
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({inp}, {variant}) returned {rc}")

@@ -98,6 +98,22 @@ def load_imatrix(path: Path, plans: list[TensorPlan]) -> tuple[dict[str, torch.T
     return weights, note
 
 
+def _imatrix_kv(given_path: str, note: dict) -> dict:
+    """The keys llama-quantize --imatrix adds, in its order, after the model's own (as its
+    kv_overrides): the file as given, the first dataset (both cut to 127 bytes), the number of
+    entries and of chunks."""
+    import gguf
+    kv = {"quantize.imatrix.file": gguf.GGUFValue(given_path.encode()[:127].decode(errors="ignore"),
+                                                   gguf.GGUFValueType.STRING)}
+    if note["datasets"]:
+        kv["quantize.imatrix.dataset"] = gguf.GGUFValue(note["datasets"][0].encode()[:127].decode(errors="ignore"),
+                                                        gguf.GGUFValueType.STRING)
+    kv["quantize.imatrix.entries_count"] = gguf.GGUFValue(note["entries"], gguf.GGUFValueType.UINT32)
+    if note["chunks"] > 0:
+        kv["quantize.imatrix.chunks_count"] = gguf.GGUFValue(note["chunks"], gguf.GGUFValueType.UINT32)
+    return kv
+
+
 def _sha256(path: Path) -> str:
     import hashlib
     h = hashlib.sha256()
@@ -157,6 +173,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
         return ExportResult({}, plans, time.perf_counter() - t0)
 
     weights, imatrix_note = load_imatrix(imatrix, plans) if imatrix is not None else ({}, None)
+    imatrix_kv = _imatrix_kv(str(imatrix), imatrix_note) if imatrix_note else {}
     vocab = load_vocab(model.path, hp.n_vocab)
     meta = build_metadata(model, arch, hp, sources, vocab, name)
     out_dir = Path(out_dir)
@@ -171,7 +188,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
             shape = p.tensor.shape
             infos.append(TensorInfo(p.tensor.gguf_name, qt.ggml_type, (*shape[:-1], qreg.row_nbytes(qt, shape[-1]))))
         path = out_dir / f"{meta.name}-{v.label}.gguf"
-        files[v.name] = GGUFFile(path, arch.name, meta.for_file_type(v.file_type), infos)
+        files[v.name] = GGUFFile(path, arch.name, {**meta.for_file_type(v.file_type, v.quantized), **imatrix_kv}, infos)
     try:
         for f in files.values():
             f.open()

@@ -22,8 +22,14 @@ class ModelMetadata:
     name: str                          # file name stem, e.g. SmolLM2-135M-Instruct
     total_params: int
 
-    def for_file_type(self, file_type: gguf.LlamaFileType) -> dict[str, gguf.GGUFValue]:
+    def for_file_type(self, file_type: gguf.LlamaFileType, quantized: bool = False) -> dict[str, gguf.GGUFValue]:
+        """The keys of one output file. A quantized file's order is llama-quantize's: it copies the
+        converter's keys, then sets general.quantization_version and general.file_type, and
+        setting a key in ggml's gguf removes it and appends it (gguf_set_val_*)."""
         kv = dict(self.kv)
+        if quantized and gguf.Keys.General.QUANTIZATION_VERSION in kv:
+            kv[gguf.Keys.General.QUANTIZATION_VERSION] = kv.pop(gguf.Keys.General.QUANTIZATION_VERSION)
+        kv.pop(gguf.Keys.General.FILE_TYPE, None)
         kv[gguf.Keys.General.FILE_TYPE] = gguf.GGUFValue(int(file_type), gguf.GGUFValueType.UINT32)
         return kv
 

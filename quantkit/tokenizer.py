@@ -113,9 +113,16 @@ def _bytelevel_defaults(special: gguf.SpecialVocab, spec: dict) -> None:
     # "no BOS/EOS added unless something else says so": apply it, so add_bos/add_eos are written
     # exactly as the current convert_hf_to_gguf.py writes them.
     post = spec.get("post_processor") or {}
-    if any(p.get("type") == "ByteLevel" for p in post.get("processors", [post])):
+    processors = post.get("processors", [post])
+    if any(p.get("type") == "ByteLevel" for p in processors):
         special.add_special_token.setdefault("bos", False)
         special.add_special_token.setdefault("eos", False)
+        if processors[0].get("type") == "ByteLevel":
+            # the converter sets them on meeting the ByteLevel step, before the template's: so
+            # add_bos / add_eos come first in the file (values as already decided)
+            rest = {k: v for k, v in special.add_special_token.items() if k not in ("bos", "eos")}
+            special.add_special_token = {"bos": special.add_special_token["bos"],
+                                         "eos": special.add_special_token["eos"], **rest}
 
 
 def add_vocab(writer: gguf.GGUFWriter, vocab: Vocab) -> None:

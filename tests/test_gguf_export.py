@@ -45,10 +45,13 @@ def exported(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("variant", ["q8_0", "q5_k_m", "q4_k_m"])
-def test_quantized_file_matches_llama_quantize_tensor_for_tensor(exported, variant):
+def test_quantized_file_is_byte_identical_to_llama_quantize(exported, variant):
     family, ours, ref = exported
     result = gguf_diff.compare(ours.files[variant], ref[variant])
     assert result["identical_tensors"], f"{family} {variant}: {result}"
+    # and the whole file: header, keys in llama-quantize's order, alignment, data
+    assert ours.files[variant].read_bytes() == ref[variant].read_bytes(), gguf_diff.metadata_differences(
+        ours.files[variant], ref[variant])
 
 
 @pytest.mark.parametrize("variant", ["bf16", "f16"])

@@ -91,7 +91,8 @@ def exports(smollm2_dir, imatrix_file, tmp_path_factory):
     assert r.exit_code == 0, r.output
     bf16 = llamacpp_ref.convert_hf_to_gguf(smollm2_dir, root / "ref-bf16.gguf", "bf16")
     weights = llamacpp_ref.read_imatrix(path)
-    ref = {v: llamacpp_ref.llama_quantize(bf16, root / f"ref-{v}.gguf", v, imatrix=weights)
+    overrides = llamacpp_ref.imatrix_overrides(str(path))
+    ref = {v: llamacpp_ref.llama_quantize(bf16, root / f"ref-{v}.gguf", v, imatrix=weights, kv_overrides=overrides)
            for v in ("q4_k_m", "q5_k_m", "q8_0")}
     plain = llamacpp_ref.llama_quantize(bf16, root / "ref-plain-q4_k_m.gguf", "q4_k_m")
     return root / "ours", ref, plain
@@ -103,6 +104,8 @@ def test_export_with_imatrix_is_byte_identical_to_llama_quantize(exports, varian
     (ours,) = ours_dir.glob(f"*-{variant.upper()}.gguf")
     result = gguf_diff.compare(ours, ref[variant])
     assert result["identical_tensors"], f"{variant}: {result}"
+    # the whole file, metadata included: llama-quantize --imatrix adds quantize.imatrix.* keys
+    assert ours.read_bytes() == ref[variant].read_bytes(), gguf_diff.compare(ours, ref[variant])
     note = json.loads((ours_dir / "export.json").read_text())["imatrix"]
     assert note["covered_tensors"] == 210 and len(note["sha256"]) == 64
 

@@ -63,6 +63,8 @@ def test_smollm2_quantized_file_is_byte_identical_to_llama_quantize(files, varia
     ours, ref = files
     result = gguf_diff.compare(ours[variant], ref[variant])
     assert result["identical_tensors"], f"{variant}: {result}"
+    assert ours[variant].read_bytes() == ref[variant].read_bytes(), gguf_diff.metadata_differences(
+        ours[variant], ref[variant])
 
 
 @pytest.mark.parametrize("outtype", ["bf16", "f16"])
