@@ -399,6 +399,7 @@ RUN_FLAGS = [
     (("--device",), "output", "device", dict(help="auto, cpu or cuda[:N].")),
     (("--gguf",), "gguf", "types", dict(callback=_comma_list, help="GGUF types, e.g. q4_k_m,q5_k_m,q8_0 (none: no GGUF).")),
     (("--ollama/--no-ollama",), "gguf", "ollama", dict(default=None, help="Modelfiles beside the GGUFs.")),
+    (("--imatrix",), "gguf", "imatrix", dict(help='Importance matrix for the K-quants: a file, or "auto" to make one.')),
     (("--gptq/--no-gptq",), "gptq", "enabled", dict(default=None, help="GPTQ checkpoints (OUT/gptq, OUT/gptq-ct).")),
     (("--bits",), "gptq", "bits", dict(type=click.Choice(["2", "4", "8"]), callback=lambda c, p, v: v and int(v),
                                        help="GPTQ bits.")),

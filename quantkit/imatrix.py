@@ -68,7 +68,7 @@ def collect(model_dir: Path, *, calib: Path | None = None, n_samples: int = 64, 
     model_dir = Path(model_dir)
     hf = HFModel(model_dir)
     names = linear_names(hf)
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir) if tokens is None else None
     if tokens is None and calib is not None:
         tokens = calibration.from_file(calib, tok, n_samples, seqlen)
     if not progress:

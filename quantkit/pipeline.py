@@ -1,10 +1,11 @@
-"""`quantkit run pipeline.toml`: merge → GGUF → GPTQ → INT8 / NF4 → bench, resumable.
+"""`quantkit run pipeline.toml`: merge → (imatrix →) GGUF → GPTQ → INT8 / NF4 → bench, resumable.
 
 Each stage is a manifest.Step with its inputs, settings and outputs; manifest.run_steps skips those
 whose record still holds. Every stage writes through outputs.staged_output (a hidden directory
 renamed into place), so a killed run leaves no output under its final name that is incomplete.
 
     OUT/merged/   (when adapters or a residual are given)
+    OUT/imatrix/  imatrix.gguf (with [gguf] imatrix = "auto")
     OUT/gguf/     *.gguf + *.Modelfile + export.json
     OUT/gptq/, OUT/gptq-ct/, OUT/int8/, OUT/nf4/
     OUT/report/   report.md, report.json, *.png
@@ -60,7 +61,24 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True) -> Plan:
                           {"lora_weights": inp["lora_weights"], "residual_scale": inp["residual_scale"]},
                           [out / "merged"], do_merge, expected_bytes=2 * n))
 
-    types = cfg["gguf"]["types"]
+    types, gg = cfg["gguf"]["types"], cfg["gguf"]
+    imatrix = None
+    if types and gg["imatrix"] == "auto":
+        imatrix = out / "imatrix" / "imatrix.gguf"
+        g = cfg["gptq"]
+
+        def do_imatrix():
+            from . import imatrix as imx
+            with staged_output(out / "imatrix", True, [model_dir]) as tmp:
+                im = imx.collect(model_dir, calib=Path(g["calib"]) if g["calib"] else None,
+                                 n_samples=gg["imatrix_samples"], seqlen=gg["imatrix_seqlen"], device=device,
+                                 progress=progress)
+                imx.write(im, tmp / "imatrix.gguf")
+        steps.append(Step("imatrix", [model_dir] + ([Path(g["calib"])] if g["calib"] else []),
+                          {"samples": gg["imatrix_samples"], "seqlen": gg["imatrix_seqlen"], "calib": g["calib"]},
+                          [out / "imatrix"], do_imatrix, expected_bytes=1 << 20))
+    elif types and gg["imatrix"]:
+        imatrix = Path(gg["imatrix"])
     if types:
         from .plan import parse_variants
         variants = parse_variants(",".join(types))
@@ -71,10 +89,10 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True) -> Plan:
             with staged_output(out / "gguf", True, [model_dir]) as tmp:
                 # named after the base, as `export --lora` names them (OUT/merged would give "merged")
                 res = export_gguf(model_dir, variants, tmp, name=_model_name(base) if merged else None, device=device,
-                                  progress=progress)
-                if cfg["gguf"]["ollama"]:
+                                  progress=progress, imatrix=imatrix)
+                if gg["ollama"]:
                     write_modelfiles(model_dir, res.files)
-        steps.append(Step("gguf", [model_dir], dict(cfg["gguf"]), [out / "gguf"], do_gguf,
+        steps.append(Step("gguf", [model_dir] + ([imatrix] if imatrix else []), dict(gg), [out / "gguf"], do_gguf,
                           expected_bytes=int(sum(n * _BPW.get(t.lower(), 16) / 8 for t in types))))
 
     variants_for_bench: list[Path] = []
@@ -131,13 +149,15 @@ def check_inputs(cfg: Pipeline, base: HFModel) -> None:
         from .merge import open_model
         open_model(base.path, inp["lora"], inp["lora_weights"], inp["residual"] or None, inp["residual_scale"])
     if cfg["gguf"]["types"]:
-        from .export import check
+        from .export import check, load_imatrix, prepare
         from .plan import parse_variants
         try:
             variants = parse_variants(",".join(cfg["gguf"]["types"]))
         except QuantkitError as e:
             raise cfg.error("gguf", "types", str(e)) from None
         check(base, variants)
+        if cfg["gguf"]["imatrix"] not in ("", "auto"):
+            load_imatrix(Path(cfg["gguf"]["imatrix"]), prepare(base, variants)[3])
     g = cfg["gptq"]
     if g["enabled"]:
         from .gptq import GPTQSettings, check_shapes

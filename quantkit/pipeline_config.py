@@ -41,6 +41,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "gguf": {
         "types": Key(list, ["q4_k_m", "q5_k_m", "q8_0"], "GGUF types, one streaming pass ([] for none)"),
         "ollama": Key(bool, True, "an Ollama Modelfile beside each GGUF"),
+        "imatrix": Key(str, "", 'importance matrix for the K-quants: an imatrix GGUF, or "auto" to make one'),
+        "imatrix_samples": Key(int, 64, 'with "auto": calibration samples (text: [gptq] calib, or generated)'),
+        "imatrix_seqlen": Key(int, 512, 'with "auto": tokens per sample'),
     },
     "gptq": {
         "enabled": Key(bool, False, "GPTQ checkpoints in OUT/gptq (AutoGPTQ v1) and OUT/gptq-ct", True),
@@ -122,7 +125,9 @@ def _fits(value, t) -> bool:
 
 
 # path-valued keys: relative to the TOML file's directory (or, for flags, to the working directory)
-_PATHS = (("input", "base"), ("input", "residual"), ("output", "dir"), ("gptq", "calib"), ("bench", "text"))
+_PATHS = (("input", "base"), ("input", "residual"), ("output", "dir"), ("gptq", "calib"), ("bench", "text"),
+          ("gguf", "imatrix"))
+_NOT_PATHS = ("", "auto")           # values of path keys that are words
 
 
 def parse(path: Path | None, overrides: dict[tuple[str, str], tuple[Any, str]] | None = None) -> Pipeline:
@@ -171,7 +176,7 @@ def parse(path: Path | None, overrides: dict[tuple[str, str], tuple[Any, str]] |
                     raise InputError(f"{where(section, key)}[{section}] {key} must be {_type_name(spec.type)}, "
                                      f"not {v!r}", path)
                 out[key] = float(v) if spec.type == (int, float) else v
-                if (section, key) in _PATHS and v:
+                if (section, key) in _PATHS and v not in _NOT_PATHS:
                     out[key] = str((path.parent / Path(v).expanduser()).resolve())
                 if (section, key) == ("input", "lora"):
                     out[key] = [str((path.parent / Path(p).expanduser()).resolve()) if isinstance(p, str) else p
@@ -182,7 +187,7 @@ def parse(path: Path | None, overrides: dict[tuple[str, str], tuple[Any, str]] |
                     out[key] = str(((path.parent if path else Path.cwd()) / out[key]).resolve())
         sections[section] = out
     for (section, key), (value, flag) in (overrides or {}).items():
-        if (section, key) in _PATHS and value:
+        if (section, key) in _PATHS and value not in _NOT_PATHS:
             value = str(Path(value).expanduser().resolve())
         if (section, key) == ("input", "lora"):
             value = [str(Path(p).expanduser().resolve()) for p in value]
@@ -208,7 +213,8 @@ def _check_lists(s: dict, path: Path, where) -> None:
                          f"for {len(lo)} adapters", path)
     if s["gptq"]["bits"] not in (2, 4, 8):
         raise InputError(f"{where('gptq', 'bits')}[gptq] bits must be 2, 4 or 8, not {s['gptq']['bits']}", path)
-    for section, key in (("gptq", "calib_samples"), ("gptq", "calib_seqlen"), ("bench", "ctx")):
+    for section, key in (("gptq", "calib_samples"), ("gptq", "calib_seqlen"), ("bench", "ctx"),
+                         ("gguf", "imatrix_samples"), ("gguf", "imatrix_seqlen")):
         if s[section][key] <= 0:
             raise InputError(f"{where(section, key)}[{section}] {key} must be positive", path)
     if s["bench"]["limit_chunks"] < 0:

@@ -105,3 +105,22 @@ def test_with_an_adapter_the_merge_step_feeds_the_exports(pipeline_file, tiny_mo
     code, _ = cli("export", tiny_model, "--lora", ad, "--gguf", "q8_0,q4_k_m", "-q", "-o", tmp_path / "direct")
     for f in sorted((tmp_path / "out" / "gguf").glob("*.gguf")):
         assert f.read_bytes() == (tmp_path / "direct" / f.name).read_bytes(), f.name
+
+
+def test_imatrix_auto_makes_one_and_the_ggufs_use_it(pipeline_file, tiny_model, tmp_path):
+    text = pipeline_file.read_text()
+    for a, b in [('imatrix = ""', 'imatrix = "auto"'), ("imatrix_samples = 64", "imatrix_samples = 2"),
+                 ("imatrix_seqlen = 512", "imatrix_seqlen = 32"), ("enabled = true ", "enabled = false ")]:
+        assert a in text, a
+        text = text.replace(a, b)
+    pipeline_file.write_text(text)
+    code, out = cli("run", pipeline_file, "-q")
+    assert code == 0 and ran(out) == {"imatrix", "gguf"}, out
+    im = tmp_path / "out" / "imatrix" / "imatrix.gguf"
+    code, _ = cli("export", tiny_model, "--imatrix", im, "--gguf", "q8_0,q4_k_m", "-q", "-o", tmp_path / "direct")
+    code2, _ = cli("export", tiny_model, "--gguf", "q4_k_m", "-q", "-o", tmp_path / "plain")
+    assert code == code2 == 0
+    for f in sorted((tmp_path / "out" / "gguf").glob("*.gguf")):
+        assert f.read_bytes() == (tmp_path / "direct" / f.name).read_bytes(), f.name
+    (q4,) = (tmp_path / "out" / "gguf").glob("*Q4_K_M.gguf")
+    assert q4.read_bytes() != (tmp_path / "plain" / q4.name).read_bytes()     # the imatrix was used

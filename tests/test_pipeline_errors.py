@@ -229,6 +229,14 @@ def eval_text_too_short(c):
     return ["short.txt", "tokens"]
 
 
+def imatrix_of_another_model(c):
+    from quantkit.imatrix import collect, write
+    other = c.other_model(hidden_size=96, head_dim=24)
+    im = write(collect(other, tokens=torch.randint(0, 1000, (1, 16)), progress=False), c.w / "other.imatrix.gguf")
+    c.args += ["--gguf", "q4_k_m", "--imatrix", str(im)]
+    return ["other.imatrix.gguf", "has 96 values, the tensor has 64 columns"]
+
+
 def missing_adapter(c):
     c.args += ["--lora", str(c.w / "no-such-adapter")]
     return ["no-such-adapter"]
@@ -250,7 +258,7 @@ CASES = [missing_shard, truncated_shard, corrupt_safetensors_header, wrong_dtype
          unknown_architecture, missing_config, missing_tokenizer, unknown_pre_tokenizer, config_typo,
          config_wrong_type, unknown_gguf_type, unwritable_output, output_inside_the_base, full_disk,
          output_in_use_by_another_run, calibration_text_too_short, calibration_on_the_eval_text,
-         group_size_does_not_divide, unknown_gpu_name, eval_text_too_short, missing_adapter,
+         group_size_does_not_divide, imatrix_of_another_model, unknown_gpu_name, eval_text_too_short, missing_adapter,
          adapter_weights_do_not_match, base_does_not_exist]
 
 
