@@ -15,7 +15,6 @@ calibration activations are on the device. lm_head and the embeddings stay in fp
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from quantkit.converters.gptq_format import (autogptq_config, autogptq_tensors, 
 from quantkit.converters.safetensors_file import write_tensors
 from quantkit.kernels import gptq as kgptq
 
-from . import calibration
+from . import calibration, layerwise
 from .errors import InputError, UnsupportedError
 from .hfmodel import HFModel
 from .outputs import copy_model_files, staged_output, write_json
@@ -71,8 +70,7 @@ class GPTQResult:
     dirs: dict[str, Path] = field(default_factory=dict)
 
 
-class _Captured(Exception):
-    pass
+
 
 
 def check_shapes(model: HFModel, s: GPTQSettings) -> None:
@@ -101,44 +99,33 @@ def quantize(model_dir: Path, s: GPTQSettings, device: str = "cpu", progress: bo
     """Quantize every decoder linear of MODEL_DIR. Returns the model (embeddings, norms and lm_head as
     loaded; the quantized linears' weights dropped, layer by layer, to keep memory flat) and the codes.
     `tokens` [samples, seqlen] overrides the calibration text (benchmarks)."""
-    import transformers
-
     t0 = time.perf_counter()
     hf = HFModel(model_dir)
     check_shapes(hf, s)
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
-    # the user's calibration text is checked before any weight is loaded
     if tokens is None and s.calib and s.method == "gptq":
-        tokens = calibration.from_file(s.calib, tok, s.n_samples, s.seqlen)
-    if not progress:
-        transformers.utils.logging.disable_progress_bar()
-    # the weights stay in their stored dtype on the CPU; each layer works on the device in float32 on
-    # a CPU (bf16 matmuls there are slow and round) and in the stored dtype on a GPU
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
-    model.config.use_cache = False
-    stored = model.dtype
-    work = torch.float32 if device == "cpu" else stored
+        # the user's calibration text is checked before any weight is loaded
+        import transformers
+        tokens = calibration.from_file(s.calib, transformers.AutoTokenizer.from_pretrained(model_dir), s.n_samples,
+                                       s.seqlen)
+    model, stored, work = layerwise.load(model_dir, device, progress)
     layers = model.model.layers
     result = GPTQResult()
 
     if s.method == "gptq" and tokens is None:
-        small = hf.n_params() * 4 < _ram_bytes() // 3
-        gen_dtype = torch.float32 if device == "cpu" and small else stored
-        tokens = calibration.generated(Path(model_dir), _to(model, device, gen_dtype), tok, s.n_samples, s.seqlen,
-                                       s.seed, device, progress=progress)
-        _to(model, "cpu", stored)
-    inputs, kwargs = (_layer0_inputs(model, tokens, device, work) if s.method == "gptq" else ([], {}))
+        tokens = layerwise.calibration_tokens(Path(model_dir), model, stored, None, s.n_samples, s.seqlen, s.seed,
+                                              device, progress)
+    inputs, kwargs = (layerwise.layer0_inputs(model, tokens, device, work) if s.method == "gptq" else ([], {}))
     result.calib_tokens = int(tokens.numel()) if s.method == "gptq" else 0
 
     def run(layer, xs):
         with torch.no_grad():
-            return [_hidden(layer(x, **kwargs)) for x in xs]
+            return [layerwise.hidden(layer(x, **kwargs)) for x in xs]
 
     bar = tqdm(total=len(layers), desc=f"{s.method} {s.bits}-bit", unit="layer", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
     try:
         for i, layer in enumerate(layers):
-            _to(layer, device, work)
+            layerwise.to(layer, device, work)
             for group in GROUPS:
                 mods = {name: layer.get_submodule(name) for name in group}
                 H = _hessians(layer, mods, inputs, run, device) if s.method == "gptq" else {}
@@ -155,44 +142,12 @@ def quantize(model_dir: Path, s: GPTQSettings, device: str = "cpu", progress: bo
                 inputs = run(layer, inputs)
             for name in (n for g in GROUPS for n in g):       # the codes are kept: the weights are done
                 layer.get_submodule(name).weight = None
-            _to(layer, "cpu", stored)
+            layerwise.to(layer, "cpu", stored)
             bar.update(1)
     finally:
         bar.close()
     result.seconds = time.perf_counter() - t0
     return model, result
-
-
-def _layer0_inputs(model, tokens: torch.Tensor, device: str, work: torch.dtype) -> tuple[list, dict]:
-    """Run the embeddings (and rotary tables) on the device and catch what decoder layer 0 receives."""
-    inputs, kwargs = [], {}
-
-    class Catcher(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, hidden_states, *args, **kw):
-            inputs.append(hidden_states)
-            kwargs.update(kw)
-            raise _Captured
-
-    layers, emb = model.model.layers, model.model.embed_tokens
-    stored = emb.weight.dtype
-    _to(emb, device, work)
-    model.model.rotary_emb.to(device)
-    layers[0] = Catcher(layers[0])
-    try:
-        with torch.no_grad():
-            for sample in tokens:
-                try:
-                    model(input_ids=sample[None].to(device), use_cache=False)
-                except _Captured:
-                    pass
-    finally:
-        layers[0] = layers[0].inner
-        _to(emb, "cpu", stored)
-    return inputs, {k: v for k, v in kwargs.items() if k not in ("past_key_values", "use_cache")}
 
 
 def _hessians(layer, mods: dict, inputs: list, run, device: str) -> dict[str, torch.Tensor]:
@@ -215,26 +170,6 @@ def _hessians(layer, mods: dict, inputs: list, run, device: str) -> dict[str, to
     finally:
         handle.remove()
     return {name: H for name in mods}
-
-
-def _to(module, device, dtype):
-    """Move a module and cast its parameters only: buffers such as the rotary inv_freq stay float32
-    (Module.to(dtype) would round them to bf16 and shift every position's angle)."""
-    module.to(device)
-    for p in module.parameters():
-        p.data = p.data.to(dtype)
-    return module
-
-
-def _ram_bytes() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return 16 * 2**30
-
-
-def _hidden(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 def write(model, result: GPTQResult, s: GPTQSettings, src: Path, out_root: Path, *, force: bool = False,

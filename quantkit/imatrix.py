@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import calibration
+from . import calibration, layerwise
 from .errors import InputError
 from .hfmodel import HFModel
 
@@ -61,29 +61,15 @@ def collect(model_dir: Path, *, calib: Path | None = None, n_samples: int = 64, 
             device: str = "cpu", progress: bool = True, tokens: torch.Tensor | None = None) -> Imatrix:
     """Run the model over the calibration text (default: text it generates itself) and accumulate
     the squared input activations of every decoder linear."""
-    import transformers
-
-    from .gptq import _hidden, _layer0_inputs, _ram_bytes, _to
-
     model_dir = Path(model_dir)
-    hf = HFModel(model_dir)
-    names = linear_names(hf)
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir) if tokens is None else None
-    if tokens is None and calib is not None:
-        tokens = calibration.from_file(calib, tok, n_samples, seqlen)
-    if not progress:
-        transformers.utils.logging.disable_progress_bar()
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
-    model.config.use_cache = False
-    stored = model.dtype
-    work = torch.float32 if device == "cpu" else stored
+    names = linear_names(HFModel(model_dir))
+    if tokens is None and calib is not None:        # the user's text is checked before any weight is loaded
+        import transformers
+        tokens = calibration.from_file(calib, transformers.AutoTokenizer.from_pretrained(model_dir), n_samples, seqlen)
+    model, stored, work = layerwise.load(model_dir, device, progress)
     if tokens is None:
-        small = hf.n_params() * 4 < _ram_bytes() // 3
-        tokens = calibration.generated(model_dir, _to(model, device, torch.float32 if device == "cpu" and small
-                                                      else stored), tok, n_samples, seqlen, 0, device,
-                                       progress=progress)
-        _to(model, "cpu", stored)
-    inputs, kwargs = _layer0_inputs(model, tokens, device, work)
+        tokens = layerwise.calibration_tokens(model_dir, model, stored, None, n_samples, seqlen, 0, device, progress)
+    inputs, kwargs = layerwise.layer0_inputs(model, tokens, device, work)
 
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -100,15 +86,15 @@ def collect(model_dir: Path, *, calib: Path | None = None, n_samples: int = 64, 
                dynamic_ncols=True)
     try:
         for i, layer in enumerate(layers):
-            _to(layer, device, work)
+            layerwise.to(layer, device, work)
             handles = [m.register_forward_pre_hook(hook(names[f"model.layers.{i}.{mname}.weight"]))
                        for mname, m in layer.named_modules()
                        if isinstance(m, torch.nn.Linear) and f"model.layers.{i}.{mname}.weight" in names]
             with torch.no_grad():
-                inputs = [_hidden(layer(x, **kwargs)) for x in inputs]
+                inputs = [layerwise.hidden(layer(x, **kwargs)) for x in inputs]
             for h in handles:
                 h.remove()
-            _to(layer, "cpu", stored)
+            layerwise.to(layer, "cpu", stored)
             layers[i] = torch.nn.Identity()             # this layer is done: free it
             bar.update(1)
     finally:

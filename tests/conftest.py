@@ -43,3 +43,19 @@ def tiny_model(smollm2_dir, tmp_path_factory) -> Path:
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         shutil.copyfile(smollm2_dir / f, dest / f)
     return dest
+
+
+def _tree_hash(d: Path) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    for p in sorted(d.rglob("*")):
+        h.update(str(p.relative_to(d)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def tree_hash():
+    """sha256 of a directory's names and file contents: to show an input was left untouched."""
+    return _tree_hash

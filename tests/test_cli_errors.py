@@ -1,7 +1,6 @@
 """Bad input: one line naming the file and the problem, a non-zero exit, no output file, input untouched."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import struct
@@ -15,15 +14,6 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from quantkit.cli import main
-
-
-def _tree_hash(d: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(d.rglob("*")):
-        h.update(str(p.relative_to(d)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 # --- ways to break a model directory: each takes a fresh copy and returns the expected fragments
@@ -165,15 +155,15 @@ def _assert_one_line_error(result, fragments, out: Path):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
-def test_bad_input_gives_one_line_error_and_no_output(case, tiny_model, tmp_path):
+def test_bad_input_gives_one_line_error_and_no_output(case, tiny_model, tmp_path, tree_hash):
     m = tmp_path / "model"
     shutil.copytree(tiny_model, m)
     fragments = case(m)
-    before = _tree_hash(m)
+    before = tree_hash(m)
     out = tmp_path / "out"
     result = _run(["export", str(m), "--gguf", "q8_0,q4_k_m", "-o", str(out), "-q", "--ollama"])
     _assert_one_line_error(result, fragments, out)
-    assert _tree_hash(m) == before, "the input directory was modified"
+    assert tree_hash(m) == before, "the input directory was modified"
 
 
 def test_model_path_that_does_not_exist(tmp_path):

@@ -4,7 +4,6 @@ the first step; NaN/Inf only shows when a step reads the weights, and that step 
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import re
 import shutil
@@ -20,15 +19,6 @@ from quantkit.bench import synthetic
 from quantkit.cli import main
 
 EVAL_TEXT = Path(__import__("quantkit").__file__).parent / "data" / "wiki.test.raw"
-
-
-def _tree_hash(d: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(d.rglob("*")):
-        h.update(str(p.relative_to(d)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 def _edit_tensors(m: Path, fn) -> None:
@@ -263,7 +253,7 @@ CASES = [missing_shard, truncated_shard, corrupt_safetensors_header, wrong_dtype
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
-def test_bad_input(case, tiny_model, tmp_path, monkeypatch):
+def test_bad_input(case, tiny_model, tmp_path, monkeypatch, tree_hash):
     m = tmp_path / "model"
     shutil.copytree(tiny_model, m)
     c = Case(m, tmp_path)
@@ -272,7 +262,7 @@ def test_bad_input(case, tiny_model, tmp_path, monkeypatch):
     if c.toml is not None:
         (tmp_path / "pipeline.toml").write_text(c.toml)
         args = [str(tmp_path / "pipeline.toml")] + args
-    before = {p: _tree_hash(p) for p in c.inputs if p.exists()}
+    before = {p: tree_hash(p) for p in c.inputs if p.exists()}
     result = CliRunner().invoke(main, ["run", *args, "-q"])
     assert result.exit_code not in (0, None), result.output
     # the progress lines of a step that started ("[1/2] gguf: running ...") are not part of the error
@@ -282,4 +272,4 @@ def test_bad_input(case, tiny_model, tmp_path, monkeypatch):
         assert f in lines[0], (f, lines[0])
     written = [p for p in c.out.rglob("*") if p.name != ".pipeline.lock"] if c.out.is_dir() else []
     assert not written, written
-    assert {p: _tree_hash(p) for p in before} == before, "an input was modified"
+    assert {p: tree_hash(p) for p in before} == before, "an input was modified"
