@@ -4,8 +4,8 @@ logits of the scored positions (ctx/2 .. ctx-2) of each window.
 """
 from __future__ import annotations
 
-import os
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from quantkit.errors import InputError, UnsupportedError
-
 
 
 class _NotTheCast(logging.Filter):

@@ -24,7 +24,7 @@ from .arch import SourceTensor, architecture_of, hparams_of, source_tensors
 from .errors import InputError, OutputError
 from .hfmodel import HFModel, row_ranges
 from .metadata import build_metadata
-from .outputs import write_text_atomic
+from .outputs import sha256_file, write_text_atomic
 from .plan import TensorPlan, Variant, format_plan, make_plan
 from .streams import prefetch
 from .transforms import all_finite
@@ -92,7 +92,7 @@ def load_imatrix(path: Path, plans: list[TensorPlan]) -> tuple[dict[str, torch.T
     covered = [p.tensor.gguf_name for p in plans if p.tensor.gguf_name in weights]
     if not covered:
         raise InputError("the imatrix covers none of this model's tensors: it was made for another model", path)
-    note = {"path": str(Path(path).resolve()), "sha256": _sha256(Path(path)), "entries": len(weights),
+    note = {"path": str(Path(path).resolve()), "sha256": sha256_file(Path(path)), "entries": len(weights),
             "covered_tensors": len(covered), "datasets": im.datasets, "chunks": im.chunk_count,
             "chunk_size": im.chunk_size}
     return weights, note
@@ -112,15 +112,6 @@ def _imatrix_kv(given_path: str, note: dict) -> dict:
     if note["chunks"] > 0:
         kv["quantize.imatrix.chunks_count"] = gguf.GGUFValue(note["chunks"], gguf.GGUFValueType.UINT32)
     return kv
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _iter_chunks(model: HFModel, plans: list[TensorPlan], progress: bool, chunk_values: int) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
@@ -153,10 +144,12 @@ def prepare(model: HFModel, variants: list[Variant]):
     return arch, hp, sources, make_plan(sources, hp, variants)
 
 
-def check(model: HFModel, variants: list[Variant]) -> None:
+def check(model: HFModel, variants: list[Variant], imatrix: Path | None = None) -> None:
     """Everything `export_gguf` would refuse, without reading weights (NaN/Inf shows only when read)."""
-    _, hp, _, _ = prepare(model, variants)
+    _, hp, _, plans = prepare(model, variants)
     load_vocab(model.path, hp.n_vocab)
+    if imatrix is not None:
+        load_imatrix(imatrix, plans)
 
 
 def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: str | Path, *,

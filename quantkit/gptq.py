@@ -28,7 +28,7 @@ from quantkit.converters.gptq_format import (autogptq_config, autogptq_tensors, 
 from quantkit.converters.safetensors_file import write_tensors
 from quantkit.kernels import gptq as kgptq
 
-from . import calibration, layerwise
+from . import layerwise
 from .errors import InputError, UnsupportedError
 from .hfmodel import HFModel
 from .outputs import copy_model_files, staged_output, write_json
@@ -70,9 +70,6 @@ class GPTQResult:
     dirs: dict[str, Path] = field(default_factory=dict)
 
 
-
-
-
 def check_shapes(model: HFModel, s: GPTQSettings) -> None:
     """Refuse, naming the layer, before any work: a group size that does not divide an input
     dimension, or dimensions the packing cannot hold."""
@@ -102,18 +99,15 @@ def quantize(model_dir: Path, s: GPTQSettings, device: str = "cpu", progress: bo
     t0 = time.perf_counter()
     hf = HFModel(model_dir)
     check_shapes(hf, s)
-    if tokens is None and s.calib and s.method == "gptq":
-        # the user's calibration text is checked before any weight is loaded
-        import transformers
-        tokens = calibration.from_file(s.calib, transformers.AutoTokenizer.from_pretrained(model_dir), s.n_samples,
-                                       s.seqlen)
+    if tokens is None and s.calib and s.method == "gptq":      # checked before any weight is loaded
+        tokens = layerwise.text_tokens(Path(model_dir), s.calib, s.n_samples, s.seqlen)
     model, stored, work = layerwise.load(model_dir, device, progress)
     layers = model.model.layers
     result = GPTQResult()
 
     if s.method == "gptq" and tokens is None:
-        tokens = layerwise.calibration_tokens(Path(model_dir), model, stored, None, s.n_samples, s.seqlen, s.seed,
-                                              device, progress)
+        tokens = layerwise.generated_tokens(Path(model_dir), model, stored, s.n_samples, s.seqlen, s.seed, device,
+                                            progress)
     inputs, kwargs = (layerwise.layer0_inputs(model, tokens, device, work) if s.method == "gptq" else ([], {}))
     result.calib_tokens = int(tokens.numel()) if s.method == "gptq" else 0
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import calibration, layerwise
+from . import layerwise
 from .errors import InputError
 from .hfmodel import HFModel
 
@@ -64,11 +64,10 @@ def collect(model_dir: Path, *, calib: Path | None = None, n_samples: int = 64, 
     model_dir = Path(model_dir)
     names = linear_names(HFModel(model_dir))
     if tokens is None and calib is not None:        # the user's text is checked before any weight is loaded
-        import transformers
-        tokens = calibration.from_file(calib, transformers.AutoTokenizer.from_pretrained(model_dir), n_samples, seqlen)
+        tokens = layerwise.text_tokens(model_dir, calib, n_samples, seqlen)
     model, stored, work = layerwise.load(model_dir, device, progress)
     if tokens is None:
-        tokens = layerwise.calibration_tokens(model_dir, model, stored, None, n_samples, seqlen, 0, device, progress)
+        tokens = layerwise.generated_tokens(model_dir, model, stored, n_samples, seqlen, 0, device, progress)
     inputs, kwargs = layerwise.layer0_inputs(model, tokens, device, work)
 
     sums: dict[str, torch.Tensor] = {}

@@ -16,10 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .outputs import write_text_atomic
+from .outputs import sha256_file, write_text_atomic
 
 VERSION = 1
-_CHUNK = 8 << 20
 
 
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}      # (path, size, mtime_ns) -> sha256, this process
@@ -41,11 +40,7 @@ def content_hash(path: Path) -> str:
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _FILE_HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-        _FILE_HASHES[key] = h.hexdigest()
+        _FILE_HASHES[key] = sha256_file(path)
     return _FILE_HASHES[key]
 
 

@@ -29,7 +29,6 @@ class ModelMetadata:
         kv = dict(self.kv)
         if quantized and gguf.Keys.General.QUANTIZATION_VERSION in kv:
             kv[gguf.Keys.General.QUANTIZATION_VERSION] = kv.pop(gguf.Keys.General.QUANTIZATION_VERSION)
-        kv.pop(gguf.Keys.General.FILE_TYPE, None)
         kv[gguf.Keys.General.FILE_TYPE] = gguf.GGUFValue(int(file_type), gguf.GGUFValueType.UINT32)
         return kv
 

@@ -7,6 +7,7 @@ overwritten.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -84,6 +85,15 @@ def copy_model_files(src: Path, dest: Path) -> list[str]:
             shutil.copyfile(f, dest / f.name)
             copied.append(f.name)
     return copied
+
+
+def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_text_atomic(path: Path, text: str, *, fsync: bool = False) -> None:

@@ -149,25 +149,21 @@ def check_inputs(cfg: Pipeline, base: HFModel) -> None:
         from .merge import open_model
         open_model(base.path, inp["lora"], inp["lora_weights"], inp["residual"] or None, inp["residual_scale"])
     if cfg["gguf"]["types"]:
-        from .export import check, load_imatrix, prepare
+        from .export import check
         from .plan import parse_variants
         try:
             variants = parse_variants(",".join(cfg["gguf"]["types"]))
         except QuantkitError as e:
             raise cfg.error("gguf", "types", str(e)) from None
-        check(base, variants)
-        if cfg["gguf"]["imatrix"] not in ("", "auto"):
-            load_imatrix(Path(cfg["gguf"]["imatrix"]), prepare(base, variants)[3])
+        imatrix = cfg["gguf"]["imatrix"]
+        check(base, variants, Path(imatrix) if imatrix not in ("", "auto") else None)
     g = cfg["gptq"]
     if g["enabled"]:
         from .gptq import GPTQSettings, check_shapes
         check_shapes(base, GPTQSettings(bits=g["bits"], group_size=g["group_size"]))
         if g["calib"]:
-            import transformers
-
-            from .calibration import from_file
-            from_file(Path(g["calib"]), transformers.AutoTokenizer.from_pretrained(base.path), g["calib_samples"],
-                      g["calib_seqlen"])
+            from .layerwise import text_tokens
+            text_tokens(base.path, Path(g["calib"]), g["calib_samples"], g["calib_seqlen"])
     b = cfg["bench"]
     if b["enabled"]:
         from .bench import suite, vram
@@ -176,9 +172,7 @@ def check_inputs(cfg: Pipeline, base: HFModel) -> None:
         except ValueError as e:
             raise cfg.error("bench", "gpus", str(e)) from None
         suite.load_text(base.path, Path(b["text"]) if b["text"] else None, b["ctx"], b["limit_chunks"] or None)
-    probe = out
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
+    probe = _existing_ancestor(out)
     if not probe.is_dir() or not os.access(probe, os.W_OK):
         raise OutputError("cannot be created: " + (f"{probe} is not a directory" if not probe.is_dir()
                                                    else f"{probe} is not writable"), out)
@@ -240,11 +234,14 @@ def _model_name(model_dir: Path) -> str:
 def check_disk(plan: Plan, manifest: Manifest) -> tuple[int, int]:
     """(bytes the steps still to run need, bytes free where OUT lives); OutputError if short."""
     need = sum(s.expected_bytes for s in plan.steps if manifest.why_not_done(s) is not None)
-    probe = plan.out
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    return need, free
+    return need, shutil.disk_usage(_existing_ancestor(plan.out)).free
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """`path`, or its nearest parent that exists (where it would be created)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
 
 
 def describe(plan: Plan, manifest: Manifest) -> list[str]:
