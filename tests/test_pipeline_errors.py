@@ -252,6 +252,9 @@ CASES = [missing_shard, truncated_shard, corrupt_safetensors_header, wrong_dtype
          adapter_weights_do_not_match, base_does_not_exist]
 
 
+FOUND_BY_A_STEP = {nan_in_weights, inf_in_weights_under_an_adapter}
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.__name__ for c in CASES])
 def test_bad_input(case, tiny_model, tmp_path, monkeypatch, tree_hash):
     m = tmp_path / "model"
@@ -268,6 +271,9 @@ def test_bad_input(case, tiny_model, tmp_path, monkeypatch, tree_hash):
     # the progress lines of a step that started ("[1/2] gguf: running ...") are not part of the error
     lines = [ln for ln in result.stderr.splitlines() if ln.strip() and not re.match(r"\[\d+/\d+\] \w+: ", ln)]
     assert len(lines) == 1 and lines[0].startswith("quantkit: error: "), result.stderr
+    # only NaN/Inf waits for a step to read the weights: everything else is refused before any step
+    started = re.findall(r"^\[\d+/\d+\] (\w+): running", result.stderr, re.M)
+    assert not started or case in FOUND_BY_A_STEP, f"caught only once step {started} ran: {lines[0]}"
     for f in fragments:
         assert f in lines[0], (f, lines[0])
     written = [p for p in c.out.rglob("*") if p.name != ".pipeline.lock"] if c.out.is_dir() else []
