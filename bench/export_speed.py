@@ -1,17 +1,20 @@
 """Benchmark: quantkit's one-pass export vs llama.cpp's convert_hf_to_gguf.py + llama-quantize ×3.
 
 Both flows run on the same input in the same run, each step in a fresh subprocess (wall time and
-peak RSS from wait4), and the outputs are compared tensor for tensor. Results go to
+peak RSS from wait4; quantkit's peak GPU memory from its --stats file), and the outputs are
+compared as whole files (tensor by tensor where they differ). Results go to
 bench/results/export_speed-<input>-<date>.json.
 
     python -m quantkit.bench.export_speed                       # SmolLM2-135M (the bundled model)
     python -m quantkit.bench.export_speed --input llama3-8b     # synthetic Llama-3.1-8B shape
     python -m quantkit.bench.export_speed --input llama3-8b --layers 2   # its embeddings + 2 layers
+    python -m quantkit.bench.export_speed --input qwen3-8b --device cuda   # on a GPU machine
 """
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import filecmp
 import json
 import os
 import subprocess
@@ -29,7 +32,7 @@ def prepare_input(name: str, work: Path, layers: int | None = None) -> Path:
     exec into its children, so a parent that had generated 8B of random weights itself would
     report its own peak for every step timed after."""
     if name == "smollm2":
-        cmd = [str(Path(sys.executable).with_name("quantkit")), "default-model"]
+        cmd = [sys.executable, "-m", "quantkit", "default-model"]
         return Path(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip())
     tok = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizers" / name.split("-")[0]
     cmd = [sys.executable, "-m", "quantkit.bench.synthetic", "checkpoint", name, str(work / name), "--tokenizer", str(tok)]
@@ -52,24 +55,25 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
         work = Path(tmp)
         model = prepare_input(a.input, work, a.layers)
-        qk = Path(sys.executable).with_name("quantkit")
-        ours = run([str(qk), "export", str(model), "--gguf", ",".join(VARIANTS), "-o", str(work / "ours"),
-                    "--device", a.device, "-q"])
+        ours = run([sys.executable, "-m", "quantkit", "export", str(model), "--gguf", ",".join(VARIANTS),
+                    "-o", str(work / "ours"), "--device", a.device, "--stats", str(work / "stats.json"), "-q"])
         ours_files = json.loads((work / "ours" / "export.json").read_text())["files"]
         result = {
             "benchmark": "export_speed", "date": dt.date.today().isoformat(), "machine": machine(),
             "input": {"name": a.input, "layers": a.layers, "path": str(model),
                       "bytes": sum(p.stat().st_size for p in model.glob("*.safetensors"))},
-            "quantkit": {**ours, "variants": VARIANTS},
+            "quantkit": {**ours, "export": json.loads((work / "stats.json").read_text()), "variants": VARIANTS},
         }
         if not a.skip_reference:
             src = llamacpp_src()
             if src is None:
                 raise SystemExit("llama.cpp sources not found: run `make install-test`")
-            env = dict(os.environ, PYTHONPATH=str(src / "gguf-py"), HF_HUB_OFFLINE="1")
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(src / "gguf-py"), os.environ.get("PYTHONPATH")])),
+                       HF_HUB_OFFLINE="1")
             ref = {"convert_bf16": run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(model),
                                         "--outtype", "bf16", "--outfile", str(work / "ref-bf16.gguf")], env)}
             for v in VARIANTS:
+                # llama_model_quantize is llama-quantize's whole job; nthread 0 = every core
                 ref[f"quantize_{v}"] = run([sys.executable, "-c",
                                             "import sys; from pathlib import Path; from quantkit.bench.llamacpp_ref import llama_quantize; "
                                             "llama_quantize(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])",
@@ -77,13 +81,27 @@ def main(argv: list[str] | None = None) -> dict:
             total = sum(r["seconds"] for r in ref.values())
             result["llama_cpp"] = {"steps": ref, "seconds": round(total, 3),
                                    "peak_rss_mib": max(r["peak_rss_mib"] for r in ref.values()),
-                                   "threads": os.cpu_count()}
+                                   "threads": os.cpu_count(), "library": llama_cpp_build()}
             result["speedup"] = round(total / ours["seconds"], 2)
-            result["identical"] = {v: compare(work / "ours" / ours_files[v]["path"], work / f"ref-{v}.gguf")
-                                   for v in VARIANTS}
-    tag = a.input + (f"-{a.layers}layers" if a.layers else "")
+            result["identical"] = {}
+            for v in VARIANTS:
+                mine, theirs = work / "ours" / ours_files[v]["path"], work / f"ref-{v}.gguf"
+                same = filecmp.cmp(mine, theirs, shallow=False)
+                result["identical"][v] = {"whole_file": same, **({} if same else compare(mine, theirs))}
+    device = result["quantkit"]["export"]["device"]
+    tag = a.input + (f"-{a.layers}layers" if a.layers else "") + ("" if device == "cpu" else f"-{device.split(':')[0]}")
     save_result("export_speed", tag, result)
     return result
+
+
+def llama_cpp_build() -> dict:
+    """Which llama.cpp did the reference run: the version and ggml's CPU features."""
+    try:
+        import llama_cpp
+        return {"llama_cpp_python": llama_cpp.__version__,
+                "system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip()}
+    except Exception as e:  # the reference ran in its own process; this is only a label
+        return {"error": str(e)}
 
 
 if __name__ == "__main__":

@@ -26,10 +26,12 @@ def f32(v: float) -> float:
 def div(a: Tensor | float, b: Tensor | float) -> Tensor:
     """IEEE float32 a / b, never rewritten as a * (1 / b)."""
     ref = a if isinstance(a, Tensor) else b
+    # torch.full, not torch.tensor: a fill kernel, where torch.tensor(v, device=gpu) copies from
+    # the host and waits for the GPU to drain (the same float32 either way: v rounded once)
     if not isinstance(a, Tensor):
-        a = torch.tensor(a, dtype=torch.float32, device=ref.device)
+        a = torch.full((), a, dtype=torch.float32, device=ref.device)
     if not isinstance(b, Tensor):
-        b = torch.tensor(b, dtype=torch.float32, device=ref.device)
+        b = torch.full((), b, dtype=torch.float32, device=ref.device)
     return torch.div(a, b)
 
 

@@ -114,11 +114,13 @@ def gptq_options(fn):
 @merge_options
 @gptq_options
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]: where to quantize.")
+@click.option("--stats", type=click.Path(path_type=Path),
+              help="Write the GGUF export's wall time, peak RSS and peak GPU memory to this JSON file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @one_line_errors
 def export(model, gguf_types, out_dir, name, ollama, dry_run, imatrix, loras, weights, residual, scale, ignore_base_name,
            gptq, bits, group_size, asym, desc_act, static_groups, damp, gptq_method, gptq_format, calib, calib_samples,
-           calib_seqlen, int8, nf4, force, device, quiet):
+           calib_seqlen, int8, nf4, force, device, stats, quiet):
     """Export a HF model directory to GGUF files (all types in one pass), GPTQ and bitsandbytes checkpoints.
 
     Reads each tensor of MODEL (config.json + safetensors + tokenizer.json) once and writes one
@@ -166,6 +168,8 @@ def export(model, gguf_types, out_dir, name, ollama, dry_run, imatrix, loras, we
         for v, path in res.files.items():
             click.echo(f"{v.upper():8} {path.stat().st_size / 2**20:10.1f} MiB  {path}")
         click.echo(f"done in {res.seconds:.1f} s; details in {Path(out_dir) / 'export.json'}")
+        if stats:
+            _write_stats(stats, res.seconds, dev)
     if not others or dry_run:
         return
     with _on_disk(src, Path(out_dir), quiet) as model_dir:
@@ -484,6 +488,22 @@ def default_model(force):
     """
     from .default_model import build_default_model
     click.echo(str(build_default_model(force=force)))
+
+
+def _write_stats(path: Path, seconds: float, device: str) -> None:
+    """Timings and peaks of this process, for benchmarks (export.json holds none: it is reproducible)."""
+    import json
+    import resource
+
+    import torch
+    from .outputs import write_text_atomic
+    stats = {"seconds": round(seconds, 3), "device": device,
+             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.device(device).type == "cuda":
+        stats["gpu"] = torch.cuda.get_device_name(device)
+        stats["peak_gpu_allocated_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        stats["peak_gpu_reserved_mib"] = round(torch.cuda.max_memory_reserved(device) / 2**20, 1)
+    write_text_atomic(Path(path), json.dumps(stats, indent=2) + "\n")
 
 
 def _resolve_device(device: str) -> str:

@@ -26,7 +26,7 @@ from .hfmodel import HFModel, row_ranges
 from .metadata import build_metadata
 from .outputs import sha256_file, write_text_atomic
 from .plan import TensorPlan, Variant, format_plan, make_plan
-from .streams import prefetch
+from .streams import Worker, prefetch, to_device, to_host
 from .transforms import all_finite
 from .tokenizer import load_vocab
 
@@ -59,22 +59,29 @@ def row_chunks(t: SourceTensor, max_values: int = CHUNK_VALUES) -> Iterator[slic
     return row_ranges(t.shape, max_values, t.row_granule)
 
 
-def read_chunk(model: HFModel, t: SourceTensor, rows: slice) -> torch.Tensor:
-    """Rows of one GGUF tensor as float32 [rows, cols] (1-D tensors as [1, n]): read, merged, permuted."""
-    if t.generate is not None:
-        x = t.generate()
-    else:
-        x = model.read_rows(t.hf_name, rows.start, rows.stop)
-        x = x.to(torch.float32)
-        if not all_finite(x):
-            raise InputError(f"tensor {t.hf_name!r} contains NaN or Inf", model.tensors[t.hf_name].shard)
-        if t.transform is not None:
-            x = t.transform(x)
+def read_raw(model: HFModel, t: SourceTensor, rows: slice) -> torch.Tensor:
+    """Rows of one GGUF tensor's source as stored (bf16/f16/f32), or the generated tensor."""
+    return t.generate() if t.generate is not None else model.read_rows(t.hf_name, rows.start, rows.stop)
+
+
+def to_rows(x: torch.Tensor, t: SourceTensor) -> torch.Tensor:
+    """A chunk as read → float32 [rows, cols] in GGUF's layout (1-D tensors as [1, n]), on x's device."""
+    x = x.to(torch.float32)
+    if t.generate is None and t.transform is not None:
+        x = t.transform(x)
     return x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
 
 
-def quantize(x: torch.Tensor, qtype: str, device: torch.device, imatrix: torch.Tensor | None = None) -> torch.Tensor:
-    return qreg.quantize_rows(x.to(device), qreg.get(qtype), imatrix).cpu()
+def _not_finite(model: HFModel, t: SourceTensor) -> InputError:
+    return InputError(f"tensor {t.hf_name!r} contains NaN or Inf", model.tensors[t.hf_name].shard)
+
+
+def read_chunk(model: HFModel, t: SourceTensor, rows: slice) -> torch.Tensor:
+    """Rows of one GGUF tensor as float32 [rows, cols]: read, merged, checked, permuted."""
+    x = read_raw(model, t, rows).to(torch.float32)
+    if t.generate is None and not all_finite(x):
+        raise _not_finite(model, t)
+    return to_rows(x, t)
 
 
 def load_imatrix(path: Path, plans: list[TensorPlan]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -114,25 +121,34 @@ def _imatrix_kv(given_path: str, note: dict) -> dict:
     return kv
 
 
-def _iter_chunks(model: HFModel, plans: list[TensorPlan], progress: bool, chunk_values: int) -> Iterator[tuple[TensorPlan, torch.Tensor]]:
-    """(plan, float32 row chunk) for every tensor in file order, with a progress bar in input bytes."""
-    def in_bytes(p: TensorPlan, rows: slice) -> int:
-        if p.tensor.hf_name is None:
-            return 0
-        ref = model.tensors[p.tensor.hf_name]
-        return ref.nbytes * (rows.stop - rows.start) // (ref.shape[0] if ref.shape else 1)
+@dataclass
+class _Chunk:
+    """One row chunk of one tensor on its way through the stages."""
+    plan: TensorPlan
+    in_bytes: int                               # of the input, for the progress bar
+    data: dict[str, torch.Tensor] = field(default_factory=dict)    # qtype → quantized bytes (host)
+    finite: torch.Tensor | None = None          # GPU path: the input's NaN/Inf check, copied back
+    ready: object = None                        # GPU path: an event recorded after the copies back
 
-    total = sum(model.tensors[p.tensor.hf_name].nbytes for p in plans if p.tensor.hf_name)
-    bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress, file=sys.stderr,
-               desc="export", dynamic_ncols=True)
-    try:
-        for i, p in enumerate(plans):
-            bar.set_postfix_str(f"tensor {i + 1}/{len(plans)} {p.tensor.gguf_name}", refresh=False)
-            for rows in row_chunks(p.tensor, chunk_values):
-                yield p, read_chunk(model, p.tensor, rows)
-                bar.update(in_bytes(p, rows))
-    finally:
-        bar.close()
+
+def _on_device(dev: torch.device) -> bool:
+    """Whether chunks go to `dev` as stored and are converted, checked and permuted there."""
+    return dev.type == "cuda"
+
+
+def _reads(model: HFModel, plans: list[TensorPlan], chunk_values: int, dev: torch.device) -> Iterator[tuple[_Chunk, torch.Tensor]]:
+    """(chunk, its rows) for every tensor in file order: as stored (pinned for a CUDA copy) when
+    the device prepares them, else float32, checked and permuted here, in the reader thread."""
+    for p in plans:
+        ref = model.tensors[p.tensor.hf_name] if p.tensor.hf_name else None
+        for rows in row_chunks(p.tensor, chunk_values):
+            nbytes = ref.nbytes * (rows.stop - rows.start) // (ref.shape[0] if ref.shape else 1) if ref else 0
+            if not _on_device(dev):
+                x = read_chunk(model, p.tensor, rows)
+            else:
+                x = read_raw(model, p.tensor, rows)
+                x = x.pin_memory() if dev.type == "cuda" else x
+            yield _Chunk(p, nbytes), x
 
 
 def prepare(model: HFModel, variants: list[Variant]):
@@ -182,23 +198,49 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
             infos.append(TensorInfo(p.tensor.gguf_name, qt.ggml_type, (*shape[:-1], qreg.row_nbytes(qt, shape[-1]))))
         path = out_dir / f"{meta.name}-{v.label}.gguf"
         files[v.name] = GGUFFile(path, arch.name, {**meta.for_file_type(v.file_type, v.quantized), **imatrix_kv}, infos)
+    on_device = _on_device(dev)
+    weights = {k: w.to(dev) for k, w in weights.items()}
+    total = sum(model.tensors[p.tensor.hf_name].nbytes for p in plans if p.tensor.hf_name)
+    bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress, file=sys.stderr,
+               desc="export", dynamic_ncols=True)
+    index = {id(p): i for i, p in enumerate(plans)}
+
+    def write(c: _Chunk) -> None:               # the writer thread, in file order
+        if c.ready is not None:
+            c.ready.synchronize()
+        if c.finite is not None and not bool(c.finite):
+            raise _not_finite(model, c.plan.tensor)
+        for v in variants:
+            files[v.name].write(c.plan.tensor.gguf_name, c.data[c.plan.choices[v.name].qtype].numpy())
+        bar.set_postfix_str(f"tensor {index[id(c.plan)] + 1}/{len(plans)} {c.plan.tensor.gguf_name}", refresh=False)
+        bar.update(c.in_bytes)
+
     try:
         for f in files.values():
             f.open()
-        # a producer thread reads (and merges) the next chunks while this one is quantized and written
-        for p, x in prefetch(_iter_chunks(model, plans, progress, chunk_values), depth=2):
-            # each chunk is read once; each distinct type is quantized once and shared by the variants
-            done: dict[str, torch.Tensor] = {}
-            for v in variants:
-                qtype = p.choices[v.name].qtype
-                if qtype not in done:
-                    done[qtype] = quantize(x, qtype, dev, weights.get(p.tensor.gguf_name))
-                files[v.name].write(p.tensor.gguf_name, done[qtype].numpy())
+        # read (a thread) → copy to the GPU (a side stream) → quantize every distinct type once
+        # (here) → copy back (no wait) → write every variant (a thread); bounded queues between
+        chunks = to_device(prefetch(_reads(model, plans, chunk_values, dev), depth=2), dev)
+        with Worker(write, depth=4, name="quantkit-writer") as writer:
+            for c, x in chunks:
+                t = c.plan.tensor
+                if on_device:
+                    if t.generate is None:
+                        c.finite = to_host(torch.isfinite(x).all())
+                    x = to_rows(x, t)
+                for qtype in dict.fromkeys(c.plan.choices[v.name].qtype for v in variants):
+                    c.data[qtype] = to_host(qreg.quantize_rows(x, qreg.get(qtype), weights.get(t.gguf_name)))
+                if dev.type == "cuda":
+                    c.ready = torch.cuda.Event()
+                    c.ready.record()
+                writer.put(c)
         written = {v: f.commit() for v, f in files.items()}
     except BaseException:
         for f in files.values():
             f.abort()
         raise
+    finally:
+        bar.close()
 
     seconds = time.perf_counter() - t0
     report = {

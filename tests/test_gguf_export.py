@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from quantkit.bench import gguf_diff, llamacpp_ref, synthetic
 from quantkit.export import export_gguf
@@ -119,6 +120,35 @@ def test_q4_k_m_of_other_inputs_matches_llama_quantize(name, tmp_path):
     assert dict((t[0], t[1]) for t in gguf_diff.tensors(ours))["output.weight"] == "Q6_K"
     result = gguf_diff.compare(ours, ref)
     assert result["identical_tensors"], f"{name}: {result}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", ["q8_0", "q5_k_m", "q4_k_m", "bf16", "f16"])
+def test_cuda_export_is_byte_identical_to_the_reference(exported, variant, tmp_path):
+    # the GPU path: raw reads pinned, copied on a side stream, permuted and quantized on the GPU,
+    # copied back without waiting and written by the writer thread
+    family, ours, ref = exported
+    model = ours.files[variant].parent.parent / f"{family}-tiny"
+    cuda = export_gguf(model, ALL, tmp_path, progress=False, device="cuda",
+                       chunk_values=FAMILIES[family][4]).files[variant]
+    assert cuda.read_bytes() == ours.files[variant].read_bytes()
+    if variant not in ("bf16", "f16"):
+        assert cuda.read_bytes() == ref[variant].read_bytes()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_export_refuses_nan_and_leaves_no_file(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from quantkit.errors import InputError
+    model = synthetic.write_checkpoint(tmp_path / "m", synthetic.preset_config("llama3-tiny"), FIX / "llama3")
+    (shard,) = model.glob("*.safetensors")
+    t = load_file(shard)
+    t["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    save_file(t, shard, metadata={"format": "pt"})
+    with pytest.raises(InputError, match="up_proj.*NaN"):
+        export_gguf(model, ALL, tmp_path / "out", progress=False, device="cuda")
+    assert not [p for p in (tmp_path / "out").iterdir() if p.suffix == ".gguf" or "partial" in p.name]
 
 
 def test_comparison_detects_one_changed_byte(tiny_model, tmp_path):

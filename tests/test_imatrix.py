@@ -110,6 +110,17 @@ def test_export_with_imatrix_is_byte_identical_to_llama_quantize(exports, varian
     assert note["covered_tensors"] == 210 and len(note["sha256"]) == 64
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_export_with_imatrix_is_byte_identical_to_llama_quantize(smollm2_dir, imatrix_file, exports, tmp_path):
+    _, ref, _ = exports
+    r = CliRunner().invoke(main, ["export", str(smollm2_dir), "--gguf", "q4_k_m,q5_k_m,q8_0", "--imatrix",
+                                  str(imatrix_file[1]), "--device", "cuda", "-q", "-o", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    for variant in ("q4_k_m", "q5_k_m", "q8_0"):
+        (ours,) = tmp_path.glob(f"*-{variant.upper()}.gguf")
+        assert ours.read_bytes() == ref[variant].read_bytes(), (variant, gguf_diff.compare(ours, ref[variant]))
+
+
 def test_the_imatrix_changes_the_k_quant_tensors(exports):
     # a test that would pass with the imatrix ignored is no test: Q4_K_M with it differs from without
     ours_dir, ref, plain = exports

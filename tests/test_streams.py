@@ -1,4 +1,4 @@
-"""The prefetching producer thread and the fast finiteness check."""
+"""The stages of a stream (prefetching producer, writer thread, device copies) and the fast finiteness check."""
 from __future__ import annotations
 
 import threading
@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from quantkit.streams import prefetch
+from quantkit.streams import Worker, prefetch, to_device, to_host
 from quantkit.transforms import all_finite
 
 
@@ -65,3 +65,113 @@ def test_all_finite():
     huge = torch.full((4, 8), 3e38)          # finite, but the row sums overflow: the exact test decides
     assert all_finite(huge)
     assert all_finite(torch.ones(10)) and not all_finite(torch.tensor([1.0, float("nan")]))
+
+
+def test_worker_runs_every_item_in_order_and_close_waits_for_them():
+    done = []
+
+    def slow(i):
+        time.sleep(0.001)
+        done.append(i)
+    with Worker(slow, depth=3) as w:
+        for i in range(200):
+            w.put(i)
+    assert done == list(range(200))
+
+
+def test_worker_bounds_the_items_waiting():
+    release = threading.Event()
+    started = []
+
+    def blocked(i):
+        started.append(i)
+        release.wait()
+    w = Worker(blocked, depth=2)
+    t = threading.Thread(target=lambda: [w.put(i) for i in range(10)])
+    t.start()
+    time.sleep(0.3)
+    assert started == [0] and t.is_alive()     # one in hand, two queued: the fourth put blocks
+    release.set()
+    t.join()
+    w.close()
+    assert started == list(range(10))
+
+
+def test_worker_error_reaches_the_caller_at_the_next_put_or_at_close():
+    def fail_on_3(i):
+        if i == 3:
+            raise OSError("disk full")
+    w = Worker(fail_on_3, depth=1)
+    with pytest.raises(OSError, match="disk full"):
+        for i in range(1000):
+            w.put(i)
+            time.sleep(0.001)
+    w.abort()
+    w = Worker(fail_on_3, depth=8)
+    for i in range(5):
+        w.put(i)
+    with pytest.raises(OSError, match="disk full"):
+        w.close()
+
+
+def test_worker_context_stops_without_finishing_on_an_exception():
+    done = []
+    with pytest.raises(KeyError):
+        with Worker(lambda i: (time.sleep(0.01), done.append(i)), depth=50, name="quantkit-test-worker") as w:
+            for i in range(50):
+                w.put(i)
+            raise KeyError("stop")
+    time.sleep(0.1)
+    assert len(done) < 50
+    assert not [t for t in threading.enumerate() if t.name == "quantkit-test-worker"]
+
+
+def test_device_copies_on_cpu_pass_items_through():
+    items = [(i, torch.full((3,), float(i))) for i in range(5)]
+    got = list(to_device(iter(items), torch.device("cpu")))
+    assert [m for m, _ in got] == list(range(5)) and all(torch.equal(a, b) for (_, a), (_, b) in zip(got, items))
+    x = torch.arange(4)
+    assert to_host(x) is x
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_device_copies_arrive_intact_and_in_order_on_cuda():
+    dev = torch.device("cuda")
+    items = [(i, torch.randn(1 << 20).pin_memory()) for i in range(8)]
+    out = []
+    for i, x in to_device(iter(items), dev):
+        out.append((i, to_host(x * 2)))
+    torch.cuda.current_stream().synchronize()
+    assert [i for i, _ in out] == list(range(8))
+    for (_, h), (_, x) in zip(out, items):
+        assert h.is_pinned() and torch.equal(h, x * 2)
+
+
+def test_the_device_side_staging_gives_the_same_bytes_and_refuses_nan(tiny_model, tmp_path, monkeypatch):
+    """The GPU path's order of work (raw reads, conversion, NaN check and permutation after the
+    copy, the check's verdict taken by the writer thread), run on the CPU: the same files as the
+    CPU path, whose bytes the ggml tests pin down; a NaN fails the export with nothing left."""
+    from safetensors.torch import load_file, save_file
+
+    from quantkit import export
+    from quantkit.errors import InputError
+    from quantkit.plan import VARIANTS
+
+    variants = [VARIANTS[v] for v in ("q8_0", "q4_k_m", "bf16")]
+    plain = export.export_gguf(tiny_model, variants, tmp_path / "plain", progress=False, chunk_values=1 << 15)
+    monkeypatch.setattr(export, "_on_device", lambda dev: True)
+    staged = export.export_gguf(tiny_model, variants, tmp_path / "staged", progress=False, chunk_values=1 << 15)
+    for v in plain.files:
+        assert staged.files[v].read_bytes() == plain.files[v].read_bytes(), v
+
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_model, bad)
+    shard = sorted(bad.glob("*.safetensors"))[-1]
+    t = load_file(shard)
+    name = sorted(k for k in t if k.endswith("up_proj.weight"))[-1]
+    t[name][3, 5] = float("nan")
+    save_file(t, shard, metadata={"format": "pt"})
+    with pytest.raises(InputError, match="NaN"):
+        export.export_gguf(bad, variants, tmp_path / "out", progress=False, chunk_values=1 << 15)
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name != "export.json"]
