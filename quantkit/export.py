@@ -27,7 +27,6 @@ from .metadata import build_metadata
 from .outputs import sha256_file, write_text_atomic
 from .plan import TensorPlan, Variant, format_plan, make_plan
 from .streams import Worker, prefetch, to_device, to_host
-from .transforms import all_finite
 from .tokenizer import load_vocab
 
 # Values per row chunk: the unit that is read, transformed and quantized at once. 16 M values is
@@ -59,9 +58,9 @@ def row_chunks(t: SourceTensor, max_values: int = CHUNK_VALUES) -> Iterator[slic
     return row_ranges(t.shape, max_values, t.row_granule)
 
 
-def read_raw(model: HFModel, t: SourceTensor, rows: slice) -> torch.Tensor:
-    """Rows of one GGUF tensor's source as stored (bf16/f16/f32), or the generated tensor."""
-    return t.generate() if t.generate is not None else model.read_rows(t.hf_name, rows.start, rows.stop)
+def fetch(model: HFModel, t: SourceTensor, rows: slice) -> torch.Tensor | None:
+    """Rows of one GGUF tensor's source as read (I/O only: see HFModel.fetch), or the generated tensor."""
+    return t.generate() if t.generate is not None else model.fetch(t.hf_name, rows.start, rows.stop)
 
 
 def to_rows(x: torch.Tensor, t: SourceTensor) -> torch.Tensor:
@@ -74,14 +73,6 @@ def to_rows(x: torch.Tensor, t: SourceTensor) -> torch.Tensor:
 
 def _not_finite(model: HFModel, t: SourceTensor) -> InputError:
     return InputError(f"tensor {t.hf_name!r} contains NaN or Inf", model.tensors[t.hf_name].shard)
-
-
-def read_chunk(model: HFModel, t: SourceTensor, rows: slice) -> torch.Tensor:
-    """Rows of one GGUF tensor as float32 [rows, cols]: read, merged, checked, permuted."""
-    x = read_raw(model, t, rows).to(torch.float32)
-    if t.generate is None and not all_finite(x):
-        raise _not_finite(model, t)
-    return to_rows(x, t)
 
 
 def load_imatrix(path: Path, plans: list[TensorPlan]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -126,29 +117,22 @@ class _Chunk:
     """One row chunk of one tensor on its way through the stages."""
     plan: TensorPlan
     in_bytes: int                               # of the input, for the progress bar
+    rows: slice
     data: dict[str, torch.Tensor] = field(default_factory=dict)    # qtype → quantized bytes (host)
-    finite: torch.Tensor | None = None          # GPU path: the input's NaN/Inf check, copied back
-    ready: object = None                        # GPU path: an event recorded after the copies back
+    finite: torch.Tensor | None = None          # the input's NaN/Inf check (from the GPU: a copy back)
+    ready: object = None                        # CUDA: an event recorded after the copies back
 
 
-def _on_device(dev: torch.device) -> bool:
-    """Whether chunks go to `dev` as stored and are converted, checked and permuted there."""
-    return dev.type == "cuda"
-
-
-def _reads(model: HFModel, plans: list[TensorPlan], chunk_values: int, dev: torch.device) -> Iterator[tuple[_Chunk, torch.Tensor]]:
-    """(chunk, its rows) for every tensor in file order: as stored (pinned for a CUDA copy) when
-    the device prepares them, else float32, checked and permuted here, in the reader thread."""
+def _reads(model: HFModel, plans: list[TensorPlan], chunk_values: int, pin: bool) -> Iterator[tuple[_Chunk, torch.Tensor]]:
+    """(chunk, its rows as stored) for every tensor in file order: the reader thread's work. It
+    does I/O only (pinning for a CUDA copy): torch ops in a second thread fight the main thread's
+    for the cores (on 2 cores, converting here made the whole export 2x slower)."""
     for p in plans:
         ref = model.tensors[p.tensor.hf_name] if p.tensor.hf_name else None
         for rows in row_chunks(p.tensor, chunk_values):
             nbytes = ref.nbytes * (rows.stop - rows.start) // (ref.shape[0] if ref.shape else 1) if ref else 0
-            if not _on_device(dev):
-                x = read_chunk(model, p.tensor, rows)
-            else:
-                x = read_raw(model, p.tensor, rows)
-                x = x.pin_memory() if dev.type == "cuda" else x
-            yield _Chunk(p, nbytes), x
+            x = fetch(model, p.tensor, rows)
+            yield _Chunk(p, nbytes, rows), (x.pin_memory() if pin and x is not None else x)
 
 
 def prepare(model: HFModel, variants: list[Variant]):
@@ -198,7 +182,6 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
             infos.append(TensorInfo(p.tensor.gguf_name, qt.ggml_type, (*shape[:-1], qreg.row_nbytes(qt, shape[-1]))))
         path = out_dir / f"{meta.name}-{v.label}.gguf"
         files[v.name] = GGUFFile(path, arch.name, {**meta.for_file_type(v.file_type, v.quantized), **imatrix_kv}, infos)
-    on_device = _on_device(dev)
     weights = {k: w.to(dev) for k, w in weights.items()}
     total = sum(model.tensors[p.tensor.hf_name].nbytes for p in plans if p.tensor.hf_name)
     bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress, file=sys.stderr,
@@ -220,14 +203,14 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
             f.open()
         # read (a thread) → copy to the GPU (a side stream) → quantize every distinct type once
         # (here) → copy back (no wait) → write every variant (a thread); bounded queues between
-        chunks = to_device(prefetch(_reads(model, plans, chunk_values, dev), depth=2), dev)
+        chunks = to_device(prefetch(_reads(model, plans, chunk_values, pin=dev.type == "cuda"), depth=2), dev)
         with Worker(write, depth=4, name="quantkit-writer") as writer:
             for c, x in chunks:
                 t = c.plan.tensor
-                if on_device:
-                    if t.generate is None:
-                        c.finite = to_host(torch.isfinite(x).all())
-                    x = to_rows(x, t)
+                if t.generate is None:      # merged (a MergedModel), then checked by the writer
+                    x = model.finish(t.hf_name, c.rows.start, c.rows.stop, x).to(device=dev, dtype=torch.float32)
+                    c.finite = to_host(torch.isfinite(x).all())
+                x = to_rows(x, t)
                 for qtype in dict.fromkeys(c.plan.choices[v.name].qtype for v in variants):
                     c.data[qtype] = to_host(qreg.quantize_rows(x, qreg.get(qtype), weights.get(t.gguf_name)))
                 if dev.type == "cuda":

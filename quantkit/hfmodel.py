@@ -207,6 +207,14 @@ class HFModel:
         return torch.frombuffer(buf, dtype=FLOAT_DTYPES[ref.dtype]).reshape(shape) if n else \
             torch.empty(shape, dtype=FLOAT_DTYPES[ref.dtype])
 
+    # Reading in two steps, for a reader thread that does I/O only (see export._reads): `fetch`
+    # reads, `finish` computes whatever the rows still need, on the thread that quantizes.
+    def fetch(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.read_rows(name, start, stop)
+
+    def finish(self, name: str, start: int, stop: int, fetched: torch.Tensor) -> torch.Tensor:
+        return fetched
+
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.shards)
 

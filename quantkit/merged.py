@@ -107,12 +107,20 @@ class MergedModel(HFModel):
         return self.base.shards
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.finish(name, start, stop, self.fetch(name, start, stop)).cpu()
+
+    def fetch(self, name: str, start: int, stop: int) -> torch.Tensor | None:
+        """The base's rows as stored (None for an lm_head that only an adapter supplies)."""
+        return self.base.read_rows(name, start, stop) if name in self.base.tensors else None
+
+    def finish(self, name: str, start: int, stop: int, fetched: torch.Tensor | None) -> torch.Tensor:
+        """The merged rows in the output dtype, on the merge device (or where `fetched` is)."""
         ops = self.ops.get(name)
         if not ops:
-            return self.base.read_rows(name, start, stop).to(self.dtype)
+            return fetched.to(self.dtype)
         rows = slice(start, stop)
-        if name in self.base.tensors:
-            x = self.base.read_rows(name, start, stop).to(device=self.device, dtype=torch.float32)
+        if fetched is not None:
+            x = fetched.to(device=self.device if fetched.device.type == "cpu" else fetched.device, dtype=torch.float32)
         else:   # lm_head of a tied base, replaced by an adapter: its first op supplies the rows
             shape = self.tensors[name].shape
             x = torch.zeros((stop - start, *shape[1:]), dtype=torch.float32, device=self.device)
@@ -121,7 +129,7 @@ class MergedModel(HFModel):
             sources = [str(a.path) for a in self.adapters] + ([str(self.residual.model.path)] if self.residual else [])
             raise InputError(f"merging {', '.join(sources)} into it gives NaN or Inf in tensor {name!r}",
                              self.base.path)
-        return out.to(self.dtype).cpu()
+        return out.to(self.dtype)
 
     def total_bytes(self) -> int:
         return self.base.total_bytes()

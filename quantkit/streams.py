@@ -143,20 +143,20 @@ class Worker:
 
 
 def to_device(items: Iterable[tuple[M, torch.Tensor]], device: torch.device) -> Iterator[tuple[M, torch.Tensor]]:
-    """(meta, tensor) → (meta, the tensor on `device`). On CUDA each copy is issued on a side
+    """(meta, tensor) → (meta, the tensor on `device`); None passes as None. On CUDA each copy is issued on a side
     stream as soon as its item arrives, and the item is handed on one step later, once the stream
     the caller computes on (the current one) is told to wait for that copy: the copy of the next
     chunk overlaps the work on this one. Host tensors should be pinned for the copy not to block."""
     if device.type != "cuda":
         for meta, x in items:
-            yield meta, x.to(device)
+            yield meta, (x.to(device) if x is not None else None)
         return
     copy = torch.cuda.Stream(device)
     compute = torch.cuda.current_stream(device)
     pending = None
     for meta, x in items:
         with torch.cuda.stream(copy):
-            xd = x.to(device, non_blocking=True)
+            xd = x.to(device, non_blocking=True) if x is not None else None
             done = torch.cuda.Event()
             done.record(copy)
         if pending is not None:
@@ -168,7 +168,8 @@ def to_device(items: Iterable[tuple[M, torch.Tensor]], device: torch.device) -> 
 
 def _arrived(compute, meta, xd, done):
     compute.wait_event(done)
-    xd.record_stream(compute)       # its memory is reused only after the work queued on it
+    if xd is not None:
+        xd.record_stream(compute)   # its memory is reused only after the work queued on it
     return meta, xd
 
 

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# On the lent GPU machine, from the repository root, with .gpu/ carried (bench/gpu_kit.sh):
+#
+#   bash bench/gpu_session.sh check                 # the CUDA tests: GPU bytes == CPU bytes == ggml
+#   bash bench/gpu_session.sh profile               # stage rates and top ops on 8B shapes (4 layers)
+#   bash bench/gpu_session.sh speed-llama3          # export_speed on the full Llama-3.1-8B shape
+#   bash bench/gpu_session.sh speed-qwen3           # ... and Qwen3-8B (each about 8 min)
+#
+# Logs and result JSONs go to $OUT (the device tool brings them back). Steps run in the order given.
+set -uo pipefail
+REPO=$PWD
+OUT=${OUT:-/tmp/quantkit-gpu-out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 QUANTKIT_LLAMACPP_SRC=$REPO/.gpu/llama.cpp-src
+cd /tmp    # not the repository root: its folders must not import as top-level packages
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, quantkit; print('torch', torch.__version__, torch.cuda.get_device_name(0), quantkit.__file__)"
+status=0
+for step in "$@"; do
+  echo "== $step"
+  case $step in
+    check) python3 -m pytest -q -p no:cacheprovider -k cuda "$REPO/tests/test_kernels_registry.py" \
+             "$REPO/tests/test_streams.py" "$REPO/tests/test_gguf_export.py" "$REPO/tests/test_gptq.py" 2>&1 | tee "$OUT/check.log" ;;
+    profile) python3 -m quantkit.bench.export_profile --input llama3-8b --layers 4 --device cuda --work /tmp 2>&1 \
+             | tail -40 | tee "$OUT/profile.log" ;;
+    speed-*) python3 -m quantkit.bench.export_speed --input "${step#speed-}-8b" --device cuda --work /tmp 2>&1 \
+             | tail -60 | tee "$OUT/$step.log" ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+done
+cp /tmp/site/quantkit/bench/results/*.json "$OUT/" 2>/dev/null
+exit $status
