@@ -20,6 +20,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -178,6 +179,13 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
         work = Path(tmp)
         model = HFModel(prepare_input(a.input, work, a.layers))
+        measured = None
+        if not a.no_export:     # first: a child inherits the peak RSS this process reaches below
+            stats = work / "stats.json"
+            measured = run([sys.executable, "-m", "quantkit", "export", str(model.path), "--gguf", VARIANTS,
+                            "-o", str(work / "out"), "--device", str(dev), "--stats", str(stats), "-q"])
+            measured["stats"] = json.loads(stats.read_text())
+            shutil.rmtree(work / "out")
         rates = {"read": read_rate(model), "copies": copy_rates(dev), "write": write_rate(work),
                  "quantize": kernel_rates(dev, chunk_sizes, values)}
         plan = plan_values(model)
@@ -185,11 +193,8 @@ def main(argv: list[str] | None = None) -> dict:
                   "device": str(dev), "input": {"name": a.input, "layers": a.layers},
                   "rates": rates, "plan": plan, "predicted": predict(plan, rates),
                   "top_ops": top_ops(dev, values)}
-        if not a.no_export:
-            stats = work / "stats.json"
-            result["export"] = run([sys.executable, "-m", "quantkit", "export", str(model.path), "--gguf", VARIANTS,
-                                    "-o", str(work / "out"), "--device", str(dev), "--stats", str(stats), "-q"])
-            result["export"]["stats"] = json.loads(stats.read_text())
+        if measured:
+            result["export"] = measured
     tag = a.input + (f"-{a.layers}layers" if a.layers else "") + f"-{dev.type}"
     save_result("export_profile", tag, result)
     print(_summary(result))
