@@ -24,7 +24,7 @@ for step in "$@"; do
              "$REPO/tests/test_streams.py" "$REPO/tests/test_gguf_export.py" "$REPO/tests/test_gptq.py" 2>&1 | tee "$OUT/check.log" ;;
     profile) python3 -m quantkit.bench.export_profile --input llama3-8b --layers 4 --device cuda --work /tmp 2>&1 \
              | tail -40 | tee "$OUT/profile.log" ;;
-    speed-*) python3 -m quantkit.bench.export_speed --input "${step#speed-}-8b" --device cuda --work /tmp 2>&1 \
+    speed-*) python3 -m quantkit.bench.export_speed --input "${step#speed-}-8b" --device cuda --work /tmp --low-disk 2>&1 \
              | tail -60 | tee "$OUT/$step.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
