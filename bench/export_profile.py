@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import shutil
 import sys
@@ -93,7 +94,7 @@ def kernel_rates(dev: torch.device, chunk_sizes: list[int], values: int) -> dict
     from quantkit.kernels import registry as qreg
     x = (torch.randn(values // 4096, 4096, generator=torch.Generator().manual_seed(0)) * 0.02).to(dev)
     out: dict = {}
-    saved = dict(qreg.CHUNK_VALUES), qreg.CHUNK_VALUES_DEFAULT
+    saved = dict(qreg.CHUNK_VALUES)
     try:
         for qtype in ("q8_0", "q4_k", "q5_k", "q6_k", "q5_0", "bf16"):
             qt = qreg.get(qtype)
@@ -104,7 +105,7 @@ def kernel_rates(dev: torch.device, chunk_sizes: list[int], values: int) -> dict
                 out[qtype][str(cv)] = round(x.numel() / sec / 1e6, 1)
     finally:
         qreg.CHUNK_VALUES.clear()
-        qreg.CHUNK_VALUES.update(saved[0])
+        qreg.CHUNK_VALUES.update(saved)
     return out
 
 
@@ -137,15 +138,13 @@ def plan_values(model) -> dict:
     values: dict[str, int] = {}
     written = 0
     for p in plans:
-        n = 1
-        for d in p.tensor.shape:
-            n *= d
+        n = math.prod(p.tensor.shape)
         qtypes = [p.choices[v.name].qtype for v in variants]
         for q in set(qtypes):
             values[q] = values.get(q, 0) + n
         for q in qtypes:
             qt = qreg.get(q)
-            written += n // qt.block_size * qt.type_size
+            written += n // p.tensor.shape[-1] * qreg.row_nbytes(qt, p.tensor.shape[-1])
     return {"values": values, "bytes_written": written, "bytes_read": model.total_bytes()}
 
 

@@ -28,6 +28,7 @@ from .outputs import sha256_file, write_text_atomic
 from .plan import TensorPlan, Variant, format_plan, make_plan
 from .streams import Worker, prefetch, to_device, to_host
 from .tokenizer import load_vocab
+from .transforms import finite_flag
 
 # Values per row chunk: the unit that is read, transformed and quantized at once. 16 M values is
 # 64 MB in float32: an 8B model's largest tensor (128256 x 4096) goes through in 32 chunks.
@@ -116,6 +117,7 @@ def _imatrix_kv(given_path: str, note: dict) -> dict:
 class _Chunk:
     """One row chunk of one tensor on its way through the stages."""
     plan: TensorPlan
+    index: int                                  # of the plan in file order, for the progress bar
     in_bytes: int                               # of the input, for the progress bar
     rows: slice
     data: dict[str, torch.Tensor] = field(default_factory=dict)    # qtype → quantized bytes (host)
@@ -127,12 +129,12 @@ def _reads(model: HFModel, plans: list[TensorPlan], chunk_values: int, pin: bool
     """(chunk, its rows as stored) for every tensor in file order: the reader thread's work. It
     does I/O only (pinning for a CUDA copy): torch ops in a second thread fight the main thread's
     for the cores (on 2 cores, converting here made the whole export 2x slower)."""
-    for p in plans:
+    for i, p in enumerate(plans):
         ref = model.tensors[p.tensor.hf_name] if p.tensor.hf_name else None
         for rows in row_chunks(p.tensor, chunk_values):
             nbytes = ref.nbytes * (rows.stop - rows.start) // (ref.shape[0] if ref.shape else 1) if ref else 0
             x = fetch(model, p.tensor, rows)
-            yield _Chunk(p, nbytes, rows), (x.pin_memory() if pin and x is not None else x)
+            yield _Chunk(p, i, nbytes, rows), (x.pin_memory() if pin and x is not None else x)
 
 
 def prepare(model: HFModel, variants: list[Variant]):
@@ -186,7 +188,6 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
     total = sum(model.tensors[p.tensor.hf_name].nbytes for p in plans if p.tensor.hf_name)
     bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress, file=sys.stderr,
                desc="export", dynamic_ncols=True)
-    index = {id(p): i for i, p in enumerate(plans)}
 
     def write(c: _Chunk) -> None:               # the writer thread, in file order
         if c.ready is not None:
@@ -195,7 +196,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
             raise _not_finite(model, c.plan.tensor)
         for v in variants:
             files[v.name].write(c.plan.tensor.gguf_name, c.data[c.plan.choices[v.name].qtype].numpy())
-        bar.set_postfix_str(f"tensor {index[id(c.plan)] + 1}/{len(plans)} {c.plan.tensor.gguf_name}", refresh=False)
+        bar.set_postfix_str(f"tensor {c.index + 1}/{len(plans)} {c.plan.tensor.gguf_name}", refresh=False)
         bar.update(c.in_bytes)
 
     try:
@@ -209,7 +210,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
                 t = c.plan.tensor
                 if t.generate is None:      # merged (a MergedModel), then checked by the writer
                     x = model.finish(t.hf_name, c.rows.start, c.rows.stop, x).to(device=dev, dtype=torch.float32)
-                    c.finite = to_host(torch.isfinite(x).all())
+                    c.finite = to_host(finite_flag(x))
                 x = to_rows(x, t)
                 for qtype in dict.fromkeys(c.plan.choices[v.name].qtype for v in variants):
                     c.data[qtype] = to_host(qreg.quantize_rows(x, qreg.get(qtype), weights.get(t.gguf_name)))

@@ -114,13 +114,13 @@ class MergedModel(HFModel):
         return self.base.read_rows(name, start, stop) if name in self.base.tensors else None
 
     def finish(self, name: str, start: int, stop: int, fetched: torch.Tensor | None) -> torch.Tensor:
-        """The merged rows in the output dtype, on the merge device (or where `fetched` is)."""
+        """The merged rows in the output dtype, on the merge device."""
         ops = self.ops.get(name)
         if not ops:
             return fetched.to(self.dtype)
         rows = slice(start, stop)
         if fetched is not None:
-            x = fetched.to(device=self.device if fetched.device.type == "cpu" else fetched.device, dtype=torch.float32)
+            x = fetched.to(device=self.device, dtype=torch.float32)
         else:   # lm_head of a tied base, replaced by an adapter: its first op supplies the rows
             shape = self.tensors[name].shape
             x = torch.zeros((stop - start, *shape[1:]), dtype=torch.float32, device=self.device)

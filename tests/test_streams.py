@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from quantkit.streams import Worker, prefetch, to_device, to_host
-from quantkit.transforms import all_finite
+from quantkit.transforms import all_finite, finite_flag
 
 
 def test_prefetch_yields_everything_in_order():
@@ -65,6 +65,20 @@ def test_all_finite():
     huge = torch.full((4, 8), 3e38)          # finite, but the row sums overflow: the exact test decides
     assert all_finite(huge)
     assert all_finite(torch.ones(10)) and not all_finite(torch.tensor([1.0, float("nan")]))
+
+
+def test_finite_flag_is_all_finite_as_a_tensor():
+    x = torch.randn(64, 300)
+    cases = [x, torch.full((4, 8), 3e38), torch.ones(10), torch.tensor([1.0, float("nan")])]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[17, 123] = bad
+        cases.append(y)
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        for c in cases:
+            flag = finite_flag(c.to(dev))
+            assert flag.dtype == torch.bool and flag.dim() == 0 and bool(flag) == all_finite(c)
 
 
 def test_worker_runs_every_item_in_order_and_close_waits_for_them():
