@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _ops, searches_cpu
 from ._ops import div, f32, nearest_int, seq_sum
 
 GROUP_MAX_EPS = f32(1e-15)
@@ -20,6 +20,8 @@ def make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float
     x, w: float32 [n, N], position-major (one column per sub-block, n values each).
     Returns (scale [N], the_min [N], L [n, N]); L holds small integers as float32.
     """
+    if x.device.type == "cpu" and searches_cpu.available():
+        return searches_cpu.make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep)
     min_ = x.amin(0)
     max_ = x.amax(0)
     sum_w = seq_sum(w, from_zero=False)
@@ -90,6 +92,8 @@ def make_qx_quants_rmse1(x: Tensor, nmax: int, qw: Tensor | None = None):
 
     x, qw: float32 [n, N], position-major. Returns (scale [N], L [n, N]) with L as float32.
     """
+    if x.device.type == "cpu" and searches_cpu.available():
+        return searches_cpu.make_qx_quants_rmse1(x, nmax, qw)
     ax = x.abs()
     # `if (ax > amax) { amax = ax; max = x[i]; }`: the first value of largest magnitude
     idx = ax.argmax(0, keepdim=True)

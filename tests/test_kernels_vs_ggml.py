@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from quantkit.bench import ggml_ref
-from quantkit.kernels import registry
+from quantkit.kernels import registry, searches_cpu
 
 if not ggml_ref.available():
     pytest.skip("llama-cpp-python (ggml shared libraries) is not installed", allow_module_level=True)
@@ -22,6 +22,18 @@ K_QUANTS = ["q4_k", "q5_k", "q6_k"]
 QUANTIZED = LEGACY + K_QUANTS
 FLOATS = ["f32", "f16", "bf16"]
 ALL = QUANTIZED + FLOATS
+
+
+# every test runs with each CPU implementation of the scale searches: the numba one (the default
+# where numba is installed) and the torch one (the GPU's, and the CPU fallback without numba)
+@pytest.fixture(autouse=True, params=["numba", "torch"])
+def search_backend(request, monkeypatch):
+    if request.param == "numba":
+        if not searches_cpu.available():
+            pytest.skip("numba is not installed")
+    else:
+        monkeypatch.setattr(searches_cpu, "available", lambda: False)
+    return request.param
 
 
 def _rng(*key) -> np.random.Generator:

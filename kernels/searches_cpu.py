@@ -1,0 +1,250 @@
+"""The two hot scale searches of searches.py compiled for the CPU with numba: make_qkx2_quants
+(Q4_K, Q5_K) and make_qx_quants with rmse_type 1 (Q6_K).
+
+Same inputs, outputs and float32 operations as the torch versions, in the same order, so the
+bytes are ggml's. What changes is where the work happens: torch runs each elementwise step over
+the whole chunk (about 16 passes over memory per search step, 2000 dispatches per chunk); here a
+tile of TILE sub-blocks is searched to the end while it sits in the L1 cache, with the loop over
+the tile's sub-blocks innermost, so that LLVM vectorizes across sub-blocks (every sub-block still
+adds its terms one position after another, as C does: nothing is reassociated, and numba's
+default math is IEEE, no FMA contraction). Tiles run in parallel (prange).
+
+numba is optional: `available()` is False where it is missing or QUANTKIT_NUMBA=0, and the torch
+searches run instead.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+try:
+    if os.environ.get("QUANTKIT_NUMBA", "1") == "0":
+        raise ImportError("QUANTKIT_NUMBA=0")
+    import numba
+    from numba import prange
+except ImportError:  # pragma: no cover - exercised where numba is absent
+    numba = None
+
+TILE = 64  # sub-blocks searched together: 32 positions x 64 x 4 bytes = 8 KiB per array
+F = np.float32
+GROUP_MAX_EPS = F(1e-15)
+
+
+def available() -> bool:
+    return numba is not None
+
+
+if numba is not None:
+    # error_model="numpy": a float division by zero gives inf/NaN as in C, not ZeroDivisionError
+    _jit = numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
+
+    @_jit
+    def _qkx2(x, w, nmax, rmin, rdelta, nstep, scale_out, min_out, L_out):  # pragma: no cover - compiled
+        n, N = x.shape
+        fnmax = F(nmax)
+        zero = F(0.0)
+        for t in prange((N + TILE - 1) // TILE):
+            b0 = t * TILE
+            m = min(N, b0 + TILE) - b0
+            # contiguous copies: the type then says stride 1 along b, which lets LLVM vectorize
+            xs = np.ascontiguousarray(x[:, b0:b0 + m])
+            ws = np.ascontiguousarray(w[:, b0:b0 + m])
+            mn = xs[0].copy()
+            mx = xs[0].copy()
+            sum_w = ws[0].copy()
+            sum_x = np.empty(m, F)
+            for b in range(m):
+                sum_x[b] = sum_w[b] * xs[0, b]
+            for i in range(1, n):
+                for b in range(m):
+                    v = xs[i, b]
+                    if v < mn[b]:
+                        mn[b] = v
+                    if v > mx[b]:
+                        mx[b] = v
+                    sum_w[b] = sum_w[b] + ws[i, b]
+                    sum_x[b] = sum_x[b] + ws[i, b] * v
+            flat = np.empty(m, np.bool_)
+            for b in range(m):
+                if mn[b] > zero:
+                    mn[b] = zero
+                flat[b] = mx[b] == mn[b]
+
+            iscale = np.empty(m, F)
+            scale = np.empty(m, F)
+            best = np.zeros(m, F)
+            l_iscale = np.empty(m, F)
+            l_min = mn.copy()
+            for b in range(m):
+                isc = fnmax / (mx[b] - mn[b])
+                scale[b] = F(1.0) / isc
+                # an infinite iscale (a range below ~1e-37) makes every C code 0: so does 0
+                iscale[b] = isc if np.isfinite(isc) else zero
+                l_iscale[b] = iscale[b]
+            for i in range(n):
+                for b in range(m):
+                    q = np.rint(iscale[b] * (xs[i, b] - mn[b]))
+                    q = zero if q < zero else q
+                    q = fnmax if q > fnmax else q
+                    diff = scale[b] * q + mn[b] - xs[i, b]
+                    best[b] = best[b] + ws[i, b] * (diff * diff)
+
+            laux = np.empty((n, m), F)
+            sum_l = np.empty(m, F)
+            sum_l2 = np.empty(m, F)
+            sum_xl = np.empty(m, F)
+            this_scale = np.empty(m, F)
+            this_min = np.empty(m, F)
+            cur = np.empty(m, F)
+            D = np.empty(m, F)
+            for step in range(nstep + 1):
+                num = rmin + rdelta * F(step) + fnmax
+                for b in range(m):
+                    isc = num / (mx[b] - mn[b])
+                    iscale[b] = isc if np.isfinite(isc) else zero
+                    sum_l[b] = zero
+                    sum_l2[b] = zero
+                    sum_xl[b] = zero
+                for i in range(n):
+                    for b in range(m):
+                        q = np.rint(iscale[b] * (xs[i, b] - mn[b]))
+                        q = zero if q < zero else q
+                        q = fnmax if q > fnmax else q
+                        laux[i, b] = q
+                        wl = ws[i, b] * q
+                        sum_l[b] = sum_l[b] + wl
+                        sum_l2[b] = sum_l2[b] + wl * q
+                        sum_xl[b] = sum_xl[b] + wl * xs[i, b]
+                for b in range(m):
+                    d = sum_w[b] * sum_l2[b] - sum_l[b] * sum_l[b]
+                    D[b] = d
+                    ts = (sum_w[b] * sum_xl[b] - sum_x[b] * sum_l[b]) / d
+                    tm = (sum_l2[b] * sum_x[b] - sum_l[b] * sum_xl[b]) / d
+                    if tm > zero:
+                        tm = zero
+                        ts = sum_xl[b] / sum_l2[b]
+                    this_scale[b] = ts
+                    this_min[b] = tm
+                    cur[b] = zero
+                for i in range(n):
+                    for b in range(m):
+                        diff = this_scale[b] * laux[i, b] + this_min[b] - xs[i, b]
+                        cur[b] = cur[b] + ws[i, b] * (diff * diff)
+                for b in range(m):
+                    if D[b] > zero and cur[b] < best[b] and not flat[b]:
+                        l_iscale[b] = iscale[b]
+                        l_min[b] = mn[b]
+                        best[b] = cur[b]
+                        scale[b] = this_scale[b]
+                        mn[b] = this_min[b]
+
+            for i in range(n):
+                for b in range(m):
+                    q = np.rint(l_iscale[b] * (xs[i, b] - l_min[b]))
+                    q = zero if q < zero else q
+                    q = fnmax if q > fnmax else q
+                    L_out[i, b0 + b] = zero if flat[b] else q
+            for b in range(m):
+                scale_out[b0 + b] = zero if flat[b] else scale[b]
+                min_out[b0 + b] = -mn[b]
+
+    @_jit
+    def _qx_rmse1(x, qw, use_qw, nmax, scale_out, L_out):  # pragma: no cover - compiled
+        n, N = x.shape
+        fnmax = F(nmax)
+        lo = F(-nmax)
+        hi = F(nmax - 1)
+        zero = F(0.0)
+        for t in prange((N + TILE - 1) // TILE):
+            b0 = t * TILE
+            m = min(N, b0 + TILE) - b0
+            xs = np.ascontiguousarray(x[:, b0:b0 + m])
+            qs = np.ascontiguousarray(qw[:, b0:b0 + m])
+            # `if (ax > amax) { amax = ax; max = x[i]; }`: the first value of largest magnitude
+            amax = np.zeros(m, F)
+            mx = np.zeros(m, F)
+            for i in range(n):
+                for b in range(m):
+                    ax = abs(xs[i, b])
+                    if ax > amax[b]:
+                        amax[b] = ax
+                        mx[b] = xs[i, b]
+            w = np.empty((n, m), F)
+            wx = np.empty((n, m), F)
+            for i in range(n):
+                for b in range(m):
+                    v = xs[i, b]
+                    wv = qs[i, b] if use_qw else v * v
+                    w[i, b] = wv
+                    wx[i, b] = wv * v
+            iscale = np.empty(m, F)
+            l_iscale = np.empty(m, F)
+            sumlx = np.zeros(m, F)
+            suml2 = np.zeros(m, F)
+            scale = np.empty(m, F)
+            best = np.empty(m, F)
+            for b in range(m):
+                iscale[b] = -fnmax / mx[b]
+                l_iscale[b] = iscale[b]
+            for i in range(n):
+                for b in range(m):
+                    q = np.rint(iscale[b] * xs[i, b])
+                    q = lo if q < lo else q
+                    q = hi if q > hi else q
+                    sumlx[b] = sumlx[b] + wx[i, b] * q
+                    suml2[b] = suml2[b] + w[i, b] * q * q
+            for b in range(m):
+                scale[b] = sumlx[b] / suml2[b] if suml2[b] != zero else zero
+                best[b] = scale[b] * sumlx[b]
+            for step in range(-9, 10):
+                if step == 0:
+                    continue
+                num = -(fnmax + F(0.1) * F(step))
+                for b in range(m):
+                    iscale[b] = num / mx[b]
+                    sumlx[b] = zero
+                    suml2[b] = zero
+                for i in range(n):
+                    for b in range(m):
+                        q = np.rint(iscale[b] * xs[i, b])
+                        q = lo if q < lo else q
+                        q = hi if q > hi else q
+                        sumlx[b] = sumlx[b] + wx[i, b] * q
+                        suml2[b] = suml2[b] + w[i, b] * q * q
+                for b in range(m):
+                    if suml2[b] > zero and sumlx[b] * sumlx[b] > best[b] * suml2[b]:
+                        s = sumlx[b] / suml2[b]
+                        scale[b] = s
+                        best[b] = s * sumlx[b]
+                        l_iscale[b] = iscale[b]
+
+            for i in range(n):
+                for b in range(m):
+                    q = np.rint(l_iscale[b] * xs[i, b])
+                    q = lo if q < lo else q
+                    q = hi if q > hi else q
+                    L_out[i, b0 + b] = zero if amax[b] < GROUP_MAX_EPS else q + fnmax
+            for b in range(m):
+                scale_out[b0 + b] = zero if amax[b] < GROUP_MAX_EPS else scale[b]
+
+
+def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """searches.make_qkx2_quants for CPU tensors: x, w float32 [n, N] position-major."""
+    import torch
+    xn, wn = x.contiguous().numpy(), w.contiguous().numpy()
+    n, N = xn.shape
+    scale, the_min, L = np.empty(N, F), np.empty(N, F), np.empty((n, N), F)
+    _qkx2(xn, wn, nmax, F(rmin), F(rdelta), nstep, scale, the_min, L)
+    return torch.from_numpy(scale), torch.from_numpy(the_min), torch.from_numpy(L)
+
+
+def make_qx_quants_rmse1(x, nmax: int, qw=None):
+    """searches.make_qx_quants_rmse1 for CPU tensors: x (and qw) float32 [n, N] position-major."""
+    import torch
+    xn = x.contiguous().numpy()
+    n, N = xn.shape
+    qn = xn if qw is None else qw.contiguous().numpy()
+    scale, L = np.empty(N, F), np.empty((n, N), F)
+    _qx_rmse1(xn, qn, qw is not None, nmax, scale, L)
+    return torch.from_numpy(scale), torch.from_numpy(L)
