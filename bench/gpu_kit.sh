@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Packs what the lent GPU machine lacks into .gpu/ (git-ignored; the device tool carries it, ~30 MB):
 # quantkit as a wheel, the gguf and diskcache wheels, llama-cpp-python (the portable build the
-# tests use as their oracle, from pip's cache) and llama.cpp's converter sources.
+# tests use as their oracle, from pip's cache) and llama.cpp's converter sources. numba is left out
+# (llvmlite alone is ~40 MB): there the CPU scale searches run in torch, which gives the same bytes.
 #
 #   bash bench/gpu_kit.sh                                   # here, after `make install-test`
 #   device run, carry [".gpu"]: bash bench/gpu_session.sh check profile speed-llama3   # there

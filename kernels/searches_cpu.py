@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import torch
 
 try:
     if os.environ.get("QUANTKIT_NUMBA", "1") == "0":
@@ -231,7 +232,6 @@ if numba is not None:
 
 def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     """searches.make_qkx2_quants for CPU tensors: x, w float32 [n, N] position-major."""
-    import torch
     xn, wn = x.contiguous().numpy(), w.contiguous().numpy()
     n, N = xn.shape
     scale, the_min, L = np.empty(N, F), np.empty(N, F), np.empty((n, N), F)
@@ -241,7 +241,6 @@ def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
 
 def make_qx_quants_rmse1(x, nmax: int, qw=None):
     """searches.make_qx_quants_rmse1 for CPU tensors: x (and qw) float32 [n, N] position-major."""
-    import torch
     xn = x.contiguous().numpy()
     n, N = xn.shape
     qn = xn if qw is None else qw.contiguous().numpy()
