@@ -39,6 +39,26 @@ def available() -> bool:
 if numba is not None:
     # error_model="numpy": a float division by zero gives inf/NaN as in C, not ZeroDivisionError
     _jit = numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
+    _inline = numba.njit(inline="always", error_model="numpy")
+
+    @_inline
+    def _code(v, lo, hi):  # pragma: no cover - compiled
+        """nearest_int(v) clamped to [lo, hi], as float32 (exact for the |v| < 2^22 the searches make)."""
+        q = np.rint(v)
+        q = lo if q < lo else q
+        return hi if q > hi else q
+
+    @_inline
+    def _qx_sums(xs, w, wx, iscale, lo, hi, sumlx, suml2):  # pragma: no cover - compiled
+        """make_qx_quants' sums for every sub-block of a tile: sumlx += w*x[i]*l, suml2 += w*l*l."""
+        for b in range(xs.shape[1]):
+            sumlx[b] = F(0.0)
+            suml2[b] = F(0.0)
+        for i in range(xs.shape[0]):
+            for b in range(xs.shape[1]):
+                q = _code(iscale[b] * xs[i, b], lo, hi)
+                sumlx[b] = sumlx[b] + wx[i, b] * q
+                suml2[b] = suml2[b] + w[i, b] * q * q
 
     @_jit
     def _qkx2(x, w, nmax, rmin, rdelta, nstep, scale_out, min_out, L_out):  # pragma: no cover - compiled
@@ -85,9 +105,7 @@ if numba is not None:
                 l_iscale[b] = iscale[b]
             for i in range(n):
                 for b in range(m):
-                    q = np.rint(iscale[b] * (xs[i, b] - mn[b]))
-                    q = zero if q < zero else q
-                    q = fnmax if q > fnmax else q
+                    q = _code(iscale[b] * (xs[i, b] - mn[b]), zero, fnmax)
                     diff = scale[b] * q + mn[b] - xs[i, b]
                     best[b] = best[b] + ws[i, b] * (diff * diff)
 
@@ -109,9 +127,7 @@ if numba is not None:
                     sum_xl[b] = zero
                 for i in range(n):
                     for b in range(m):
-                        q = np.rint(iscale[b] * (xs[i, b] - mn[b]))
-                        q = zero if q < zero else q
-                        q = fnmax if q > fnmax else q
+                        q = _code(iscale[b] * (xs[i, b] - mn[b]), zero, fnmax)
                         laux[i, b] = q
                         wl = ws[i, b] * q
                         sum_l[b] = sum_l[b] + wl
@@ -142,9 +158,7 @@ if numba is not None:
 
             for i in range(n):
                 for b in range(m):
-                    q = np.rint(l_iscale[b] * (xs[i, b] - l_min[b]))
-                    q = zero if q < zero else q
-                    q = fnmax if q > fnmax else q
+                    q = _code(l_iscale[b] * (xs[i, b] - l_min[b]), zero, fnmax)
                     L_out[i, b0 + b] = zero if flat[b] else q
             for b in range(m):
                 scale_out[b0 + b] = zero if flat[b] else scale[b]
@@ -181,20 +195,14 @@ if numba is not None:
                     wx[i, b] = wv * v
             iscale = np.empty(m, F)
             l_iscale = np.empty(m, F)
-            sumlx = np.zeros(m, F)
-            suml2 = np.zeros(m, F)
+            sumlx = np.empty(m, F)
+            suml2 = np.empty(m, F)
             scale = np.empty(m, F)
             best = np.empty(m, F)
             for b in range(m):
                 iscale[b] = -fnmax / mx[b]
                 l_iscale[b] = iscale[b]
-            for i in range(n):
-                for b in range(m):
-                    q = np.rint(iscale[b] * xs[i, b])
-                    q = lo if q < lo else q
-                    q = hi if q > hi else q
-                    sumlx[b] = sumlx[b] + wx[i, b] * q
-                    suml2[b] = suml2[b] + w[i, b] * q * q
+            _qx_sums(xs, w, wx, iscale, lo, hi, sumlx, suml2)
             for b in range(m):
                 scale[b] = sumlx[b] / suml2[b] if suml2[b] != zero else zero
                 best[b] = scale[b] * sumlx[b]
@@ -204,15 +212,7 @@ if numba is not None:
                 num = -(fnmax + F(0.1) * F(step))
                 for b in range(m):
                     iscale[b] = num / mx[b]
-                    sumlx[b] = zero
-                    suml2[b] = zero
-                for i in range(n):
-                    for b in range(m):
-                        q = np.rint(iscale[b] * xs[i, b])
-                        q = lo if q < lo else q
-                        q = hi if q > hi else q
-                        sumlx[b] = sumlx[b] + wx[i, b] * q
-                        suml2[b] = suml2[b] + w[i, b] * q * q
+                _qx_sums(xs, w, wx, iscale, lo, hi, sumlx, suml2)
                 for b in range(m):
                     if suml2[b] > zero and sumlx[b] * sumlx[b] > best[b] * suml2[b]:
                         s = sumlx[b] / suml2[b]
@@ -222,9 +222,7 @@ if numba is not None:
 
             for i in range(n):
                 for b in range(m):
-                    q = np.rint(l_iscale[b] * xs[i, b])
-                    q = lo if q < lo else q
-                    q = hi if q > hi else q
+                    q = _code(l_iscale[b] * xs[i, b], lo, hi)
                     L_out[i, b0 + b] = zero if amax[b] < GROUP_MAX_EPS else q + fnmax
             for b in range(m):
                 scale_out[b0 + b] = zero if amax[b] < GROUP_MAX_EPS else scale[b]
