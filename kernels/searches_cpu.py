@@ -175,7 +175,7 @@ if numba is not None:
             b0 = t * TILE
             m = min(N, b0 + TILE) - b0
             xs = np.ascontiguousarray(x[:, b0:b0 + m])
-            qs = np.ascontiguousarray(qw[:, b0:b0 + m])
+            qs = np.ascontiguousarray(qw[:, b0:b0 + m]) if use_qw else xs   # no imatrix: no second copy
             # `if (ax > amax) { amax = ax; max = x[i]; }`: the first value of largest magnitude
             amax = np.zeros(m, F)
             mx = np.zeros(m, F)
@@ -241,7 +241,7 @@ def make_qx_quants_rmse1(x, nmax: int, qw=None):
     """searches.make_qx_quants_rmse1 for CPU tensors: x (and qw) float32 [n, N] position-major."""
     xn = x.contiguous().numpy()
     n, N = xn.shape
-    qn = xn if qw is None else qw.contiguous().numpy()
+    qn = xn if qw is None else qw.contiguous().numpy()     # unread without an imatrix (use_qw)
     scale, L = np.empty(N, F), np.empty((n, N), F)
     _qx_rmse1(xn, qn, qw is not None, nmax, scale, L)
     return torch.from_numpy(scale), torch.from_numpy(L)
