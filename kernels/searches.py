@@ -2,13 +2,17 @@
 make_qkx3_quants, the same computation with other weights and steps), make_qx_quants with
 rmse_type 1, and make_qp_quants. Each mirrors the C loop operation for operation in float32 (see
 _ops), with the blocks laid out position-major: x[i, b] is value i of block b.
+
+The first two are where the K-quants spend their time, and have compiled versions with the same
+bytes: searches_cpu (numba) for CPU tensors, searches_cuda (searches.cu through NVRTC) for CUDA
+ones. The torch code here is the reference form and the fallback where neither is available.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import _ops, searches_cpu
+from . import _ops, searches_cpu, searches_cuda
 from ._ops import div, f32, nearest_int, seq_sum
 
 GROUP_MAX_EPS = f32(1e-15)
@@ -22,6 +26,8 @@ def make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float
     """
     if x.device.type == "cpu" and searches_cpu.available():
         return searches_cpu.make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep)
+    if searches_cuda.available(x.device, f"qkx2_search_{x.shape[0]}"):
+        return searches_cuda.make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep)
     min_ = x.amin(0)
     max_ = x.amax(0)
     sum_w = seq_sum(w, from_zero=False)
@@ -94,6 +100,8 @@ def make_qx_quants_rmse1(x: Tensor, nmax: int, qw: Tensor | None = None):
     """
     if x.device.type == "cpu" and searches_cpu.available():
         return searches_cpu.make_qx_quants_rmse1(x, nmax, qw)
+    if searches_cuda.available(x.device, f"qx_rmse1_search_{x.shape[0]}"):
+        return searches_cuda.make_qx_quants_rmse1(x, nmax, qw)
     ax = x.abs()
     # `if (ax > amax) { amax = ax; max = x[i]; }`: the first value of largest magnitude
     idx = ax.argmax(0, keepdim=True)

@@ -1,6 +1,8 @@
 """The kernel registry and hand-checked golden blocks (no llama.cpp needed)."""
 from __future__ import annotations
 
+import warnings
+
 import gguf
 import pytest
 import torch
@@ -145,3 +147,44 @@ def test_cuda_bytes_equal_cpu_bytes(name):
     assert torch.equal(cpu, cuda.cpu())
     assert torch.equal(registry.dequantize_rows(cpu, qtype, 1024),
                        registry.dequantize_rows(cuda, qtype, 1024).cpu())
+
+
+def _hard_rows(g: torch.Generator) -> torch.Tensor:
+    """Rows at the edges of the searches: huge, tiny and float32-subnormal magnitudes (infinite
+    inverse scales, inf * 0 = NaN coded as 0), zero and constant blocks, one outlier per block."""
+    x = torch.cat([torch.randn(4, 1024, generator=g) * s for s in (1e-40, 1e-30, 1e-6, 0.02, 1.0, 1e4, 1e15)])
+    x[0, :256] = 0.0
+    x[1, :512] = 3.0
+    x[2, 256:512] = -1e-44
+    x[8].view(-1, 32)[:, 5] *= 1e3
+    return x
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_uses_the_compiled_searches():
+    # without them the GPU falls back to the torch searches (same bytes, ~2000 launches a chunk):
+    # a broken compile must not pass unseen
+    from quantkit.kernels import searches_cuda
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert searches_cuda.available(torch.device("cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("search", ["compiled", "torch"])
+@pytest.mark.parametrize("name", ["q4_k", "q5_k", "q6_k", "q5_0", "q5_1"])
+def test_cuda_searched_bytes_equal_cpu_bytes_at_the_edges_and_with_an_imatrix(name, search, monkeypatch):
+    # the CPU bytes are checked against ggml in test_kernels_vs_ggml.py, on these cases too
+    from quantkit.kernels import searches_cuda
+    if search == "torch":
+        monkeypatch.setattr(searches_cuda, "available", lambda device, kernel=None: False)
+    qtype = registry.get(name)
+    g = torch.Generator().manual_seed(11)
+    x = _hard_rows(g)
+    imatrix = torch.rand(1024, generator=g) ** 4
+    for im in (None, imatrix):
+        cpu = registry.quantize_rows(x, qtype, im)
+        cuda = registry.quantize_rows(x.cuda(), qtype, None if im is None else im.cuda())
+        assert torch.equal(cpu, cuda.cpu()), f"{name}, imatrix={im is not None}, {search} searches"

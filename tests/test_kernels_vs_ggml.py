@@ -5,6 +5,9 @@ and the same bytes as ggml_quantize_chunk(type, ..., imatrix) with an importance
 """
 from __future__ import annotations
 
+import ctypes
+import shutil
+import subprocess
 import zlib
 
 import numpy as np
@@ -12,7 +15,7 @@ import pytest
 import torch
 
 from quantkit.bench import ggml_ref
-from quantkit.kernels import registry, searches_cpu
+from quantkit.kernels import registry, searches_cpu, searches_cuda
 
 if not ggml_ref.available():
     pytest.skip("llama-cpp-python (ggml shared libraries) is not installed", allow_module_level=True)
@@ -24,15 +27,58 @@ FLOATS = ["f32", "f16", "bf16"]
 ALL = QUANTIZED + FLOATS
 
 
-# every test runs with each CPU implementation of the scale searches: the numba one (the default
-# where numba is installed) and the torch one (the GPU's, and the CPU fallback without numba)
-@pytest.fixture(autouse=True, params=["numba", "torch"])
+@pytest.fixture(scope="session")
+def cuda_source_on_host(tmp_path_factory):
+    """kernels/searches.cu, the GPU's scale searches, compiled for this CPU as NVRTC compiles it
+    for the GPU (no multiply-add contraction): (make_qkx2_quants, make_qx_quants_rmse1) taking
+    and returning CPU tensors as searches_cpu's do."""
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build kernels/searches.cu for the host")
+    lib_path = tmp_path_factory.mktemp("searches_cu") / "searches_cu.so"
+    subprocess.run([cxx, "-x", "c++", "-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-shared",
+                    "-fPIC", "-o", str(lib_path), str(searches_cuda.SOURCE)], check=True)
+    lib = ctypes.CDLL(str(lib_path))
+    P = ctypes.c_void_p
+
+    def ptr(t: torch.Tensor):
+        return P(t.data_ptr())
+
+    def qkx2(x, w, nmax, rmin, rdelta, nstep):
+        x, w = x.contiguous(), w.contiguous()
+        params = torch.tensor([nmax, rmin, rdelta, nstep], dtype=torch.float32)
+        scale, the_min, L = torch.empty(x.shape[1]), torch.empty(x.shape[1]), torch.empty_like(x)
+        getattr(lib, f"qkx2_search_{x.shape[0]}")(ptr(x), ptr(w), ptr(params), ptr(scale), ptr(the_min), ptr(L),
+                                                 ctypes.c_int(x.shape[1]))
+        return scale, the_min, L
+
+    def qx_rmse1(x, nmax, qw=None):
+        x = x.contiguous()
+        q = x if qw is None else qw.contiguous()
+        params = torch.tensor([nmax, 0, 0, 0], dtype=torch.float32)
+        scale, L = torch.empty(x.shape[1]), torch.empty_like(x)
+        getattr(lib, f"qx_rmse1_search_{x.shape[0]}")(ptr(x), ptr(q), ptr(params), ptr(scale), ptr(L),
+                                                     ctypes.c_int(qw is not None), ctypes.c_int(x.shape[1]))
+        return scale, L
+
+    return qkx2, qx_rmse1
+
+
+# every test runs with each implementation of the scale searches: the numba one (the CPU's default
+# where numba is installed), the torch one (the CPU fallback without numba, and the GPU's without
+# NVRTC) and searches.cu (the GPU's), here compiled for the host and run in place of numba's
+@pytest.fixture(autouse=True, params=["numba", "torch", "cuda-source"])
 def search_backend(request, monkeypatch):
     if request.param == "numba":
         if not searches_cpu.available():
             pytest.skip("numba is not installed")
-    else:
+    elif request.param == "torch":
         monkeypatch.setattr(searches_cpu, "available", lambda: False)
+    else:
+        qkx2, qx_rmse1 = request.getfixturevalue("cuda_source_on_host")
+        monkeypatch.setattr(searches_cpu, "available", lambda: True)
+        monkeypatch.setattr(searches_cpu, "make_qkx2_quants", qkx2)
+        monkeypatch.setattr(searches_cpu, "make_qx_quants_rmse1", qx_rmse1)
     return request.param
 
 
@@ -114,9 +160,10 @@ def test_bytes_match_ggml_on_huge_magnitudes(qname):
 
 @pytest.mark.parametrize("qname", ALL)
 def test_bytes_match_ggml_on_tiny_magnitudes(qname):
-    # fp16 scales underflow to subnormals (1e-6) or to zero (1e-12, 1e-30)
+    # fp16 scales underflow to subnormals (1e-6) or to zero (1e-12, 1e-30); float32 subnormals
+    # (1e-40) make the searches' inverse scales infinite, and inf * 0 a NaN that ggml codes as 0
     rng = _rng("tiny", qname)
-    for scale in (1e-6, 1e-12, 1e-30):
+    for scale in (1e-6, 1e-12, 1e-30, 1e-40):
         _assert_bytes_match(rng.standard_normal((4, _cols())) * scale, qname)
 
 

@@ -1,0 +1,90 @@
+"""The two hot scale searches of searches.py on the GPU: searches.cu compiled at run time by NVRTC
+(nvrtc.py; no compiler or CUDA toolkit needed, NVRTC comes with CUDA torch), one thread per sub-block.
+
+Same inputs, outputs and float32 operations as the torch versions, so the bytes are ggml's (the
+tests run searches.cu compiled for the host against ggml, and the CUDA tests compare the GPU's
+bytes with the CPU's).
+
+`available(device)` compiles on first use and is False where the compilation or loading fails
+(a warning says why, once) or QUANTKIT_NVRTC=0; the torch searches run then.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from importlib import resources
+
+import torch
+
+from . import nvrtc
+
+SOURCE = resources.files(__package__).joinpath("searches.cu")
+KERNELS = ("qkx2_search_32", "qx_rmse1_search_16", "qx_rmse1_search_32")
+# --fmad=false: no multiply-add contraction (C's float32 semantics); IEEE division and denormals
+# are NVRTC's defaults, stated anyway
+NVRTC_OPTIONS = ["--fmad=false", "--prec-div=true", "--ftz=false", "--std=c++17"]
+THREADS = 128
+
+_loaded: dict[int, dict | None] = {}          # device index → {kernel name: Kernel}, None if that failed
+_params: dict[tuple, torch.Tensor] = {}       # (device index, values) → the kernel's float32 parameters
+
+
+def _device(device: torch.device) -> torch.device:
+    return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _kernels(device: torch.device) -> dict | None:
+    device = _device(device)
+    if device.index not in _loaded:
+        kernels = None
+        if os.environ.get("QUANTKIT_NVRTC", "1") != "0":
+            try:
+                arch = "".join(map(str, torch.cuda.get_device_capability(device)))
+                kernels = nvrtc.load(nvrtc.compile_cubin(SOURCE.read_text(), arch, NVRTC_OPTIONS, "searches.cu"),
+                                     list(KERNELS), device)
+            except Exception as e:  # noqa: BLE001 - any failure means: use the torch searches
+                warnings.warn(f"quantkit: the GPU scale searches are not available ({e}); using the slower torch "
+                              "ones (same bytes)", RuntimeWarning, stacklevel=4)
+        _loaded[device.index] = kernels
+    return _loaded[device.index]
+
+
+def available(device: torch.device, kernel: str | None = None) -> bool:
+    """Whether the compiled searches run on `device` (and include `kernel`, e.g. "qx_rmse1_search_16")."""
+    return device.type == "cuda" and _kernels(device) is not None and (kernel is None or kernel in KERNELS)
+
+
+def _params_on(device: torch.device, *values: float) -> torch.Tensor:
+    """A few float32 parameters on the device, copied there once (a copy per call would wait)."""
+    key = (_device(device).index, values)
+    if key not in _params:
+        _params[key] = torch.tensor(values, dtype=torch.float32).to(device)
+    return _params[key]
+
+
+def _launch(name: str, N: int, args: list) -> None:
+    if N == 0:
+        return
+    _kernels(args[0].device)[name](((N + THREADS - 1) // THREADS,), (THREADS,), args)
+
+
+def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """searches.make_qkx2_quants for CUDA tensors: x, w float32 [n, N] position-major (n = 32)."""
+    n, N = x.shape
+    x, w = x.contiguous(), w.contiguous()
+    params = _params_on(x.device, nmax, rmin, rdelta, nstep)
+    scale, the_min, L = torch.empty(N, device=x.device), torch.empty(N, device=x.device), torch.empty_like(x)
+    _launch(f"qkx2_search_{n}", N, [x, w, params, scale, the_min, L, N])
+    return scale, the_min, L
+
+
+def make_qx_quants_rmse1(x, nmax: int, qw=None):
+    """searches.make_qx_quants_rmse1 for CUDA tensors: x (and qw) float32 [n, N] position-major (n = 16, 32)."""
+    n, N = x.shape
+    x = x.contiguous()
+    use_qw = qw is not None
+    qw = qw.contiguous() if use_qw else x          # unread without an imatrix
+    params = _params_on(x.device, nmax)
+    scale, L = torch.empty(N, device=x.device), torch.empty_like(x)
+    _launch(f"qx_rmse1_search_{n}", N, [x, qw, params, scale, L, int(use_qw), N])
+    return scale, L
