@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> dict:
         model = prepare_input(a.input, work, a.layers)
         ours = run([sys.executable, "-m", "quantkit", "export", str(model), "--gguf", ",".join(variants),
                     "-o", str(work / "ours"), "--device", a.device, "--stats", str(work / "stats.json"), "-q"])
+        print(f"quantkit: {ours['seconds']} s, peak RSS {ours['peak_rss_mib']} MiB "
+              f"({(work / 'stats.json').read_text().strip()})", flush=True)   # in the log even if cut short
         ours_files = json.loads((work / "ours" / "export.json").read_text())["files"]
         ours_sha = {v: sha256_file(work / "ours" / ours_files[v]["path"]) for v in variants}
         if a.low_disk:
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
                                             "import sys; from pathlib import Path; from quantkit.bench.llamacpp_ref import llama_quantize; "
                                             "llama_quantize(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])",
                                             str(work / "ref-bf16.gguf"), str(work / f"ref-{v}.gguf"), v])
+                steps = ", ".join(f"{k} {r['seconds']} s" for k, r in ref.items())
+                print(f"llama.cpp: {steps}", flush=True)
                 ref_sha = sha256_file(work / f"ref-{v}.gguf")
                 mine, theirs = work / "ours" / ours_files[v]["path"], work / f"ref-{v}.gguf"
                 same = ref_sha == ours_sha[v]

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # On the lent GPU machine, from the repository root, with .gpu/ carried (bench/gpu_kit.sh):
 #
-#   bash bench/gpu_session.sh check                 # the CUDA tests: GPU bytes == CPU bytes == ggml
+#   bash bench/gpu_session.sh check                 # the CUDA tests: GPU bytes == CPU bytes == ggml (~2 min)
 #   bash bench/gpu_session.sh profile               # stage rates and top ops on 8B shapes (4 layers)
-#   bash bench/gpu_session.sh speed-llama3          # export_speed on the full Llama-3.1-8B shape
-#   bash bench/gpu_session.sh speed-qwen3           # ... and Qwen3-8B (each about 8 min)
+#   bash bench/gpu_session.sh speed-llama3          # export_speed on the full Llama-3.1-8B shape (~7 min)
+#   bash bench/gpu_session.sh speed-qwen3           # ... and Qwen3-8B
 #
+# A session has 15 device-minutes in all, the machine's start (1-2 min) included, and a call at
+# most 10: the first call should be `check speed-llama3` with timeout_s 590, and nothing else.
+# Most of speed-*'s time is llama.cpp's flow (convert + three llama-quantize runs, ~280 s on
+# 16 cores); quantkit's export runs first, so its figures come back even if the call is cut.
 # Logs and result JSONs go to $OUT (the device tool brings them back). Steps run in the order given.
 set -uo pipefail
 REPO=$PWD
@@ -23,9 +27,9 @@ for step in "$@"; do
     check) python3 -m pytest -q -p no:cacheprovider -k cuda "$REPO/tests/test_kernels_registry.py" \
              "$REPO/tests/test_streams.py" "$REPO/tests/test_gguf_export.py" "$REPO/tests/test_gptq.py" 2>&1 | tee "$OUT/check.log" ;;
     profile) python3 -m quantkit.bench.export_profile --input llama3-8b --layers 4 --device cuda --work /tmp 2>&1 \
-             | tail -40 | tee "$OUT/profile.log" ;;
+             | tee "$OUT/profile.log" ;;
     speed-*) python3 -m quantkit.bench.export_speed --input "${step#speed-}-8b" --device cuda --work /tmp --low-disk 2>&1 \
-             | tail -60 | tee "$OUT/$step.log" ;;
+             | tee "$OUT/$step.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
