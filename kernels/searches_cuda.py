@@ -25,7 +25,7 @@ KERNELS = ("qkx2_search_32", "qx_rmse1_search_16", "qx_rmse1_search_32")
 NVRTC_OPTIONS = ["--fmad=false", "--prec-div=true", "--ftz=false", "--std=c++17"]
 THREADS = 128
 
-_loaded: dict[int, dict | None] = {}          # device index → {kernel name: Kernel}, None if that failed
+_loaded: dict[int, dict | str] = {}           # device index → {kernel name: Kernel}, or why not
 _params: dict[tuple, torch.Tensor] = {}       # (device index, values) → the kernel's float32 parameters
 
 
@@ -33,25 +33,32 @@ def _device(device: torch.device) -> torch.device:
     return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _kernels(device: torch.device) -> dict | None:
+def _kernels(device: torch.device) -> dict | str:
     device = _device(device)
     if device.index not in _loaded:
-        kernels = None
-        if os.environ.get("QUANTKIT_NVRTC", "1") != "0":
+        if os.environ.get("QUANTKIT_NVRTC", "1") == "0":
+            _loaded[device.index] = "QUANTKIT_NVRTC=0"
+        else:
             try:
                 arch = "".join(map(str, torch.cuda.get_device_capability(device)))
-                kernels = nvrtc.load(nvrtc.compile_cubin(SOURCE.read_text(), arch, NVRTC_OPTIONS, "searches.cu"),
-                                     list(KERNELS), device)
+                _loaded[device.index] = nvrtc.load(nvrtc.compile_cubin(SOURCE.read_text(), arch, NVRTC_OPTIONS,
+                                                                       "searches.cu"), list(KERNELS), device)
             except Exception as e:  # noqa: BLE001 - any failure means: use the torch searches
+                _loaded[device.index] = str(e)
                 warnings.warn(f"quantkit: the GPU scale searches are not available ({e}); using the slower torch "
                               "ones (same bytes)", RuntimeWarning, stacklevel=4)
-        _loaded[device.index] = kernels
     return _loaded[device.index]
 
 
 def available(device: torch.device, kernel: str | None = None) -> bool:
     """Whether the compiled searches run on `device` (and include `kernel`, e.g. "qx_rmse1_search_16")."""
-    return device.type == "cuda" and _kernels(device) is not None and (kernel is None or kernel in KERNELS)
+    return device.type == "cuda" and isinstance(_kernels(device), dict) and (kernel is None or kernel in KERNELS)
+
+
+def why_not(device: torch.device) -> str | None:
+    """Why the compiled searches do not run on a CUDA device (the compiler's log, say), or None."""
+    k = _kernels(device)
+    return None if isinstance(k, dict) else k
 
 
 def _params_on(device: torch.device, *values: float) -> torch.Tensor:

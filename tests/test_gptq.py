@@ -159,15 +159,24 @@ def test_gptq_directory_layout_and_config(smol_quantized, smollm2_dir):
     assert "lm_head.weight" not in t and t["model.embed_tokens.weight"].dtype == torch.float16   # tied
 
 
-def test_both_layouts_hold_the_same_weights_as_their_readers_see_them(smol_quantized):
+def test_both_layouts_hold_the_same_weights_as_their_readers_see_them(smol_quantized, smollm2_dir):
     """compressed-tensors' own decompression (through transformers) and AutoGPTQ's formula on our
     other directory give the same fp16 weights, layer by layer."""
     import transformers
     ct = transformers.AutoModelForCausalLM.from_pretrained(smol_quantized["gptq-ct"], device_map="cpu")
     tok = transformers.AutoTokenizer.from_pretrained(smol_quantized["gptq-ct"])
-    ids = tok("The capital of France is", return_tensors="pt")
-    text = tok.decode(ct.generate(**ids, max_new_tokens=8, do_sample=False)[0][ids["input_ids"].shape[1]:])
-    assert "Paris" in text, text          # it loads, runs and still knows things
+    # it loads, runs and predicts as the bf16 model does: on 256 tokens of English, top-1 agreement
+    # and mean KL against bf16 through transformers (measured 0.75 and 0.26; RTN 0.65 and 0.49).
+    # One greedy fact ("Paris") is no measure: it came and went with the calibration text, which
+    # the model generates with the installed transformers' sampler
+    ids = tok(_wiki()[:3000], return_tensors="pt")["input_ids"][:, :256]
+    bf16 = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    with torch.no_grad():
+        ref, got = bf16(ids).logits[0], ct(ids).logits[0].float()
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    kl = torch.nn.functional.kl_div(got.log_softmax(-1), ref.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1).mean().item()
+    assert agree >= 0.65 and kl <= 0.4, (agree, kl)
     t = load_file(smol_quantized["gptq"] / "model.safetensors")
     cfg = json.loads((smol_quantized["gptq"] / "config.json").read_text())
     checked = 0

@@ -23,9 +23,10 @@ def test_wheel_installs_only_the_quantkit_package(tmp_path):
     names = zipfile.ZipFile(whl).namelist()
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"quantkit"}
-    # our kernels/, converters/ and bench/ folders live under quantkit/, with the bundled text
+    # our kernels/, converters/ and bench/ folders live under quantkit/, with the bundled text and
+    # the GPU searches' CUDA source (compiled at run time)
     for f in ("quantkit/kernels/registry.py", "quantkit/converters/gguf_file.py", "quantkit/bench/export_speed.py",
-              "quantkit/data/wiki.test.raw"):
+              "quantkit/data/wiki.test.raw", "quantkit/kernels/searches.cu"):
         assert f in names, f
     top_level = [n for n in names if n.endswith("top_level.txt")]
     if top_level:
