@@ -169,7 +169,7 @@ def test_both_layouts_hold_the_same_weights_as_their_readers_see_them(smol_quant
     # and mean KL against bf16 through transformers (measured 0.75 and 0.26; RTN 0.65 and 0.49).
     # One greedy fact ("Paris") is no measure: it came and went with the calibration text, which
     # the model generates with the installed transformers' sampler
-    ids = tok(_wiki()[:3000], return_tensors="pt")["input_ids"][:, :256]
+    ids = tok(_wiki().read_text()[:3000], return_tensors="pt")["input_ids"][:, :256]
     bf16 = transformers.AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
     with torch.no_grad():
         ref, got = bf16(ids).logits[0], ct(ids).logits[0].float()
