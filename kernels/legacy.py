@@ -126,7 +126,9 @@ register(QuantType("q8_0", gguf.GGMLQuantizationType.Q8_0, block_size=QK,
                    quantize=quantize_q8_0, dequantize=dequantize_q8_0))
 register(QuantType("q5_0", gguf.GGMLQuantizationType.Q5_0, block_size=QK,
                    type_size=2 + 4 + QK // 2,  # d, qh, qs
-                   quantize=quantize_q5_0, dequantize=dequantize_q5_0, quantize_weighted=quantize_q5_0_weighted))
+                   quantize=quantize_q5_0, dequantize=dequantize_q5_0, quantize_weighted=quantize_q5_0_weighted,
+                   weighted_uses_row_sigma2=True))
 register(QuantType("q5_1", gguf.GGMLQuantizationType.Q5_1, block_size=QK,
                    type_size=2 + 2 + 4 + QK // 2,  # d, m, qh, qs
-                   quantize=quantize_q5_1, dequantize=dequantize_q5_1, quantize_weighted=quantize_q5_1_weighted))
+                   quantize=quantize_q5_1, dequantize=dequantize_q5_1, quantize_weighted=quantize_q5_1_weighted,
+                   weighted_uses_row_sigma2=True))

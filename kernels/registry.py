@@ -41,10 +41,12 @@ class QuantType:
     type_size: int  # bytes per block
     quantize: Callable[[Tensor], Tensor]
     dequantize: Callable[[Tensor], Tensor]
-    # with an importance matrix: (x, qw [n_blocks, block_size], sigma2 [n_blocks]) -> bytes, where
-    # sigma2 is sum(x^2) / n_per_row of the block's row (Q5_0/Q5_1 weigh by it); None: the type
-    # ignores importance, as ggml's quantize_q8_0 does
-    quantize_weighted: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None
+    # with an importance matrix: (x, qw [n_blocks, block_size], sigma2 [n_blocks] or None) -> bytes;
+    # None: the type ignores importance, as ggml's quantize_q8_0 does
+    quantize_weighted: Callable[[Tensor, Tensor, Tensor | None], Tensor] | None = None
+    # whether quantize_weighted reads sigma2, sum(x^2) / n_per_row of each block's row (Q5_0/Q5_1
+    # do; the K-quants take theirs per super-block). In C's order it is one add per column.
+    weighted_uses_row_sigma2: bool = False
 
 
 QUANT_TYPES: dict[str, QuantType] = {}
@@ -96,14 +98,15 @@ def quantize_rows(x: Tensor, qtype: QuantType, imatrix: Tensor | None = None) ->
     if imatrix is not None and qtype.quantize_weighted is not None:
         assert imatrix.shape == (cols,), (imatrix.shape, cols)
         qw = imatrix.to(device=x.device, dtype=torch.float32).view(1, cols).expand(rows, cols).reshape(-1, qtype.block_size)
-        # float sum_x2 = 0; for (j < n_per_row) sum_x2 += x[j]*x[j]; sigma2 = sum_x2/n_per_row
-        sigma2 = _ops.div(_ops.seq_sum((x * x).T), float(cols)).repeat_interleave(cols // qtype.block_size)
+        if qtype.weighted_uses_row_sigma2:
+            # float sum_x2 = 0; for (j < n_per_row) sum_x2 += x[j]*x[j]; sigma2 = sum_x2/n_per_row
+            sigma2 = _ops.div(_ops.seq_sum((x * x).T), float(cols)).repeat_interleave(cols // qtype.block_size)
     out = torch.empty((blocks.shape[0], qtype.type_size), dtype=torch.uint8, device=x.device)
     step = _chunk_blocks(qtype, x.device)
     for start in range(0, blocks.shape[0], step):
         chunk = blocks[start:start + step]
         q = qtype.quantize(chunk) if qw is None else \
-            qtype.quantize_weighted(chunk, qw[start:start + step], sigma2[start:start + step])
+            qtype.quantize_weighted(chunk, qw[start:start + step], None if sigma2 is None else sigma2[start:start + step])
         assert q.dtype == torch.uint8 and q.shape == (chunk.shape[0], qtype.type_size), (qtype.name, q.dtype, q.shape)
         out[start:start + step] = q
     return out.reshape(rows, nbytes)

@@ -1,6 +1,7 @@
-// The two hot scale searches of searches.py for the GPU, as CUDA C compiled at run time by NVRTC
+// The scale searches of searches.py for the GPU, as CUDA C compiled at run time by NVRTC
 // (searches_cuda.py; no compiler is needed at install time): make_qkx2_quants (Q4_K, Q5_K, and
-// with an importance matrix make_qkx3_quants' steps) and make_qx_quants with rmse_type 1 (Q6_K).
+// with an importance matrix make_qkx3_quants' steps), make_qx_quants with rmse_type 1 (Q6_K) and
+// make_qp_quants (the super-block scales of Q4_K/Q5_K with an importance matrix).
 //
 // One thread searches one sub-block from start to end in registers, as the C loop does, instead
 // of the ~2000 whole-chunk torch launches of the vectorized search. The data stay position-major,
@@ -162,8 +163,89 @@ QK_FN void qx_rmse1_one(const float *x, const float *qw, int use_qw, long long N
     scale_out[b] = scale;
 }
 
+// make_qp_quants(n, nmax, x, L, quant_weights) for column b: the super-block scale of n sub-block
+// scales (or mins) x >= 0, weighted, and their codes (Q4_K/Q5_K with an importance matrix).
+template <int n>
+QK_FN void qp_one(const float *x, const float *w, long long N, long long b, int nmax, float *scale_out,
+                  int *L_out) {
+    float xs[n], ws[n];
+    int L[n];
+    float max = 0;
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+        xs[i] = x[i * N + b];
+        ws[i] = w[i * N + b];
+        if (xs[i] > max) max = xs[i];
+    }
+    if (max < GROUP_MAX_EPS) {
+        for (int i = 0; i < n; ++i) L_out[i * N + b] = 0;
+        scale_out[b] = 0.f;
+        return;
+    }
+    float iscale = nmax / max;
+    float scale = 1 / iscale;
+    float best_mse = 0;
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+        unsigned char l = (unsigned char)nearest_int(iscale * xs[i]);   // a uint8 store, no MIN on this pass
+        float diff = xs[i] - scale * l;
+        best_mse += ws[i] * diff * diff;
+    }
+    for (int is = -4; is <= 4; ++is) {
+        if (is == 0) continue;
+        float iscale_is = (0.1f * is + nmax) / max;
+        float scale_is = 1 / iscale_is;
+        float mse = 0;
+#pragma unroll
+        for (int i = 0; i < n; ++i) {
+            int l = nearest_int(iscale_is * xs[i]);
+            l = l < nmax ? l : nmax;
+            float diff = xs[i] - scale_is * l;
+            mse += ws[i] * diff * diff;
+        }
+        if (mse < best_mse) {
+            best_mse = mse;
+            iscale = iscale_is;
+        }
+    }
+    float sumlx = 0, suml2 = 0;
+#pragma unroll
+    for (int i = 0; i < n; ++i) {
+        int l = nearest_int(iscale * xs[i]);
+        l = l < nmax ? l : nmax;
+        L[i] = l & 0xFF;
+        sumlx += ws[i] * xs[i] * l;
+        suml2 += ws[i] * l * l;
+    }
+    for (int itry = 0; itry < 5; ++itry) {
+        int n_changed = 0;
+        for (int i = 0; i < n; ++i) {
+            float slx = sumlx - ws[i] * xs[i] * L[i];
+            float sl2 = suml2 - ws[i] * L[i] * L[i];
+            if (slx > 0 && sl2 > 0) {
+                int new_l = nearest_int(xs[i] * sl2 / slx);
+                new_l = new_l < nmax ? new_l : nmax;
+                if (new_l != L[i]) {
+                    slx += ws[i] * xs[i] * new_l;
+                    sl2 += ws[i] * new_l * new_l;
+                    if (slx * slx * suml2 > sumlx * sumlx * sl2) {
+                        L[i] = new_l & 0xFF;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        ++n_changed;
+                    }
+                }
+            }
+        }
+        if (!n_changed) break;
+    }
+    for (int i = 0; i < n; ++i) L_out[i * N + b] = L[i];
+    scale_out[b] = suml2 > 0.0f ? sumlx / suml2 : 0.0f;
+}
+
 // Entry points, one per sub-block size n: qkx2_search_32 (Q4_K, Q5_K, Q5_1 with an imatrix),
-// qx_rmse1_search_16 (Q6_K) and qx_rmse1_search_32 (Q5_0 with an imatrix). params holds
+// qx_rmse1_search_16 (Q6_K), qx_rmse1_search_32 (Q5_0 with an imatrix) and qp_search_8 (the
+// super-block scales of Q4_K/Q5_K with an imatrix). params holds
 // {nmax, rmin, rdelta, nstep} as float32 (exact for these small integers): no float kernel
 // arguments, whose C type a launcher might get wrong. On the host each is a loop over b.
 #ifdef __CUDACC__
@@ -186,3 +268,9 @@ QK_ENTRY(qx_rmse1_search_##n, const float *x, const float *qw, const float *para
 QKX2_ENTRY(32)
 QX_RMSE1_ENTRY(16)
 QX_RMSE1_ENTRY(32)
+
+#define QP_ENTRY(n) \
+QK_ENTRY(qp_search_##n, const float *x, const float *w, const float *params, float *scale, int *L) \
+    qp_one<n>(x, w, N, b, (int)params[0], scale, L); QK_END
+
+QP_ENTRY(8)

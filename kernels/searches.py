@@ -3,9 +3,9 @@ make_qkx3_quants, the same computation with other weights and steps), make_qx_qu
 rmse_type 1, and make_qp_quants. Each mirrors the C loop operation for operation in float32 (see
 _ops), with the blocks laid out position-major: x[i, b] is value i of block b.
 
-The first two are where the K-quants spend their time, and have compiled versions with the same
-bytes: searches_cpu (numba) for CPU tensors, searches_cuda (searches.cu through NVRTC) for CUDA
-ones. The torch code here is the reference form and the fallback where neither is available.
+Each has compiled versions with the same bytes, since these loops are where the K-quants spend
+their time: searches_cpu (numba) for CPU tensors, searches_cuda (searches.cu through NVRTC) for
+CUDA ones. The torch code here is the reference form and the fallback where neither is available.
 """
 from __future__ import annotations
 
@@ -149,6 +149,10 @@ def make_qp_quants(x: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
 
     x, w: float32 [n, N], position-major. Returns (scale [N], L [n, N] int32, as the uint8 stores hold them).
     """
+    if x.device.type == "cpu" and searches_cpu.available():
+        return searches_cpu.make_qp_quants(x, w, nmax)
+    if searches_cuda.available(x.device, f"qp_search_{x.shape[0]}"):
+        return searches_cuda.make_qp_quants(x, w, nmax)
     n = x.shape[0]
     zero = torch.zeros_like(x[0])
     max_ = _ops.running_max_from_zero(x, 0)

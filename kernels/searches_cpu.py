@@ -1,5 +1,6 @@
-"""The two hot scale searches of searches.py compiled for the CPU with numba: make_qkx2_quants
-(Q4_K, Q5_K) and make_qx_quants with rmse_type 1 (Q6_K).
+"""The scale searches of searches.py compiled for the CPU with numba: make_qkx2_quants (Q4_K,
+Q5_K), make_qx_quants with rmse_type 1 (Q6_K) and make_qp_quants (Q4_K/Q5_K's super-block scales
+with an importance matrix).
 
 Same inputs, outputs and float32 operations as the torch versions, in the same order, so the
 bytes are ggml's. What changes is where the work happens: torch runs each elementwise step over
@@ -23,6 +24,7 @@ try:
     if os.environ.get("QUANTKIT_NUMBA", "1") == "0":
         raise ImportError("QUANTKIT_NUMBA=0")
     import numba
+    import numba.extending
     from numba import prange
 except ImportError:  # pragma: no cover - exercised where numba is absent
     numba = None
@@ -40,6 +42,20 @@ if numba is not None:
     # error_model="numpy": a float division by zero gives inf/NaN as in C, not ZeroDivisionError
     _jit = numba.njit(parallel=True, cache=True, error_model="numpy", nogil=True)
     _inline = numba.njit(inline="always", error_model="numpy")
+
+    @numba.extending.intrinsic
+    def _f32_bits(typingctx, v):
+        """The int32 bits of a float32 (a bit cast, as C's memcpy)."""
+        from llvmlite import ir
+
+        def codegen(context, builder, signature, args):
+            return builder.bitcast(args[0], ir.IntType(32))
+        return numba.types.int32(numba.types.float32), codegen
+
+    @_inline
+    def _nearest_int(v):  # pragma: no cover - compiled
+        """ggml's nearest_int, bit for bit: the low mantissa bits of v + 1.5 * 2^23."""
+        return (np.int64(_f32_bits(v + F(12582912.0))) & 0x007FFFFF) - 0x00400000
 
     @_inline
     def _code(v, lo, hi):  # pragma: no cover - compiled
@@ -228,6 +244,72 @@ if numba is not None:
                 scale_out[b0 + b] = zero if amax[b] < GROUP_MAX_EPS else scale[b]
 
 
+    @_jit
+    def _qp(x, w, nmax, scale_out, L_out):  # pragma: no cover - compiled
+        """make_qp_quants for every column: one after another as in C (8 values each: cheap)."""
+        n, N = x.shape
+        fnmax = F(nmax)
+        zero = F(0.0)
+        for t in prange((N + TILE - 1) // TILE):
+            L = np.empty(n, np.int32)
+            for b in range(t * TILE, min(N, t * TILE + TILE)):
+                mx = zero
+                for i in range(n):
+                    if x[i, b] > mx:
+                        mx = x[i, b]
+                if mx < GROUP_MAX_EPS:
+                    for i in range(n):
+                        L_out[i, b] = 0
+                    scale_out[b] = zero
+                    continue
+                iscale = fnmax / mx
+                scale = F(1.0) / iscale
+                best = zero
+                for i in range(n):
+                    li = _nearest_int(iscale * x[i, b]) & 0xFF      # stored in a uint8, no MIN
+                    diff = x[i, b] - scale * F(li)
+                    best = best + w[i, b] * diff * diff
+                for step in (-4, -3, -2, -1, 1, 2, 3, 4):
+                    iscale_is = (F(0.1) * F(step) + fnmax) / mx
+                    scale_is = F(1.0) / iscale_is
+                    mse = zero
+                    for i in range(n):
+                        li = min(nmax, _nearest_int(iscale_is * x[i, b]))
+                        diff = x[i, b] - scale_is * F(li)
+                        mse = mse + w[i, b] * diff * diff
+                    if mse < best:
+                        best = mse
+                        iscale = iscale_is
+                sumlx = zero
+                suml2 = zero
+                for i in range(n):
+                    li = min(nmax, _nearest_int(iscale * x[i, b]))
+                    L[i] = li & 0xFF
+                    sumlx = sumlx + w[i, b] * x[i, b] * F(li)
+                    suml2 = suml2 + w[i, b] * F(li) * F(li)
+                for _ in range(5):
+                    changed = 0
+                    for i in range(n):
+                        wi, xi, Li = w[i, b], x[i, b], F(L[i])
+                        slx = sumlx - wi * xi * Li
+                        sl2 = suml2 - wi * Li * Li
+                        if slx > zero and sl2 > zero:
+                            new_l = min(nmax, _nearest_int(xi * sl2 / slx))
+                            if new_l != L[i]:
+                                slx = slx + wi * xi * F(new_l)
+                                sl2 = sl2 + wi * F(new_l) * F(new_l)
+                                if slx * slx * suml2 > sumlx * sumlx * sl2:
+                                    L[i] = new_l & 0xFF
+                                    sumlx = slx
+                                    suml2 = sl2
+                                    changed += 1
+                    if changed == 0:
+                        break
+                for i in range(n):
+                    L_out[i, b] = L[i]
+                scale_out[b] = sumlx / suml2 if suml2 > zero else zero
+
+
 def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     """searches.make_qkx2_quants for CPU tensors: x, w float32 [n, N] position-major."""
     xn, wn = x.contiguous().numpy(), w.contiguous().numpy()
@@ -244,4 +326,13 @@ def make_qx_quants_rmse1(x, nmax: int, qw=None):
     qn = xn if qw is None else qw.contiguous().numpy()     # unread without an imatrix (use_qw)
     scale, L = np.empty(N, F), np.empty((n, N), F)
     _qx_rmse1(xn, qn, qw is not None, nmax, scale, L)
+    return torch.from_numpy(scale), torch.from_numpy(L)
+
+
+def make_qp_quants(x, w, nmax: int):
+    """searches.make_qp_quants for CPU tensors: x, w float32 [n, N] position-major."""
+    xn, wn = x.contiguous().numpy(), w.contiguous().numpy()
+    n, N = xn.shape
+    scale, L = np.empty(N, F), np.empty((n, N), np.int32)
+    _qp(xn, wn, nmax, scale, L)
     return torch.from_numpy(scale), torch.from_numpy(L)

@@ -1,4 +1,4 @@
-"""The two hot scale searches of searches.py on the GPU: searches.cu compiled at run time by NVRTC
+"""The scale searches of searches.py on the GPU: searches.cu compiled at run time by NVRTC
 (nvrtc.py; no compiler or CUDA toolkit needed, NVRTC comes with CUDA torch), one thread per sub-block.
 
 Same inputs, outputs and float32 operations as the torch versions, so the bytes are ggml's (the
@@ -19,7 +19,7 @@ import torch
 from . import nvrtc
 
 SOURCE = resources.files(__package__).joinpath("searches.cu")
-KERNELS = ("qkx2_search_32", "qx_rmse1_search_16", "qx_rmse1_search_32")
+KERNELS = ("qkx2_search_32", "qx_rmse1_search_16", "qx_rmse1_search_32", "qp_search_8")
 # --fmad=false: no multiply-add contraction (C's float32 semantics); IEEE division and denormals
 # are NVRTC's defaults, stated anyway
 NVRTC_OPTIONS = ["--fmad=false", "--prec-div=true", "--ftz=false", "--std=c++17"]
@@ -94,4 +94,14 @@ def make_qx_quants_rmse1(x, nmax: int, qw=None):
     params = _params_on(x.device, nmax)
     scale, L = torch.empty(N, device=x.device), torch.empty_like(x)
     _launch(f"qx_rmse1_search_{n}", N, [x, qw, params, scale, L, int(use_qw), N])
+    return scale, L
+
+
+def make_qp_quants(x, w, nmax: int):
+    """searches.make_qp_quants for CUDA tensors: x, w float32 [n, N] position-major (n = 8)."""
+    n, N = x.shape
+    x, w = x.contiguous(), w.contiguous()
+    params = _params_on(x.device, nmax)
+    scale, L = torch.empty(N, device=x.device), torch.empty(x.shape, dtype=torch.int32, device=x.device)
+    _launch(f"qp_search_{n}", N, [x, w, params, scale, L, N])
     return scale, L

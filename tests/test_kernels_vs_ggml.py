@@ -30,8 +30,8 @@ ALL = QUANTIZED + FLOATS
 @pytest.fixture(scope="session")
 def cuda_source_on_host(tmp_path_factory):
     """kernels/searches.cu, the GPU's scale searches, compiled for this CPU as NVRTC compiles it
-    for the GPU (no multiply-add contraction): (make_qkx2_quants, make_qx_quants_rmse1) taking
-    and returning CPU tensors as searches_cpu's do."""
+    for the GPU (no multiply-add contraction): (make_qkx2_quants, make_qx_quants_rmse1,
+    make_qp_quants) taking and returning CPU tensors as searches_cpu's do."""
     cxx = shutil.which("c++") or shutil.which("g++")
     if cxx is None:
         pytest.skip("no C++ compiler to build kernels/searches.cu for the host")
@@ -61,7 +61,14 @@ def cuda_source_on_host(tmp_path_factory):
                                                      ctypes.c_int(qw is not None), ctypes.c_int(x.shape[1]))
         return scale, L
 
-    return qkx2, qx_rmse1
+    def qp(x, w, nmax):
+        x, w = x.contiguous(), w.contiguous()
+        params = torch.tensor([nmax, 0, 0, 0], dtype=torch.float32)
+        scale, L = torch.empty(x.shape[1]), torch.empty(x.shape, dtype=torch.int32)
+        getattr(lib, f"qp_search_{x.shape[0]}")(ptr(x), ptr(w), ptr(params), ptr(scale), ptr(L), ctypes.c_int(x.shape[1]))
+        return scale, L
+
+    return qkx2, qx_rmse1, qp
 
 
 # every test runs with each implementation of the scale searches: the numba one (the CPU's default
@@ -75,10 +82,11 @@ def search_backend(request, monkeypatch):
     elif request.param == "torch":
         monkeypatch.setattr(searches_cpu, "available", lambda: False)
     else:
-        qkx2, qx_rmse1 = request.getfixturevalue("cuda_source_on_host")
+        qkx2, qx_rmse1, qp = request.getfixturevalue("cuda_source_on_host")
         monkeypatch.setattr(searches_cpu, "available", lambda: True)
         monkeypatch.setattr(searches_cpu, "make_qkx2_quants", qkx2)
         monkeypatch.setattr(searches_cpu, "make_qx_quants_rmse1", qx_rmse1)
+        monkeypatch.setattr(searches_cpu, "make_qp_quants", qp)
     return request.param
 
 
