@@ -5,17 +5,14 @@ and the same bytes as ggml_quantize_chunk(type, ..., imatrix) with an importance
 """
 from __future__ import annotations
 
-import ctypes
-import shutil
-import subprocess
 import zlib
 
 import numpy as np
 import pytest
 import torch
 
-from quantkit.bench import ggml_ref
-from quantkit.kernels import registry, searches_cpu, searches_cuda
+from quantkit.bench import ggml_ref, host_searches
+from quantkit.kernels import registry, searches_cpu
 
 if not ggml_ref.available():
     pytest.skip("llama-cpp-python (ggml shared libraries) is not installed", allow_module_level=True)
@@ -30,45 +27,11 @@ ALL = QUANTIZED + FLOATS
 @pytest.fixture(scope="session")
 def cuda_source_on_host(tmp_path_factory):
     """kernels/searches.cu, the GPU's scale searches, compiled for this CPU as NVRTC compiles it
-    for the GPU (no multiply-add contraction): (make_qkx2_quants, make_qx_quants_rmse1,
-    make_qp_quants) taking and returning CPU tensors as searches_cpu's do."""
-    cxx = shutil.which("c++") or shutil.which("g++")
-    if cxx is None:
+    for the GPU (no multiply-add contraction)."""
+    searches = host_searches.compile_searches(tmp_path_factory.mktemp("searches_cu"))
+    if searches is None:
         pytest.skip("no C++ compiler to build kernels/searches.cu for the host")
-    lib_path = tmp_path_factory.mktemp("searches_cu") / "searches_cu.so"
-    subprocess.run([cxx, "-x", "c++", "-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-shared",
-                    "-fPIC", "-o", str(lib_path), str(searches_cuda.SOURCE)], check=True)
-    lib = ctypes.CDLL(str(lib_path))
-    P = ctypes.c_void_p
-
-    def ptr(t: torch.Tensor):
-        return P(t.data_ptr())
-
-    def qkx2(x, w, nmax, rmin, rdelta, nstep):
-        x, w = x.contiguous(), w.contiguous()
-        params = torch.tensor([nmax, rmin, rdelta, nstep], dtype=torch.float32)
-        scale, the_min, L = torch.empty(x.shape[1]), torch.empty(x.shape[1]), torch.empty_like(x)
-        getattr(lib, f"qkx2_search_{x.shape[0]}")(ptr(x), ptr(w), ptr(params), ptr(scale), ptr(the_min), ptr(L),
-                                                 ctypes.c_int(x.shape[1]))
-        return scale, the_min, L
-
-    def qx_rmse1(x, nmax, qw=None):
-        x = x.contiguous()
-        q = x if qw is None else qw.contiguous()
-        params = torch.tensor([nmax, 0, 0, 0], dtype=torch.float32)
-        scale, L = torch.empty(x.shape[1]), torch.empty_like(x)
-        getattr(lib, f"qx_rmse1_search_{x.shape[0]}")(ptr(x), ptr(q), ptr(params), ptr(scale), ptr(L),
-                                                     ctypes.c_int(qw is not None), ctypes.c_int(x.shape[1]))
-        return scale, L
-
-    def qp(x, w, nmax):
-        x, w = x.contiguous(), w.contiguous()
-        params = torch.tensor([nmax, 0, 0, 0], dtype=torch.float32)
-        scale, L = torch.empty(x.shape[1]), torch.empty(x.shape, dtype=torch.int32)
-        getattr(lib, f"qp_search_{x.shape[0]}")(ptr(x), ptr(w), ptr(params), ptr(scale), ptr(L), ctypes.c_int(x.shape[1]))
-        return scale, L
-
-    return qkx2, qx_rmse1, qp
+    return searches
 
 
 # every test runs with each implementation of the scale searches: the numba one (the CPU's default
@@ -82,11 +45,7 @@ def search_backend(request, monkeypatch):
     elif request.param == "torch":
         monkeypatch.setattr(searches_cpu, "available", lambda: False)
     else:
-        qkx2, qx_rmse1, qp = request.getfixturevalue("cuda_source_on_host")
-        monkeypatch.setattr(searches_cpu, "available", lambda: True)
-        monkeypatch.setattr(searches_cpu, "make_qkx2_quants", qkx2)
-        monkeypatch.setattr(searches_cpu, "make_qx_quants_rmse1", qx_rmse1)
-        monkeypatch.setattr(searches_cpu, "make_qp_quants", qp)
+        request.getfixturevalue("cuda_source_on_host").install(monkeypatch)
     return request.param
 
 
