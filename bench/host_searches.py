@@ -26,6 +26,10 @@ def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
     return ctypes.c_void_p(t.data_ptr())
 
 
+def _f32(*shape: int) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.float32)
+
+
 def _params(*values: float) -> torch.Tensor:
     return torch.tensor([*values, 0, 0, 0][:4], dtype=torch.float32)
 
@@ -37,7 +41,7 @@ class HostSearches:
 
     def make_qkx2_quants(self, x, w, nmax, rmin, rdelta, nstep):
         x, w, params = x.contiguous(), w.contiguous(), _params(nmax, rmin, rdelta, nstep)   # alive during the call
-        scale, the_min, L = torch.empty(x.shape[1]), torch.empty(x.shape[1]), torch.empty_like(x)
+        scale, the_min, L = _f32(x.shape[1]), _f32(x.shape[1]), _f32(*x.shape)
         getattr(self.lib, f"qkx2_search_{x.shape[0]}")(_ptr(x), _ptr(w), _ptr(params),
                                                       _ptr(scale), _ptr(the_min), _ptr(L), ctypes.c_int(x.shape[1]))
         return scale, the_min, L
@@ -45,14 +49,14 @@ class HostSearches:
     def make_qx_quants_rmse1(self, x, nmax, qw=None):
         x, params = x.contiguous(), _params(nmax)
         q = x if qw is None else qw.contiguous()
-        scale, L = torch.empty(x.shape[1]), torch.empty_like(x)
+        scale, L = _f32(x.shape[1]), _f32(*x.shape)
         getattr(self.lib, f"qx_rmse1_search_{x.shape[0]}")(_ptr(x), _ptr(q), _ptr(params), _ptr(scale), _ptr(L),
                                                           ctypes.c_int(qw is not None), ctypes.c_int(x.shape[1]))
         return scale, L
 
     def make_qp_quants(self, x, w, nmax):
         x, w, params = x.contiguous(), w.contiguous(), _params(nmax)
-        scale, L = torch.empty(x.shape[1]), torch.empty(x.shape, dtype=torch.int32)
+        scale, L = _f32(x.shape[1]), torch.empty(x.shape, dtype=torch.int32)
         getattr(self.lib, f"qp_search_{x.shape[0]}")(_ptr(x), _ptr(w), _ptr(params), _ptr(scale), _ptr(L),
                                                     ctypes.c_int(x.shape[1]))
         return scale, L

@@ -73,10 +73,11 @@ def nearest_int(v: Tensor) -> Tensor:
     """ggml's nearest_int: the bits of v + 1.5*2^23, i.e. round-half-even for |v| < 2^22.
 
     Emulated bit for bit (also for the out-of-range values the C assert would reject in a
-    debug build), returned as int32.
+    debug build), returned as int32. A NaN gives 0, as x86's default NaN (0xFFC00000, what inf*0
+    or inf-inf make there) does in C; a GPU makes 0x7FFFFFFF, whose bits would give 4194303.
     """
     bits = (v + 12582912.0).view(torch.int32)
-    return (bits & 0x007FFFFF) - 0x00400000
+    return torch.where(v != v, 0, (bits & 0x007FFFFF) - 0x00400000)
 
 
 def round_away(v: Tensor) -> Tensor:

@@ -48,9 +48,35 @@ def _nvrtc() -> ctypes.CDLL:
 @lru_cache(maxsize=None)
 def _driver() -> ctypes.CDLL:
     try:
-        return ctypes.CDLL("libcuda.so.1")
+        lib = ctypes.CDLL("libcuda.so.1")
     except OSError as e:
         raise NvrtcError(f"no CUDA driver library ({e})") from None
+    _check_cu(lib.cuInit(0), "cuInit", lib)
+    return lib
+
+
+@lru_cache(maxsize=None)
+def _primary_context(index: int) -> ctypes.c_void_p:
+    """The device's primary context: the one torch's runtime calls use (retained, never released)."""
+    dev, ctx = ctypes.c_int(), ctypes.c_void_p()
+    _check_cu(_driver().cuDeviceGet(ctypes.byref(dev), index), "cuDeviceGet")
+    _check_cu(_driver().cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+    return ctx
+
+
+class _Current:
+    """Make the device's primary context current on this thread for a driver call, whatever the
+    thread had (the runtime binds it lazily), and restore what was there."""
+
+    def __init__(self, index: int):
+        self._ctx = _primary_context(index)
+
+    def __enter__(self) -> None:
+        _check_cu(_driver().cuCtxPushCurrent(self._ctx), "cuCtxPushCurrent")
+
+    def __exit__(self, *exc) -> None:
+        popped = ctypes.c_void_p()
+        _driver().cuCtxPopCurrent(ctypes.byref(popped))
 
 
 def _check_nvrtc(lib: ctypes.CDLL, result: int, what: str) -> None:
@@ -59,11 +85,12 @@ def _check_nvrtc(lib: ctypes.CDLL, result: int, what: str) -> None:
         raise NvrtcError(f"{what}: {lib.nvrtcGetErrorString(result).decode()}")
 
 
-def _check_cu(result: int, what: str) -> None:
+def _check_cu(result: int, what: str, lib: ctypes.CDLL | None = None) -> None:
     if result != 0:
         msg = ctypes.c_char_p()
-        _driver().cuGetErrorString(result, ctypes.byref(msg))
-        raise NvrtcError(f"{what}: {msg.value.decode() if msg.value else f'CUDA error {result}'}")
+        (lib or _driver()).cuGetErrorString(result, ctypes.byref(msg))
+        raise NvrtcError(f"{what}: {msg.value.decode() if msg.value else f'CUDA error {result}'} "
+                         "(QUANTKIT_NVRTC=0 uses the torch searches instead)")
 
 
 def compile_cubin(source: str, arch: str, options: list[str], name: str = "quantkit.cu") -> bytes:
@@ -112,17 +139,17 @@ class Kernel:
         gx, gy, gz = (*grid, 1, 1)[:3]
         bx, by, bz = (*block, 1, 1)[:3]
         stream = ctypes.c_void_p(torch.cuda.current_stream(self.device).cuda_stream)
-        with torch.cuda.device(self.device):
+        with _Current(self.device.index):
             _check_cu(_driver().cuLaunchKernel(self._func, gx, gy, gz, bx, by, bz, 0, stream, params, None),
                       f"launching {self.name}")
 
 
 def load(cubin: bytes, names: list[str], device: torch.device) -> dict[str, Kernel]:
-    """Load a cubin into the device's (torch's primary) context; its extern "C" kernels by name."""
+    """Load a cubin into the device's primary context (torch's); its extern "C" kernels by name.
+    `device` has an index (cuda:0, not cuda)."""
     driver = _driver()
     module = ctypes.c_void_p()
-    with torch.cuda.device(device):
-        torch.cuda.current_stream(device)          # the runtime has made torch's context current
+    with _Current(device.index):
         _check_cu(driver.cuModuleLoadData(ctypes.byref(module), cubin), "cuModuleLoadData")
         kernels = {}
         for name in names:

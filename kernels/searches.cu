@@ -175,7 +175,7 @@ QK_FN void qp_one(const float *x, const float *w, long long N, long long b, int 
     for (int i = 0; i < n; ++i) {
         xs[i] = x[i * N + b];
         ws[i] = w[i * N + b];
-        if (xs[i] > max) max = xs[i];
+        max = max > xs[i] ? max : xs[i];    // C's MAX(max, x[i]): a NaN x[i] is taken
     }
     if (max < GROUP_MAX_EPS) {
         for (int i = 0; i < n; ++i) L_out[i * N + b] = 0;

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _ops, searches_cpu, searches_cuda
+from . import searches_cpu, searches_cuda
 from ._ops import div, f32, nearest_int, seq_sum
 
 GROUP_MAX_EPS = f32(1e-15)
@@ -155,7 +155,9 @@ def make_qp_quants(x: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
         return searches_cuda.make_qp_quants(x, w, nmax)
     n = x.shape[0]
     zero = torch.zeros_like(x[0])
-    max_ = _ops.running_max_from_zero(x, 0)
+    max_ = zero
+    for i in range(n):                            # float max = 0; max = MAX(max, x[i]): a NaN x[i] is taken
+        max_ = torch.where(max_ > x[i], max_, x[i])
     all_zero = max_ < GROUP_MAX_EPS
 
     def codes(iscale: Tensor) -> Tensor:          # int l = MIN(nmax, nearest_int(iscale * x[i]))

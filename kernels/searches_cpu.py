@@ -254,9 +254,8 @@ if numba is not None:
             L = np.empty(n, np.int32)
             for b in range(t * TILE, min(N, t * TILE + TILE)):
                 mx = zero
-                for i in range(n):
-                    if x[i, b] > mx:
-                        mx = x[i, b]
+                for i in range(n):                  # MAX(mx, x[i]): a NaN x[i] is taken
+                    mx = mx if mx > x[i, b] else x[i, b]
                 if mx < GROUP_MAX_EPS:
                     for i in range(n):
                         L_out[i, b] = 0

@@ -72,36 +72,46 @@ def _params_on(device: torch.device, *values: float) -> torch.Tensor:
 def _launch(name: str, N: int, args: list) -> None:
     if N == 0:
         return
+    if N >= 1 << 31:
+        raise ValueError(f"{name}: {N} columns do not fit the kernel's int")
     _kernels(args[0].device)[name](((N + THREADS - 1) // THREADS,), (THREADS,), args)
+
+
+def _inputs(*ts):
+    """Contiguous float32 copies where needed: the kernels read raw float32 pointers."""
+    for t in ts:
+        if t.dtype != torch.float32:
+            raise TypeError(f"the GPU searches take float32, not {t.dtype}")
+    return [t.contiguous() for t in ts]
+
+
+def _out(*shape, like, dtype=torch.float32):
+    return torch.empty(shape, dtype=dtype, device=like.device)   # never the (global) default dtype
 
 
 def make_qkx2_quants(x, w, nmax: int, rmin: float, rdelta: float, nstep: int):
     """searches.make_qkx2_quants for CUDA tensors: x, w float32 [n, N] position-major (n = 32)."""
+    x, w = _inputs(x, w)
     n, N = x.shape
-    x, w = x.contiguous(), w.contiguous()
-    params = _params_on(x.device, nmax, rmin, rdelta, nstep)
-    scale, the_min, L = torch.empty(N, device=x.device), torch.empty(N, device=x.device), torch.empty_like(x)
-    _launch(f"qkx2_search_{n}", N, [x, w, params, scale, the_min, L, N])
+    scale, the_min, L = _out(N, like=x), _out(N, like=x), _out(n, N, like=x)
+    _launch(f"qkx2_search_{n}", N, [x, w, _params_on(x.device, nmax, rmin, rdelta, nstep), scale, the_min, L, N])
     return scale, the_min, L
 
 
 def make_qx_quants_rmse1(x, nmax: int, qw=None):
     """searches.make_qx_quants_rmse1 for CUDA tensors: x (and qw) float32 [n, N] position-major (n = 16, 32)."""
-    n, N = x.shape
-    x = x.contiguous()
     use_qw = qw is not None
-    qw = qw.contiguous() if use_qw else x          # unread without an imatrix
-    params = _params_on(x.device, nmax)
-    scale, L = torch.empty(N, device=x.device), torch.empty_like(x)
-    _launch(f"qx_rmse1_search_{n}", N, [x, qw, params, scale, L, int(use_qw), N])
+    x, qw = _inputs(x, qw if use_qw else x)          # without an imatrix qw is x, unread
+    n, N = x.shape
+    scale, L = _out(N, like=x), _out(n, N, like=x)
+    _launch(f"qx_rmse1_search_{n}", N, [x, qw, _params_on(x.device, nmax), scale, L, int(use_qw), N])
     return scale, L
 
 
 def make_qp_quants(x, w, nmax: int):
     """searches.make_qp_quants for CUDA tensors: x, w float32 [n, N] position-major (n = 8)."""
+    x, w = _inputs(x, w)
     n, N = x.shape
-    x, w = x.contiguous(), w.contiguous()
-    params = _params_on(x.device, nmax)
-    scale, L = torch.empty(N, device=x.device), torch.empty(x.shape, dtype=torch.int32, device=x.device)
-    _launch(f"qp_search_{n}", N, [x, w, params, scale, L, N])
+    scale, L = _out(N, like=x), _out(n, N, like=x, dtype=torch.int32)
+    _launch(f"qp_search_{n}", N, [x, w, _params_on(x.device, nmax), scale, L, N])
     return scale, L

@@ -125,6 +125,33 @@ def test_bytes_match_ggml_on_huge_magnitudes(qname):
         _assert_bytes_match(rng.standard_normal((4, _cols())) * scale, qname)
 
 
+@pytest.mark.parametrize("with_imatrix", [False, True])
+@pytest.mark.parametrize("qname", ["q4_k", "q5_k", "q6_k", "q5_0", "q5_1"])
+def test_the_gpus_nan_bits_leave_the_bytes_ggmls(qname, with_imatrix, search_backend, monkeypatch):
+    # At 1e15, x^3 overflows and inf * 0 gives NaN scales. On x86 that NaN is 0xFFC00000, on a GPU
+    # 0x7FFFFFFF, and what follows (nearest_int of a NaN scale) must not depend on the bits. Here
+    # every NaN the searches return is given the GPU's bits, and the bytes must still be ggml's.
+    gpu_nan = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)[0]
+    replaced = []
+
+    def with_gpu_nans(search):
+        def run(*args, **kwargs):
+            out = tuple(o if o.dtype != torch.float32 else torch.where(o != o, gpu_nan, o) for o in search(*args, **kwargs))
+            replaced.append(sum(int((o != o).sum()) for o in out if o.dtype == torch.float32))
+            return out
+        return run
+
+    if not searches_cpu.available():             # the torch searches: wrap them where kquants calls them
+        pytest.skip("covered through searches_cpu's functions (numba and searches.cu)")
+    for name in ("make_qkx2_quants", "make_qx_quants_rmse1", "make_qp_quants"):
+        monkeypatch.setattr(searches_cpu, name, with_gpu_nans(getattr(searches_cpu, name)))
+    rng = _rng("gpu-nan", qname)
+    x = rng.standard_normal((8, _cols())) * 1e15
+    _assert_bytes_match(x, qname, rng.random(_cols()) ** 4 if with_imatrix else None)
+    if qname == "q6_k" and not with_imatrix:
+        assert sum(replaced) > 0                  # the case this test is about does occur
+
+
 @pytest.mark.parametrize("qname", ALL)
 def test_bytes_match_ggml_on_tiny_magnitudes(qname):
     # fp16 scales underflow to subnormals (1e-6) or to zero (1e-12, 1e-30); float32 subnormals
