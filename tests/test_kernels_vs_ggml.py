@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from quantkit.bench import ggml_ref, host_searches
-from quantkit.kernels import registry, searches_cpu
+from quantkit.kernels import kquants, legacy, registry, searches_cpu
 
 if not ggml_ref.available():
     pytest.skip("llama-cpp-python (ggml shared libraries) is not installed", allow_module_level=True)
@@ -141,10 +141,10 @@ def test_the_gpus_nan_bits_leave_the_bytes_ggmls(qname, with_imatrix, search_bac
             return out
         return run
 
-    if not searches_cpu.available():             # the torch searches: wrap them where kquants calls them
-        pytest.skip("covered through searches_cpu's functions (numba and searches.cu)")
-    for name in ("make_qkx2_quants", "make_qx_quants_rmse1", "make_qp_quants"):
-        monkeypatch.setattr(searches_cpu, name, with_gpu_nans(getattr(searches_cpu, name)))
+    for module in (kquants, legacy):             # where the quantizers call the searches
+        for name in ("make_qkx2_quants", "make_qx_quants_rmse1", "make_qp_quants"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, with_gpu_nans(getattr(module, name)))
     rng = _rng("gpu-nan", qname)
     x = rng.standard_normal((8, _cols())) * 1e15
     _assert_bytes_match(x, qname, rng.random(_cols()) ** 4 if with_imatrix else None)
