@@ -1,9 +1,10 @@
 """kernels/searches.cu, the GPU's scale searches, compiled for this CPU with the system C++
-compiler as NVRTC compiles it for the GPU (no multiply-add contraction), and called in place of
+compiler as NVRTC compiles it for the GPU (no multiply-add contraction), and run through
+searches_cuda's own wrappers (argument order, output dtypes, parameters) in place of
 searches_cpu's numba functions: what the GPU computes, checked and counted without a GPU.
 
     searches = compile_searches(tmp_dir)          # None without a C++ compiler
-    searches.install(monkeypatch)                 # tests: searches_cpu now runs searches.cu
+    searches.install(monkeypatch.setattr)         # tests: searches_cpu now runs searches.cu
 
 Used by tests/test_kernels_vs_ggml.py (every ggml byte test runs with it) and launch_count.py.
 """
@@ -20,68 +21,31 @@ import torch
 from quantkit.kernels import searches_cpu, searches_cuda
 
 CXX_FLAGS = ["-x", "c++", "-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"]
-
-
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
-
-
-def _f32(*shape: int) -> torch.Tensor:
-    return torch.empty(shape, dtype=torch.float32)
-
-
-def _params(*values: float) -> torch.Tensor:
-    return torch.tensor([*values, 0, 0, 0][:4], dtype=torch.float32)
+SEARCHES = ("make_qkx2_quants", "make_qx_quants_rmse1", "make_qp_quants")
 
 
 @dataclass
 class HostSearches:
-    """searches.cu's entry points with searches_cpu's signatures (CPU tensors in and out)."""
+    """The host build of searches.cu, whose entry points loop over the columns themselves."""
     lib: ctypes.CDLL
 
-    def make_qkx2_quants(self, x, w, nmax, rmin, rdelta, nstep):
-        x, w, params = x.contiguous(), w.contiguous(), _params(nmax, rmin, rdelta, nstep)   # alive during the call
-        scale, the_min, L = _f32(x.shape[1]), _f32(x.shape[1]), _f32(*x.shape)
-        getattr(self.lib, f"qkx2_search_{x.shape[0]}")(_ptr(x), _ptr(w), _ptr(params),
-                                                      _ptr(scale), _ptr(the_min), _ptr(L), ctypes.c_int(x.shape[1]))
-        return scale, the_min, L
+    def kernel(self, name: str):
+        """A stand-in for nvrtc.Kernel: same call, the grid and block ignored."""
+        fn = getattr(self.lib, name)
 
-    def make_qx_quants_rmse1(self, x, nmax, qw=None):
-        x, params = x.contiguous(), _params(nmax)
-        q = x if qw is None else qw.contiguous()
-        scale, L = _f32(x.shape[1]), _f32(*x.shape)
-        getattr(self.lib, f"qx_rmse1_search_{x.shape[0]}")(_ptr(x), _ptr(q), _ptr(params), _ptr(scale), _ptr(L),
-                                                          ctypes.c_int(qw is not None), ctypes.c_int(x.shape[1]))
-        return scale, L
+        def launch(grid, block, args: list) -> None:
+            fn(*[ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a) for a in args])
+        return launch
 
-    def make_qp_quants(self, x, w, nmax):
-        x, w, params = x.contiguous(), w.contiguous(), _params(nmax)
-        scale, L = _f32(x.shape[1]), torch.empty(x.shape, dtype=torch.int32)
-        getattr(self.lib, f"qp_search_{x.shape[0]}")(_ptr(x), _ptr(w), _ptr(params), _ptr(scale), _ptr(L),
-                                                    ctypes.c_int(x.shape[1]))
-        return scale, L
-
-    def install(self, patch) -> None:
-        """Route searches_cpu to these functions; `patch` is pytest's monkeypatch or _Patch."""
-        patch.setattr(searches_cpu, "available", lambda: True)
-        for name in ("make_qkx2_quants", "make_qx_quants_rmse1", "make_qp_quants"):
-            patch.setattr(searches_cpu, name, getattr(self, name))
-
-
-class _Patch:
-    """monkeypatch's setattr, kept until undo()."""
-
-    def __init__(self):
-        self._saved: list[tuple[object, str, object]] = []
-
-    def setattr(self, obj, name: str, value) -> None:
-        self._saved.append((obj, name, getattr(obj, name)))
-        setattr(obj, name, value)
-
-    def undo(self) -> None:
-        while self._saved:
-            obj, name, value = self._saved.pop()
-            setattr(obj, name, value)
+    def install(self, setattr) -> None:
+        """Route searches_cpu through searches_cuda's wrappers onto this build. `setattr` is
+        pytest's monkeypatch.setattr or one that undoes itself (see launch_count)."""
+        kernels = {name: self.kernel(name) for name in searches_cuda.KERNELS}
+        setattr(searches_cuda, "_kernels", lambda device: kernels)
+        setattr(searches_cuda, "_params_on", lambda device, *values: torch.tensor(values, dtype=torch.float32))
+        setattr(searches_cpu, "available", lambda: True)
+        for name in SEARCHES:
+            setattr(searches_cpu, name, getattr(searches_cuda, name))
 
 
 def compile_searches(out_dir: Path) -> HostSearches | None:

@@ -12,8 +12,10 @@ bench/results/launch_count-<date>.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import tempfile
+from unittest import mock
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -61,12 +63,13 @@ def main(argv: list[str] | None = None) -> dict:
         if compiled is None:
             raise SystemExit("launch_count: no C++ compiler to build kernels/searches.cu for the host")
         for searches in ("torch", "compiled"):
-            patch = host_searches._Patch()
-            if searches == "torch":
-                patch.setattr(searches_cpu, "available", lambda: False)
-            else:
-                compiled.install(patch)
-            try:
+            with contextlib.ExitStack() as patches:
+                def setattr(obj, name, value):
+                    patches.enter_context(mock.patch.object(obj, name, value))
+                if searches == "torch":
+                    setattr(searches_cpu, "available", lambda: False)
+                else:
+                    compiled.install(setattr)
                 for q in a.types.split(","):
                     for im in (None, imatrix):
                         if im is not None and registry.get(q).quantize_weighted is None:
@@ -74,8 +77,6 @@ def main(argv: list[str] | None = None) -> dict:
                         key = q + ("+imatrix" if im is not None else "")
                         counts.setdefault(key, {})[searches] = count_ops(x, q, im)
                         print(f"{key:14s} {searches:9s} {counts[key][searches]:6d} ops", flush=True)
-            finally:
-                patch.undo()
     result = {"benchmark": "launch_count", "date": dt.date.today().isoformat(), "machine": machine(),
               "chunk": {"rows": a.rows, "cols": a.cols, "values": a.rows * a.cols},
               "ops_per_chunk": counts,

@@ -36,7 +36,8 @@ def cuda_source_on_host(tmp_path_factory):
 
 # every test runs with each implementation of the scale searches: the numba one (the CPU's default
 # where numba is installed), the torch one (the CPU fallback without numba, and the GPU's without
-# NVRTC) and searches.cu (the GPU's), here compiled for the host and run in place of numba's
+# NVRTC) and searches.cu (the GPU's), here compiled for the host and run through the GPU's
+# wrappers (searches_cuda) in place of numba's
 @pytest.fixture(autouse=True, params=["numba", "torch", "cuda-source"])
 def search_backend(request, monkeypatch):
     if request.param == "numba":
@@ -45,7 +46,7 @@ def search_backend(request, monkeypatch):
     elif request.param == "torch":
         monkeypatch.setattr(searches_cpu, "available", lambda: False)
     else:
-        request.getfixturevalue("cuda_source_on_host").install(monkeypatch)
+        request.getfixturevalue("cuda_source_on_host").install(monkeypatch.setattr)
     return request.param
 
 
