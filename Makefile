@@ -39,7 +39,10 @@ install-test: install
 demo: install
 	$(BIN)/quantkit run --base "$$($(BIN)/quantkit default-model)" --gguf q4_k_m,q5_k_m,q8_0 --no-bench -o out/demo
 
+# numba caches each compiled kernel keyed on its own file only: drop the caches so that an edit to
+# kernels/_numba.py or searches_cpu.py reaches the kernels that inline them
 test: install-test
+	rm -f kernels/__pycache__/*.nbi kernels/__pycache__/*.nbc
 	$(BIN)/ruff check quantkit kernels converters bench tests
 	QUANTKIT_LLAMACPP_SRC=$(SRC) $(BIN)/pytest -q
 

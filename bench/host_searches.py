@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from quantkit.kernels import searches_cpu, searches_cuda
+from quantkit.kernels import kquants_cpu, legacy_cpu, searches_cpu, searches_cuda
 
 CXX_FLAGS = ["-x", "c++", "-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"]
 SEARCHES = ("make_qkx2_quants", "make_qx_quants_rmse1", "make_qp_quants")
@@ -38,12 +38,16 @@ class HostSearches:
         return launch
 
     def install(self, setattr) -> None:
-        """Route searches_cpu through searches_cuda's wrappers onto this build. `setattr` is
-        pytest's monkeypatch.setattr or one that undoes itself (see launch_count)."""
+        """Route searches_cpu through searches_cuda's wrappers onto this build, and the kernels
+        through their torch code around the searches, as on a GPU (not kquants_cpu's and
+        legacy_cpu's whole blocks). `setattr` is pytest's monkeypatch.setattr or one that undoes itself (see
+        launch_count)."""
         kernels = {name: self.kernel(name) for name in searches_cuda.KERNELS}
         setattr(searches_cuda, "_kernels", lambda device: kernels)
         setattr(searches_cuda, "_params_on", lambda device, *values: torch.tensor(values, dtype=torch.float32))
         setattr(searches_cpu, "available", lambda: True)
+        setattr(kquants_cpu, "available", lambda: False)
+        setattr(legacy_cpu, "available", lambda: False)
         for name in SEARCHES:
             setattr(searches_cpu, name, getattr(searches_cuda, name))
 

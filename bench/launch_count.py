@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from quantkit.bench import host_searches
 from quantkit.bench.proc import machine, save_result
-from quantkit.kernels import registry, searches_cpu
+from quantkit.kernels import kquants_cpu, legacy_cpu, registry, searches_cpu
 
 
 # operations that allocate or make views: no kernel runs
@@ -68,6 +68,8 @@ def main(argv: list[str] | None = None) -> dict:
                     patches.enter_context(mock.patch.object(obj, name, value))
                 if searches == "torch":
                     setattr(searches_cpu, "available", lambda: False)
+                    setattr(kquants_cpu, "available", lambda: False)
+                    setattr(legacy_cpu, "available", lambda: False)
                 else:
                     compiled.install(setattr)
                 for q in a.types.split(","):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from quantkit.bench import ggml_ref, host_searches
-from quantkit.kernels import kquants, legacy, registry, searches_cpu
+from quantkit.kernels import kquants, kquants_cpu, legacy, legacy_cpu, registry, searches_cpu
 
 if not ggml_ref.available():
     pytest.skip("llama-cpp-python (ggml shared libraries) is not installed", allow_module_level=True)
@@ -35,9 +35,10 @@ def cuda_source_on_host(tmp_path_factory):
 
 
 # every test runs with each implementation of the scale searches: the numba one (the CPU's default
-# where numba is installed), the torch one (the CPU fallback without numba, and the GPU's without
-# NVRTC) and searches.cu (the GPU's), here compiled for the host and run through the GPU's
-# wrappers (searches_cuda) in place of numba's
+# where numba is installed; Q8_0 and the K-quants then run whole in legacy_cpu / kquants_cpu), the
+# torch one (the CPU fallback without numba, and the GPU's without NVRTC) and searches.cu (the
+# GPU's), here compiled for the host and run through the GPU's wrappers (searches_cuda) in place of
+# numba's, with the kernels' torch code around them as on a GPU
 @pytest.fixture(autouse=True, params=["numba", "torch", "cuda-source"])
 def search_backend(request, monkeypatch):
     if request.param == "numba":
@@ -45,6 +46,8 @@ def search_backend(request, monkeypatch):
             pytest.skip("numba is not installed")
     elif request.param == "torch":
         monkeypatch.setattr(searches_cpu, "available", lambda: False)
+        monkeypatch.setattr(kquants_cpu, "available", lambda: False)
+        monkeypatch.setattr(legacy_cpu, "available", lambda: False)
     else:
         request.getfixturevalue("cuda_source_on_host").install(monkeypatch.setattr)
     return request.param
@@ -142,6 +145,7 @@ def test_the_gpus_nan_bits_leave_the_bytes_ggmls(qname, with_imatrix, search_bac
             return out
         return run
 
+    monkeypatch.setattr(kquants_cpu, "available", lambda: False)    # the torch code a GPU runs after the searches
     for module in (kquants, legacy):             # where the quantizers call the searches
         for name in ("make_qkx2_quants", "make_qx_quants_rmse1", "make_qp_quants"):
             if hasattr(module, name):
