@@ -1,10 +1,11 @@
-"""kernels/searches.cu, the GPU's scale searches, compiled for this CPU with the system C++
-compiler as NVRTC compiles it for the GPU (no multiply-add contraction), and run through
-searches_cuda's own wrappers (argument order, output dtypes, parameters) in place of
-searches_cpu's numba functions: what the GPU computes, checked and counted without a GPU.
+"""kernels/searches.cu, the GPU's scale searches and whole-block kernels, compiled for this CPU with
+the system C++ compiler as NVRTC compiles it for the GPU (no multiply-add contraction), and run
+through searches_cuda's own wrappers (argument order, output dtypes, parameters) in place of the
+numba functions (searches_cpu's searches, legacy_cpu's and kquants_cpu's blocks): what the GPU
+computes, checked and counted without a GPU.
 
     searches = compile_searches(tmp_dir)          # None without a C++ compiler
-    searches.install(monkeypatch.setattr)         # tests: searches_cpu now runs searches.cu
+    searches.install(monkeypatch.setattr)         # tests: the numba kernels now run searches.cu
 
 Used by tests/test_kernels_vs_ggml.py (every ggml byte test runs with it) and launch_count.py.
 """
@@ -22,6 +23,8 @@ from quantkit.kernels import kquants_cpu, legacy_cpu, searches_cpu, searches_cud
 
 CXX_FLAGS = ["-x", "c++", "-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"]
 SEARCHES = ("make_qkx2_quants", "make_qx_quants_rmse1", "make_qp_quants")
+BLOCKS = ((legacy_cpu, "quantize_q8_0"), (kquants_cpu, "quantize_q4_k"), (kquants_cpu, "quantize_q5_k"),
+          (kquants_cpu, "quantize_q6_k"))
 
 
 @dataclass
@@ -38,18 +41,19 @@ class HostSearches:
         return launch
 
     def install(self, setattr) -> None:
-        """Route searches_cpu through searches_cuda's wrappers onto this build, and the kernels
-        through their torch code around the searches, as on a GPU (not kquants_cpu's and
-        legacy_cpu's whole blocks). `setattr` is pytest's monkeypatch.setattr or one that undoes itself (see
-        launch_count)."""
+        """Route the numba kernels (searches and whole blocks) through searches_cuda's wrappers onto
+        this build, as a GPU with NVRTC runs them. `setattr` is pytest's monkeypatch.setattr or
+        one that undoes itself (see launch_count)."""
         kernels = {name: self.kernel(name) for name in searches_cuda.KERNELS}
         setattr(searches_cuda, "_kernels", lambda device: kernels)
         setattr(searches_cuda, "_params_on", lambda device, *values: torch.tensor(values, dtype=torch.float32))
         setattr(searches_cpu, "available", lambda: True)
-        setattr(kquants_cpu, "available", lambda: False)
-        setattr(legacy_cpu, "available", lambda: False)
         for name in SEARCHES:
             setattr(searches_cpu, name, getattr(searches_cuda, name))
+        setattr(kquants_cpu, "available", lambda: True)
+        setattr(legacy_cpu, "available", lambda: True)
+        for module, name in BLOCKS:
+            setattr(module, name, getattr(searches_cuda, name))
 
 
 def compile_searches(out_dir: Path) -> HostSearches | None:

@@ -1,6 +1,7 @@
 """Benchmark: how many torch operations (on a GPU: kernel launches) quantizing one 16 M-value chunk
-takes, per type, with and without an importance matrix, with the torch searches and with the
-compiled ones (searches.cu, compiled here for the host: on the GPU it is one launch a search).
+takes, per type, with and without an importance matrix: all torch, the torch code around the compiled
+searches, and the whole-block kernels (searches.cu, compiled here for the host: on the GPU each
+search or block kernel call is one launch more).
 
 Counted on the CPU, without a GPU: the count does not depend on the device, and on a GPU each
 operation is at least one launch over the whole chunk. Results go to
@@ -62,16 +63,17 @@ def main(argv: list[str] | None = None) -> dict:
         compiled = host_searches.compile_searches(tmp)
         if compiled is None:
             raise SystemExit("launch_count: no C++ compiler to build kernels/searches.cu for the host")
-        for searches in ("torch", "compiled"):
+        for searches in ("torch", "compiled", "blocks"):
             with contextlib.ExitStack() as patches:
                 def setattr(obj, name, value):
                     patches.enter_context(mock.patch.object(obj, name, value))
                 if searches == "torch":
                     setattr(searches_cpu, "available", lambda: False)
-                    setattr(kquants_cpu, "available", lambda: False)
-                    setattr(legacy_cpu, "available", lambda: False)
                 else:
                     compiled.install(setattr)
+                if searches != "blocks":            # the torch code around the searches
+                    setattr(kquants_cpu, "available", lambda: False)
+                    setattr(legacy_cpu, "available", lambda: False)
                 for q in a.types.split(","):
                     for im in (None, imatrix):
                         if im is not None and registry.get(q).quantize_weighted is None:
@@ -83,8 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
               "chunk": {"rows": a.rows, "cols": a.cols, "values": a.rows * a.cols},
               "ops_per_chunk": counts,
               "note": "leaf aten ops that run a kernel (views and allocations left out) in one registry.quantize_rows "
-                      "call; 'compiled' runs searches.cu built for the host, which on a GPU adds one launch per "
-                      "search call"}
+                      "call; 'compiled' runs the torch code around searches.cu's searches built for the host, "
+                      "which on a GPU adds one launch per search call; 'blocks' runs searches.cu's whole-block "
+                      "kernels (one launch per call on a GPU, not counted here)"}
     save_result("launch_count", f"{a.rows}x{a.cols}", result)
     return result
 

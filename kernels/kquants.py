@@ -32,7 +32,7 @@ import gguf
 import torch
 from torch import Tensor
 
-from . import _ops, kquants_cpu
+from . import _ops, kquants_cpu, searches_cuda
 from ._ops import div, f32, nearest_int, seq_sum
 from .registry import QuantType, register
 from .searches import GROUP_MAX_EPS, make_qkx2_quants, make_qp_quants, make_qx_quants_rmse1
@@ -136,6 +136,8 @@ def _unpack_nibbles_k(qs: Tensor) -> Tensor:
 def quantize_q4_k(x: Tensor, qw: Tensor | None = None) -> Tensor:
     if x.device.type == "cpu" and kquants_cpu.available():
         return kquants_cpu.quantize_q4_k(x, qw)
+    if searches_cuda.available(x.device, "k_with_min_blocks"):
+        return searches_cuda.quantize_q4_k(x, qw)
     d, dmin, ls, lm, L = _quantize_k_with_min(x, 15, rmin=-1.0, rdelta=0.1, nstep=20) if qw is None else \
         _quantize_k_with_min_weighted(x, qw, 15)
     return torch.cat([_ops.le_bytes(d, 2), _ops.le_bytes(dmin, 2), _pack_scales_k4(ls, lm),
@@ -159,6 +161,8 @@ def dequantize_q4_k(b: Tensor) -> Tensor:
 def quantize_q5_k(x: Tensor, qw: Tensor | None = None) -> Tensor:
     if x.device.type == "cpu" and kquants_cpu.available():
         return kquants_cpu.quantize_q5_k(x, qw)
+    if searches_cuda.available(x.device, "k_with_min_blocks"):
+        return searches_cuda.quantize_q5_k(x, qw)
     d, dmin, ls, lm, L = _quantize_k_with_min(x, 31, rmin=-0.5, rdelta=0.1, nstep=15) if qw is None else \
         _quantize_k_with_min_weighted(x, qw, 31)
     # bit j of qh[t] is the fifth bit of L[32j + t]
@@ -178,6 +182,8 @@ def dequantize_q5_k(b: Tensor) -> Tensor:
 def quantize_q6_k(x: Tensor, qw: Tensor | None = None) -> Tensor:
     if x.device.type == "cpu" and kquants_cpu.available():
         return kquants_cpu.quantize_q6_k(x, qw)
+    if searches_cuda.available(x.device, "q6_k_blocks"):
+        return searches_cuda.quantize_q6_k(x, qw)
     n = x.shape[0]
     xt = x.reshape(n * 16, 16).T.contiguous()  # [16, sub-blocks]
     scales, l_search = make_qx_quants_rmse1(xt, 32, None if qw is None else qw.reshape(n * 16, 16).T.contiguous())

@@ -16,7 +16,7 @@ import gguf
 import torch
 from torch import Tensor
 
-from . import _ops, legacy_cpu
+from . import _ops, legacy_cpu, searches_cuda
 from ._ops import f32
 from .registry import QuantType, register
 from .searches import make_qkx2_quants, make_qx_quants_rmse1
@@ -27,6 +27,8 @@ QK = 32
 def quantize_q8_0(x: Tensor) -> Tensor:
     if x.device.type == "cpu" and legacy_cpu.available():
         return legacy_cpu.quantize_q8_0(x)
+    if searches_cuda.available(x.device, "q8_0_blocks"):
+        return searches_cuda.quantize_q8_0(x)
     amax = x.abs().amax(dim=1)
     d = _ops.div(amax, 127.0)  # amax / ((1 << 7) - 1)
     id_ = torch.where(d != 0, _ops.div(1.0, d), torch.zeros_like(d))

@@ -274,3 +274,204 @@ QK_ENTRY(qp_search_##n, const float *x, const float *w, const float *params, flo
     qp_one<n>(x, w, N, b, (int)params[0], scale, L); QK_END
 
 QP_ENTRY(8)
+
+// ---------------------------------------------------------------------------------------------
+// Whole blocks: Q8_0 (quantize_row_q8_0_ref) and the Q4_K, Q5_K, Q6_K super-blocks
+// (quantize_row_q{4,5,6}_K_ref, and _impl with quant_weights), one thread per block from the
+// values to the bytes: the weights, the searches above (on the thread's own sub-blocks, N = 1),
+// the super-block scales, the fp16 rounding, the final codes and the packing. One launch a chunk
+// where the torch code around the searches takes ~130 (the layouts are in kquants.py).
+// x is row-major here, x[256 * s + i] (32 * s + i for Q8_0), as the chunks come.
+
+QK_FN float f32_from_bits(unsigned int u) {
+#ifdef __CUDACC__
+    return __uint_as_float(u);
+#else
+    float f; memcpy(&f, &u, sizeof f); return f;
+#endif
+}
+
+// GGML_FP32_TO_FP16: ggml_compute_fp32_to_fp16, the portable one (round to nearest even, overflow
+// to inf, NaN -> 0x7E00 with its sign)
+QK_FN unsigned int fp32_to_fp16(float f) {
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    unsigned int w = (unsigned int)f32_bits(f);
+    unsigned int shl1_w = w + w;
+    unsigned int sign = w & 0x80000000u;
+    unsigned int bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u) bias = 0x71000000u;
+    base = f32_from_bits((bias >> 1) + 0x07800000u) + base;
+    unsigned int bits = (unsigned int)f32_bits(base);
+    unsigned int exp_bits = (bits >> 13) & 0x00007C00u;
+    unsigned int mantissa_bits = bits & 0x00000FFFu;
+    unsigned int nonsign = exp_bits + mantissa_bits;
+    return (sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign);
+}
+
+// GGML_FP16_TO_FP32: ggml_compute_fp16_to_fp32, exact
+QK_FN float fp16_to_fp32(unsigned int h) {
+    unsigned int w = h << 16;
+    unsigned int sign = w & 0x80000000u;
+    unsigned int two_w = w + w;
+    float normalized = f32_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    float denormalized = f32_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+    unsigned int r = sign | (unsigned int)f32_bits(two_w < (1u << 27) ? denormalized : normalized);
+    return f32_from_bits(r);
+}
+
+QK_FN void store_le16(unsigned char *p, unsigned int v) { p[0] = v & 0xFF; p[1] = (v >> 8) & 0xFF; }
+
+// quantize_row_q8_0_ref for block s: d = amax/127, qs = roundf(x*id)
+QK_FN void q8_0_block(const float *x, unsigned char *y) {
+    float amax = 0.0f;
+    for (int j = 0; j < 32; ++j) {
+        float a = fabsf(x[j]);
+        amax = amax > a ? amax : a;         // MAX(amax, fabsf(v))
+    }
+    const float d = amax / 127;
+    const float id = d ? 1.0f / d : 0.0f;
+    store_le16(y, fp32_to_fp16(d));
+    for (int j = 0; j < 32; ++j) {
+        float v = roundf(x[j] * id);
+        y[2 + j] = (unsigned char)(v != v ? 0 : (int)v);   // a NaN stores 0, as x86's conversion does
+    }
+}
+
+// Q4_K (nmax 15) / Q5_K (nmax 31) super-block: ref without qw, _impl with it (then the search
+// takes -0.9, 0.05, 36: make_qkx3_quants)
+QK_FN void k_with_min_block(const float *x, const float *qw, int nmax, float rmin, float rdelta, int nstep,
+                            unsigned char *y) {
+    float scales[8], mins[8], sw[8], L[256], weights[32];
+    float sigma2 = 0;
+    if (qw) {
+        float sum_x2 = 0;
+        for (int l = 0; l < 256; ++l) sum_x2 += x[l] * x[l];
+        sigma2 = 2 * sum_x2 / 256;
+    }
+    for (int j = 0; j < 8; ++j) {
+        const float *xj = x + 32 * j;
+        if (qw) {
+            for (int l = 0; l < 32; ++l) weights[l] = qw[32 * j + l] * sqrtf(sigma2 + xj[l] * xj[l]);
+        } else {
+            float sum_x2 = 0;
+            for (int l = 0; l < 32; ++l) sum_x2 += xj[l] * xj[l];
+            float av_x = sqrtf(sum_x2 / 32);
+            for (int l = 0; l < 32; ++l) weights[l] = av_x + fabsf(xj[l]);
+        }
+        float sumw = 0;
+        for (int l = 0; l < 32; ++l) sumw += weights[l];
+        sw[j] = sumw;
+        qkx2_one<32>(xj, weights, 1, 0, nmax, rmin, rdelta, nstep, &scales[j], &mins[j], L + 32 * j);
+    }
+    int ls[8], lm[8];
+    float d_block, m_block;
+    if (qw) {
+        qp_one<8>(scales, sw, 1, 0, 63, &d_block, ls);
+        qp_one<8>(mins, sw, 1, 0, 63, &m_block, lm);
+        for (int j = 0; j < 8; ++j) {
+            if (nmax == 31) {                               // Q5_K only: MIN(63, ...)
+                ls[j] = (ls[j] & 0xFF) < 63 ? (ls[j] & 0xFF) : 63;
+                lm[j] = (lm[j] & 0xFF) < 63 ? (lm[j] & 0xFF) : 63;
+            }
+        }
+    } else {
+        float max_scale = 0, max_min = 0;
+        for (int j = 0; j < 8; ++j) {
+            if (scales[j] > max_scale) max_scale = scales[j];
+            if (mins[j] > max_min) max_min = mins[j];
+        }
+        float inv_scale = max_scale > 0 ? 63.f / max_scale : 0.f;
+        float inv_min = max_min > 0 ? 63.f / max_min : 0.f;
+        for (int j = 0; j < 8; ++j) {
+            int a = nearest_int(inv_scale * scales[j]) & 0xFF, b = nearest_int(inv_min * mins[j]) & 0xFF;
+            ls[j] = a < 63 ? a : 63;
+            lm[j] = b < 63 ? b : 63;
+        }
+        d_block = max_scale / 63.f;
+        m_block = max_min / 63.f;
+    }
+    unsigned char *sc = y + 4;
+    for (int j = 0; j < 4; ++j) {                           // uint8 stores
+        sc[j] = (unsigned char)(ls[j] | ((ls[j + 4] >> 4) << 6));
+        sc[j + 4] = (unsigned char)(lm[j] | ((lm[j + 4] >> 4) << 6));
+        sc[j + 8] = (unsigned char)((ls[j + 4] & 0xF) | ((lm[j + 4] & 0xF) << 4));
+    }
+    unsigned int d_bits = fp32_to_fp16(d_block), dmin_bits = fp32_to_fp16(m_block);
+    store_le16(y, d_bits);
+    store_le16(y + 2, dmin_bits);
+    const float d_all = fp16_to_fp32(d_bits), dmin_all = fp16_to_fp32(dmin_bits);
+    for (int j = 0; j < 8; ++j) {
+        int s, m;                                           // get_scale_min_k4: what the bytes hold
+        if (j < 4) { s = sc[j] & 63; m = sc[j + 4] & 63; }
+        else { s = (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4); m = (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4); }
+        const float d = d_all * s;
+        if (!d) continue;                                   // the search's codes stay
+        const float dm = dmin_all * m;
+        for (int ii = 0; ii < 32; ++ii) L[32 * j + ii] = (float)clamp_int(nearest_int((x[32 * j + ii] + dm) / d), 0, nmax);
+    }
+    unsigned char *qs = y + (nmax == 31 ? 48 : 16);
+    if (nmax == 31) {
+        for (int i = 0; i < 32; ++i) {                      // bit j of qh[i]: the fifth bit of L[32j + i]
+            int h = 0;
+            for (int j = 0; j < 8; ++j) h |= (((int)L[32 * j + i] >> 4) & 1) << j;
+            y[16 + i] = (unsigned char)h;
+        }
+    }
+    for (int k = 0; k < 4; ++k)
+        for (int i = 0; i < 32; ++i)
+            qs[32 * k + i] = (unsigned char)(((int)L[64 * k + i] & 0xF) | (((int)L[64 * k + 32 + i] & 0xF) << 4));
+}
+
+// quantize_row_q6_K_ref / _impl for one super-block
+QK_FN void q6_k_block(const float *x, const float *qw, unsigned char *y) {
+    float scales[16], L[256];
+    float max_scale = 0, max_abs_scale = 0;
+    for (int ib = 0; ib < 16; ++ib) {
+        qx_rmse1_one<16>(x + 16 * ib, qw ? qw + 16 * ib : x, qw != 0, 1, 0, 32, &scales[ib], L + 16 * ib);
+        const float abs_scale = fabsf(scales[ib]);
+        if (abs_scale > max_abs_scale) {
+            max_abs_scale = abs_scale;
+            max_scale = scales[ib];
+        }
+    }
+    if (max_abs_scale < GROUP_MAX_EPS) {                    // memset: all-zero bytes
+        for (int i = 0; i < 210; ++i) y[i] = 0;
+        return;
+    }
+    const float iscale = -128.f / max_scale;
+    const unsigned int d_bits = fp32_to_fp16(1 / iscale);
+    signed char sc[16];
+    for (int ib = 0; ib < 16; ++ib) {
+        int v = nearest_int(iscale * scales[ib]);
+        sc[ib] = (signed char)(unsigned char)((v < 127 ? v : 127) & 0xFF);
+        y[192 + ib] = (unsigned char)sc[ib];
+    }
+    store_le16(y + 208, d_bits);
+    const float d_all = fp16_to_fp32(d_bits);
+    for (int j = 0; j < 16; ++j) {
+        const float d = d_all * sc[j];
+        if (!d) continue;
+        for (int ii = 0; ii < 16; ++ii)
+            L[16 * j + ii] = (float)(clamp_int(nearest_int(x[16 * j + ii] / d), -32, 31) + 32);
+    }
+    for (int h = 0; h < 2; ++h) {
+        const float *Lh = L + 128 * h;
+        for (int l = 0; l < 32; ++l) {
+            const int q1 = (int)Lh[l], q2 = (int)Lh[l + 32], q3 = (int)Lh[l + 64], q4 = (int)Lh[l + 96];
+            y[64 * h + l] = (unsigned char)((q1 & 0xF) | ((q3 & 0xF) << 4));
+            y[64 * h + l + 32] = (unsigned char)((q2 & 0xF) | ((q4 & 0xF) << 4));
+            y[128 + 32 * h + l] = (unsigned char)((q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6));
+        }
+    }
+}
+
+// Entry points over N blocks; params as for the searches: {nmax, rmin, rdelta, nstep}
+QK_ENTRY(q8_0_blocks, const float *x, unsigned char *y)
+    q8_0_block(x + 32 * b, y + 34 * b); QK_END
+
+QK_ENTRY(k_with_min_blocks, const float *x, const float *qw, const float *params, unsigned char *y, int use_qw, int type_size)
+    k_with_min_block(x + 256 * b, use_qw ? qw + 256 * b : 0, (int)params[0], params[1], params[2], (int)params[3],
+                     y + (long long)type_size * b); QK_END
+
+QK_ENTRY(q6_k_blocks, const float *x, const float *qw, unsigned char *y, int use_qw)
+    q6_k_block(x + 256 * b, use_qw ? qw + 256 * b : 0, y + 210 * b); QK_END

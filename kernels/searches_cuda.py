@@ -1,5 +1,6 @@
-"""The scale searches of searches.py on the GPU: searches.cu compiled at run time by NVRTC
-(nvrtc.py; no compiler or CUDA toolkit needed, NVRTC comes with CUDA torch), one thread per sub-block.
+"""The scale searches of searches.py on the GPU, and whole Q8_0 / Q4_K / Q5_K / Q6_K blocks:
+searches.cu compiled at run time by NVRTC (nvrtc.py; no compiler or CUDA toolkit needed, NVRTC comes
+with CUDA torch), one thread per sub-block (searches) or per block (whole blocks).
 
 Same inputs, outputs and float32 operations as the torch versions, so the bytes are ggml's (the
 tests run searches.cu compiled for the host against ggml, and the CUDA tests compare the GPU's
@@ -19,10 +20,14 @@ import torch
 from . import nvrtc
 
 SOURCE = resources.files(__package__).joinpath("searches.cu")
-KERNELS = ("qkx2_search_32", "qx_rmse1_search_16", "qx_rmse1_search_32", "qp_search_8")
+SEARCH_KERNELS = ("qkx2_search_32", "qx_rmse1_search_16", "qx_rmse1_search_32", "qp_search_8")
+# whole blocks: QUANTKIT_GPU_BLOCKS=0 turns them off (the torch code then runs around the compiled
+# searches: same bytes, ~130 launches a chunk where these take one)
+BLOCK_KERNELS = ("q8_0_blocks", "k_with_min_blocks", "q6_k_blocks")
+KERNELS = SEARCH_KERNELS + BLOCK_KERNELS
 # --fmad=false: no multiply-add contraction (C's float32 semantics); IEEE division and denormals
 # are NVRTC's defaults, stated anyway
-NVRTC_OPTIONS = ["--fmad=false", "--prec-div=true", "--ftz=false", "--std=c++17"]
+NVRTC_OPTIONS = ["--fmad=false", "--prec-div=true", "--prec-sqrt=true", "--ftz=false", "--std=c++17"]
 THREADS = 128
 
 _loaded: dict[int, dict | str] = {}           # device index → {kernel name: Kernel}, or why not
@@ -51,7 +56,9 @@ def _kernels(device: torch.device) -> dict | str:
 
 
 def available(device: torch.device, kernel: str | None = None) -> bool:
-    """Whether the compiled searches run on `device` (and include `kernel`, e.g. "qx_rmse1_search_16")."""
+    """Whether the compiled kernels run on `device` (and include `kernel`, e.g. "qx_rmse1_search_16")."""
+    if kernel in BLOCK_KERNELS and os.environ.get("QUANTKIT_GPU_BLOCKS", "1") == "0":
+        return False
     return device.type == "cuda" and isinstance(_kernels(device), dict) and (kernel is None or kernel in KERNELS)
 
 
@@ -115,3 +122,39 @@ def make_qp_quants(x, w, nmax: int):
     scale, L = _out(N, like=x), _out(n, N, like=x, dtype=torch.int32)
     _launch(f"qp_search_{n}", N, [x, w, _params_on(x.device, nmax), scale, L, N])
     return scale, L
+
+
+def quantize_q8_0(x):
+    """legacy.quantize_q8_0 for CUDA tensors: x float32 [n, 32] -> uint8 [n, 34], one launch."""
+    (x,) = _inputs(x)
+    out = _out(x.shape[0], 34, like=x, dtype=torch.uint8)
+    _launch("q8_0_blocks", x.shape[0], [x, out, x.shape[0]])
+    return out
+
+
+def _k_with_min(x, qw, type_size: int, params: tuple):
+    use_qw = qw is not None
+    x, qw = _inputs(x, qw if use_qw else x)          # without an imatrix qw is x, unread
+    out = _out(x.shape[0], type_size, like=x, dtype=torch.uint8)
+    _launch("k_with_min_blocks", x.shape[0], [x, qw, _params_on(x.device, *params), out, int(use_qw), type_size,
+                                          x.shape[0]])
+    return out
+
+
+def quantize_q4_k(x, qw=None):
+    """kquants.quantize_q4_k for CUDA tensors: x (and qw) float32 [n, 256] -> uint8 [n, 144], one launch."""
+    return _k_with_min(x, qw, 144, (15, -1.0, 0.1, 20) if qw is None else (15, -0.9, 0.05, 36))
+
+
+def quantize_q5_k(x, qw=None):
+    """kquants.quantize_q5_k for CUDA tensors: x (and qw) float32 [n, 256] -> uint8 [n, 176], one launch."""
+    return _k_with_min(x, qw, 176, (31, -0.5, 0.1, 15) if qw is None else (31, -0.9, 0.05, 36))
+
+
+def quantize_q6_k(x, qw=None):
+    """kquants.quantize_q6_k for CUDA tensors: x (and qw) float32 [n, 256] -> uint8 [n, 210], one launch."""
+    use_qw = qw is not None
+    x, qw = _inputs(x, qw if use_qw else x)
+    out = _out(x.shape[0], 210, like=x, dtype=torch.uint8)
+    _launch("q6_k_blocks", x.shape[0], [x, qw, out, int(use_qw), x.shape[0]])
+    return out

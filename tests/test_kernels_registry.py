@@ -166,17 +166,23 @@ def test_cuda_uses_the_compiled_searches():
     from quantkit.kernels import searches_cuda
     device = torch.device("cuda")
     assert searches_cuda.available(device), searches_cuda.why_not(device)
+    for kernel in searches_cuda.KERNELS:
+        assert searches_cuda.available(device, kernel), kernel
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("search", ["compiled", "torch"])
-@pytest.mark.parametrize("name", ["q4_k", "q5_k", "q6_k", "q5_0", "q5_1"])
+@pytest.mark.parametrize("search", ["blocks", "compiled", "torch"])
+@pytest.mark.parametrize("name", ["q8_0", "q4_k", "q5_k", "q6_k", "q5_0", "q5_1"])
 def test_cuda_searched_bytes_equal_cpu_bytes_at_the_edges_and_with_an_imatrix(name, search, monkeypatch):
-    # the CPU bytes are checked against ggml in test_kernels_vs_ggml.py, on these cases too
+    # the CPU bytes are checked against ggml in test_kernels_vs_ggml.py, on these cases too. blocks:
+    # the whole-block kernels (the default); compiled: the torch code around the compiled searches;
+    # torch: all torch
     from quantkit.kernels import searches_cuda
     if search == "torch":
         monkeypatch.setattr(searches_cuda, "available", lambda device, kernel=None: False)
+    elif search == "compiled":
+        monkeypatch.setenv("QUANTKIT_GPU_BLOCKS", "0")
     qtype = registry.get(name)
     g = torch.Generator().manual_seed(11)
     x = _hard_rows(g)

@@ -34,11 +34,11 @@ def cuda_source_on_host(tmp_path_factory):
     return searches
 
 
-# every test runs with each implementation of the scale searches: the numba one (the CPU's default
-# where numba is installed; Q8_0 and the K-quants then run whole in legacy_cpu / kquants_cpu), the
-# torch one (the CPU fallback without numba, and the GPU's without NVRTC) and searches.cu (the
-# GPU's), here compiled for the host and run through the GPU's wrappers (searches_cuda) in place of
-# numba's, with the kernels' torch code around them as on a GPU
+# every test runs with each implementation of the kernels: numba (the CPU's default where numba is
+# installed: Q8_0 and the K-quants whole in legacy_cpu / kquants_cpu, the scale searches of Q5_0/Q5_1
+# with an imatrix in searches_cpu), torch (the CPU's without numba, and the GPU's without NVRTC) and
+# searches.cu (the GPU's: whole blocks and searches), here compiled for the host and run through the
+# GPU's wrappers (searches_cuda) in place of numba's
 @pytest.fixture(autouse=True, params=["numba", "torch", "cuda-source"])
 def search_backend(request, monkeypatch):
     if request.param == "numba":
