@@ -97,7 +97,9 @@ def quantize_rows(x: Tensor, qtype: QuantType, imatrix: Tensor | None = None) ->
     qw = sigma2 = None
     if imatrix is not None and qtype.quantize_weighted is not None:
         assert imatrix.shape == (cols,), (imatrix.shape, cols)
-        qw = imatrix.to(device=x.device, dtype=torch.float32).view(1, cols).expand(rows, cols).reshape(-1, qtype.block_size)
+        # the importance of each block of a row; each chunk gathers its own blocks' below (a copy
+        # of the importance per row of the whole tensor would be as large as x)
+        qw = imatrix.to(device=x.device, dtype=torch.float32).reshape(-1, qtype.block_size)
         if qtype.weighted_uses_row_sigma2:
             # float sum_x2 = 0; for (j < n_per_row) sum_x2 += x[j]*x[j]; sigma2 = sum_x2/n_per_row
             sigma2 = _ops.div(_ops.seq_sum((x * x).T), float(cols)).repeat_interleave(cols // qtype.block_size)
@@ -105,8 +107,11 @@ def quantize_rows(x: Tensor, qtype: QuantType, imatrix: Tensor | None = None) ->
     step = _chunk_blocks(qtype, x.device)
     for start in range(0, blocks.shape[0], step):
         chunk = blocks[start:start + step]
-        q = qtype.quantize(chunk) if qw is None else \
-            qtype.quantize_weighted(chunk, qw[start:start + step], None if sigma2 is None else sigma2[start:start + step])
+        if qw is None:
+            q = qtype.quantize(chunk)
+        else:
+            chunk_qw = qw[torch.arange(start, start + chunk.shape[0], device=x.device) % qw.shape[0]]
+            q = qtype.quantize_weighted(chunk, chunk_qw, None if sigma2 is None else sigma2[start:start + step])
         assert q.dtype == torch.uint8 and q.shape == (chunk.shape[0], qtype.type_size), (qtype.name, q.dtype, q.shape)
         out[start:start + step] = q
     return out.reshape(rows, nbytes)

@@ -227,6 +227,16 @@ def _imatrices(rng: np.random.Generator, cols: int) -> dict[str, np.ndarray]:
             "tiny": real * 1e-30, "huge": real * 1e20}
 
 
+@pytest.mark.parametrize("qname", ["q4_k", "q5_k", "q6_k", "q5_0", "q5_1"])
+def test_bytes_match_ggml_with_an_importance_matrix_in_chunks_that_split_rows(qname, monkeypatch):
+    # quantize_rows hands each kernel chunk the importance of its own blocks: with chunks of 5
+    # blocks, the boundaries fall mid-row and the pattern restarts mid-chunk
+    monkeypatch.setitem(registry.CHUNK_VALUES, "cpu", 5 * registry.get(qname).block_size)
+    rng = _rng("imatrix-chunks", qname)
+    cols = _cols(3)
+    _assert_bytes_match(rng.standard_normal((5, cols)) * 0.02, qname, rng.random(cols) ** 4)
+
+
 @pytest.mark.parametrize("qname", QUANTIZED)
 def test_bytes_match_ggml_with_an_importance_matrix(qname):
     """ggml_quantize_chunk(..., imatrix): Q4_K/Q5_K/Q6_K and Q5_0/Q5_1 take the _impl paths
