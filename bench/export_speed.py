@@ -35,7 +35,8 @@ def prepare_input(name: str, work: Path, layers: int | None = None) -> Path:
     if name == "smollm2":
         cmd = [sys.executable, "-m", "quantkit", "default-model"]
         return Path(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip())
-    tok = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizers" / name.split("-")[0]
+    from quantkit.bench.synthetic import tokenizer_dir
+    tok = tokenizer_dir(name.split("-")[0])
     cmd = [sys.executable, "-m", "quantkit.bench.synthetic", "checkpoint", name, str(work / name), "--tokenizer", str(tok)]
     subprocess.run(cmd + (["--layers", str(layers)] if layers else []), check=True, stdout=subprocess.DEVNULL)
     return work / name

@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     py = sys.executable
-    tok = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizers" / a.preset.split("-")[0]
+    from quantkit.bench.synthetic import tokenizer_dir
+    tok = tokenizer_dir(a.preset.split("-")[0])
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
         work = Path(tmp)
         base = work / "base"

@@ -2,12 +2,15 @@
 # On the lent GPU machine, from the repository root, with .gpu/ carried (bench/gpu_kit.sh):
 #
 #   bash bench/gpu_session.sh check                 # the CUDA tests: GPU bytes == CPU bytes == ggml (~2 min)
+#   bash bench/gpu_session.sh rates                 # kernel rates, whole blocks against the searches (~1 min)
 #   bash bench/gpu_session.sh profile               # stage rates and top ops on 8B shapes (4 layers)
 #   bash bench/gpu_session.sh speed-llama3          # export_speed on the full Llama-3.1-8B shape (~7 min)
 #   bash bench/gpu_session.sh speed-qwen3           # ... and Qwen3-8B
 #
 # A session has 15 device-minutes in all, the machine's start (1-2 min) included, and a call at
-# most 10: the first call should be `check speed-llama3` with timeout_s 590, and nothing else.
+# most 10: the first call should be `check speed-llama3` with timeout_s 590, and nothing else; then
+# `rates` (whether the whole-block kernels beat the torch code around the compiled searches there:
+# QUANTKIT_GPU_BLOCKS=0 picks the latter) with what is left.
 # Most of speed-*'s time is llama.cpp's flow (convert + three llama-quantize runs, ~280 s on
 # 16 cores); quantkit's export runs first, so its figures come back even if the call is cut.
 # Logs and result JSONs go to $OUT (the device tool brings them back). Steps run in the order given.
@@ -17,6 +20,7 @@ OUT=${OUT:-/tmp/quantkit-gpu-out}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 QUANTKIT_LLAMACPP_SRC=$REPO/.gpu/llama.cpp-src
+export QUANTKIT_TOKENIZERS=$REPO/tests/fixtures/tokenizers    # the installed wheel has no tests/
 cd /tmp    # not the repository root: its folders must not import as top-level packages
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -c "import torch, quantkit; print('torch', torch.__version__, torch.cuda.get_device_name(0), quantkit.__file__)"
@@ -26,6 +30,8 @@ for step in "$@"; do
   case $step in
     check) python3 -m pytest -q -p no:cacheprovider -k cuda "$REPO/tests/test_kernels_registry.py" \
              "$REPO/tests/test_streams.py" "$REPO/tests/test_gguf_export.py" "$REPO/tests/test_gptq.py" 2>&1 | tee "$OUT/check.log" ;;
+    rates) python3 -m quantkit.bench.export_profile --input llama3-tiny --device cuda --no-export --work /tmp 2>&1 \
+             | tee "$OUT/rates.log" ;;
     profile) python3 -m quantkit.bench.export_profile --input llama3-8b --layers 4 --device cuda --work /tmp 2>&1 \
              | tee "$OUT/profile.log" ;;
     speed-*) python3 -m quantkit.bench.export_speed --input "${step#speed-}-8b" --device cuda --work /tmp --low-disk 2>&1 \

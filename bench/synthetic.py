@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -91,6 +92,18 @@ def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype
     t = torch.randn(shape, generator=gen) * 0.02
     t += 0.05 * torch.randn(shape, generator=gen).pow_(3).clamp_(-10, 10) * 0.02
     return t.to(dtype)
+
+
+def tokenizer_dir(family: str) -> Path:
+    """The real tokenizer of a family ("llama3", "qwen3") from tests/fixtures/tokenizers of the source
+    checkout. An installed quantkit has no tests/: QUANTKIT_TOKENIZERS names the folder then (the GPU
+    session sets it to the checkout's)."""
+    root = Path(os.environ.get("QUANTKIT_TOKENIZERS")
+                or Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizers")
+    if not (root / family / "tokenizer.json").is_file():
+        raise SystemExit(f"{root / family}: no tokenizer.json for the synthetic {family} checkpoint; run from a "
+                         "source checkout or set QUANTKIT_TOKENIZERS to tests/fixtures/tokenizers")
+    return root / family
 
 
 def write_checkpoint(dest: Path, cfg: dict, tokenizer_dir: Path | None = None, *, seed: int = 0,

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import glob
+import hashlib
 import os
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -115,6 +117,42 @@ def compile_cubin(source: str, arch: str, options: list[str], name: str = "quant
         return cubin.raw
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def _nvrtc_version() -> tuple[int, int]:
+    lib = _nvrtc()
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    _check_nvrtc(lib, lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)), "nvrtcVersion")
+    return major.value, minor.value
+
+
+def cache_dir() -> Path:
+    """Where compiled cubins are kept: QUANTKIT_CACHE_DIR, else $XDG_CACHE_HOME/quantkit or ~/.cache/quantkit."""
+    if os.environ.get("QUANTKIT_CACHE_DIR"):
+        return Path(os.environ["QUANTKIT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quantkit"
+
+
+def cached_cubin(source: str, arch: str, options: list[str], name: str = "quantkit.cu") -> bytes:
+    """compile_cubin, kept on disk between processes: NVRTC takes ~1.4 s for searches.cu, which an
+    export would pay each run. The file name holds a hash of the source, the architecture, the
+    options and NVRTC's version; it is written under a temporary name and renamed. A cache folder
+    that cannot be read or written only means compiling."""
+    key = hashlib.sha256(repr((source, arch, sorted(options), _nvrtc_version())).encode()).hexdigest()[:32]
+    path = cache_dir() / f"{name}-sm_{arch}-{key}.cubin"
+    try:
+        return path.read_bytes()
+    except OSError:
+        pass
+    cubin = compile_cubin(source, arch, options, name)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        tmp.write_bytes(cubin)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return cubin
 
 
 class Kernel:

@@ -46,8 +46,8 @@ def _kernels(device: torch.device) -> dict | str:
         else:
             try:
                 arch = "".join(map(str, torch.cuda.get_device_capability(device)))
-                _loaded[device.index] = nvrtc.load(nvrtc.compile_cubin(SOURCE.read_text(), arch, NVRTC_OPTIONS,
-                                                                       "searches.cu"), list(KERNELS), device)
+                _loaded[device.index] = nvrtc.load(nvrtc.cached_cubin(SOURCE.read_text(), arch, NVRTC_OPTIONS,
+                                                                      "searches.cu"), list(KERNELS), device)
             except Exception as e:  # noqa: BLE001 - any failure means: use the torch searches
                 _loaded[device.index] = str(e)
                 warnings.warn(f"quantkit: the GPU scale searches are not available ({e}); using the slower torch "
