@@ -33,8 +33,11 @@ def quantize_q8_0(x: Tensor) -> Tensor:
     d = _ops.div(amax, 127.0)  # amax / ((1 << 7) - 1)
     id_ = torch.where(d != 0, _ops.div(1.0, d), torch.zeros_like(d))
     d_bits, _ = _ops.fp16_round(d)
-    # roundf (half away from zero), then the float -> int8 conversion
-    qs = _ops.round_away(x * id_[:, None]).to(torch.int32) & 0xFF
+    # roundf (half away from zero), then the float -> int8 conversion as x86 makes it: out of range
+    # (an infinite id, for amax below ~4e-37) or NaN gives 0x80000000, so the byte 0 (a GPU's
+    # conversion would saturate +inf to 0x7FFFFFFF)
+    r = _ops.round_away(x * id_[:, None])
+    qs = torch.where((r >= -2.0 ** 31) & (r < 2.0 ** 31), r, torch.zeros_like(r)).to(torch.int32) & 0xFF
     return torch.cat([_ops.le_bytes(d_bits, 2), qs.to(torch.uint8)], dim=1)
 
 

@@ -42,8 +42,9 @@ if numba is not None:
                 store_le16(out[i], 0, fp16_bits(d))
                 for j in range(QK8_0):
                     v = round_away(x[i, j] * id_)
-                    # the float -> int8 store; a NaN (an inf input) stores 0, as x86's conversion does
-                    out[i, 2 + j] = 0 if v != v else np.int64(v) & 0xFF
+                    # the float -> int8 store as x86 makes it: out of range (an infinite id_, for amax
+                    # below ~4e-37) or NaN gives 0x80000000, so the byte 0
+                    out[i, 2 + j] = np.int64(v) & 0xFF if F(-2147483648.0) <= v < F(2147483648.0) else 0
 
 
 def quantize_q8_0(x: torch.Tensor) -> torch.Tensor:

@@ -333,7 +333,10 @@ QK_FN void q8_0_block(const float *x, unsigned char *y) {
     store_le16(y, fp32_to_fp16(d));
     for (int j = 0; j < 32; ++j) {
         float v = roundf(x[j] * id);
-        y[2 + j] = (unsigned char)(v != v ? 0 : (int)v);   // a NaN stores 0, as x86's conversion does
+        // the float -> int conversion as on x86, where ggml's bytes come from: out of range (an
+        // infinite id, for amax below ~4e-37) or NaN gives 0x80000000, so the byte 0; a GPU would
+        // saturate +inf to 0x7FFFFFFF
+        y[2 + j] = (unsigned char)(v >= -2147483648.f && v < 2147483648.f ? (int)v : 0);
     }
 }
 

@@ -124,8 +124,18 @@ def make_qp_quants(x, w, nmax: int):
     return scale, L
 
 
+def _check_blocks(x, qw, width: int) -> None:
+    """The kernels read width values a block (and as many importances): a wrong shape would read
+    past the buffer, which on a GPU ruins the CUDA context for the rest of the process."""
+    if x.dim() != 2 or x.shape[1] != width:
+        raise ValueError(f"the GPU block kernels take float32 [n, {width}], not {tuple(x.shape)}")
+    if qw is not None and qw.shape != x.shape:
+        raise ValueError(f"importance of shape {tuple(qw.shape)} for blocks of shape {tuple(x.shape)}")
+
+
 def quantize_q8_0(x):
     """legacy.quantize_q8_0 for CUDA tensors: x float32 [n, 32] -> uint8 [n, 34], one launch."""
+    _check_blocks(x, None, 32)
     (x,) = _inputs(x)
     out = _out(x.shape[0], 34, like=x, dtype=torch.uint8)
     _launch("q8_0_blocks", x.shape[0], [x, out, x.shape[0]])
@@ -133,6 +143,7 @@ def quantize_q8_0(x):
 
 
 def _k_with_min(x, qw, type_size: int, params: tuple):
+    _check_blocks(x, qw, 256)
     use_qw = qw is not None
     x, qw = _inputs(x, qw if use_qw else x)          # without an imatrix qw is x, unread
     out = _out(x.shape[0], type_size, like=x, dtype=torch.uint8)
@@ -153,6 +164,7 @@ def quantize_q5_k(x, qw=None):
 
 def quantize_q6_k(x, qw=None):
     """kquants.quantize_q6_k for CUDA tensors: x (and qw) float32 [n, 256] -> uint8 [n, 210], one launch."""
+    _check_blocks(x, qw, 256)
     use_qw = qw is not None
     x, qw = _inputs(x, qw if use_qw else x)
     out = _out(x.shape[0], 210, like=x, dtype=torch.uint8)

@@ -191,3 +191,15 @@ def test_cuda_searched_bytes_equal_cpu_bytes_at_the_edges_and_with_an_imatrix(na
         cpu = registry.quantize_rows(x, qtype, im)
         cuda = registry.quantize_rows(x.cuda(), qtype, None if im is None else im.cuda())
         assert torch.equal(cpu, cuda.cpu()), f"{name}, imatrix={im is not None}, {search} searches"
+
+
+def test_the_gpu_block_kernels_refuse_shapes_they_would_read_past():
+    # checked before any launch (so here, without a GPU): a kernel reading past its buffer would
+    # leave the CUDA context unusable for the rest of the process
+    from quantkit.kernels import searches_cuda
+    with pytest.raises(ValueError, match=r"\[n, 256\]"):
+        searches_cuda.quantize_q4_k(torch.zeros(2, 128))
+    with pytest.raises(ValueError, match="importance"):
+        searches_cuda.quantize_q6_k(torch.zeros(2, 256), torch.zeros(256))
+    with pytest.raises(ValueError, match=r"\[n, 32\]"):
+        searches_cuda.quantize_q8_0(torch.zeros(64))
