@@ -432,15 +432,19 @@ def run_flags(fn):
 @run_flags
 @click.option("--dry-run", is_flag=True, help="Print the steps, what is already done, sizes and disk space; run nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars (one line per step stays).")
+@click.option("--rehash", is_flag=True,
+              help="Read every input and output again to check its hash, instead of trusting files whose size, "
+                   "times and inode are unchanged since they were hashed.")
 @one_line_errors
-def run(pipeline, dry_run, quiet, **flags):
+def run(pipeline, dry_run, quiet, rehash, **flags):
     """Run a pipeline: merge, GGUF, GPTQ, INT8/NF4 and the report, skipping what is already done.
 
     The steps come from PIPELINE (a TOML file, see `quantkit init`), from flags, or both (a flag
     wins over the file). Every step's inputs, settings and outputs are recorded (content hashes) in
     OUT/pipeline.json; a rerun after a crash, a kill or Ctrl-C redoes only the steps whose record
-    does not match. Without a file the defaults are pipeline.toml's: all three GGUF types and the
-    report; GPTQ, INT8 and NF4 when asked for.
+    does not match. A file whose size, times and inode are unchanged since it was hashed is not
+    read again (--rehash reads everything). Without a file the defaults are pipeline.toml's: all
+    three GGUF types and the report; GPTQ, INT8 and NF4 when asked for.
 
     \b
     Examples:
@@ -464,7 +468,7 @@ def run(pipeline, dry_run, quiet, **flags):
         raise click.UsageError("give a pipeline file (quantkit init writes one) or --base and the outputs wanted")
     cfg = parse(pipeline, overrides)
     plan = pl.build(cfg, _resolve_device(cfg["output"]["device"]), progress=not quiet)
-    manifest = Manifest.load(plan.out)
+    manifest = Manifest.load(plan.out, trust_stats=not rehash)
     if dry_run:
         for line in pl.describe(plan, manifest):
             click.echo(line)

@@ -6,11 +6,19 @@ else (no record, a changed input or setting, an output missing, changed or prese
 record) means the step runs again. Steps write their outputs under temporary names and rename them
 when complete (outputs.staged_output); the manifest itself is rewritten the same way after each
 step, so a kill at any moment leaves either the old record or the new one, never half of one.
+
+Hashing an 8B model's files takes tens of seconds (more from a cold disk), so the manifest also
+keeps each file's hash with its identity when hashed: size, modification and change times, inode
+and device. A later run takes the hash of a file whose identity is unchanged without reading it, as
+git's index and rsync's quick check do; any write, rename onto it, `touch` or `cp -p` changes the
+change time at least. `quantkit run --rehash` (Manifest.load(..., trust_stats=False)) reads
+everything again.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,13 +29,42 @@ from .outputs import sha256_file, write_text_atomic
 VERSION = 1
 
 
-_FILE_HASHES: dict[tuple[str, int, int], str] = {}      # (path, size, mtime_ns) -> sha256, this process
+class FileHashes:
+    """sha256 of files, each remembered with the file's identity when it was read (size, mtime,
+    ctime, inode, device): while that identity holds, the file is not read again."""
+
+    def __init__(self, known: dict[str, list] | None = None):
+        self._known = {p: (tuple(e[:-1]), e[-1]) for p, e in (known or {}).items()
+                       if isinstance(e, list) and len(e) == 6}
+
+    @staticmethod
+    def _identity(st: os.stat_result) -> tuple:
+        return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
+
+    def file(self, path: Path) -> str:
+        key = str(Path(path).resolve())
+        before = self._identity(os.stat(key))
+        seen = self._known.get(key)
+        if seen is not None and seen[0] == before:
+            return seen[1]
+        digest = sha256_file(Path(key))
+        self._known[key] = (before, digest)     # a write while it was read changes its ctime: read again then
+        return digest
+
+    def entries_under(self, roots: list[Path]) -> dict[str, list]:
+        """The remembered files at or below `roots`, as JSON (for the manifest)."""
+        tops = [str(Path(r).resolve()) for r in roots]
+        return {p: [*ident, digest] for p, (ident, digest) in sorted(self._known.items())
+                if any(p == t or p.startswith(t + os.sep) for t in tops)}
 
 
-def content_hash(path: Path) -> str:
+_PROCESS_HASHES = FileHashes()
+
+
+def content_hash(path: Path, hashes: FileHashes | None = None) -> str:
     """sha256 of a file, or of a directory's files (relative names and contents, sorted, hidden
-    staging entries excluded). Cached per process by (path, size, mtime) so a step's outputs are
-    read once when they become the next step's inputs."""
+    staging entries excluded). Files are read once while unchanged (`hashes`, or this process's)."""
+    hashes = _PROCESS_HASHES if hashes is None else hashes
     path = Path(path)
     if path.is_dir():
         h = hashlib.sha256(b"dir\0")
@@ -35,13 +72,9 @@ def content_hash(path: Path) -> str:
             rel = p.relative_to(path)
             if any(part.startswith(".") for part in rel.parts):
                 continue
-            h.update(str(rel).encode() + b"\0" + content_hash(p).encode() + b"\0")
+            h.update(str(rel).encode() + b"\0" + content_hash(p, hashes).encode() + b"\0")
         return h.hexdigest()
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _FILE_HASHES:
-        _FILE_HASHES[key] = sha256_file(path)
-    return _FILE_HASHES[key]
+    return hashes.file(path)
 
 
 def settings_hash(settings: dict) -> str:
@@ -63,20 +96,27 @@ class Step:
 class Manifest:
     path: Path
     steps: dict[str, dict] = field(default_factory=dict)
+    hashes: FileHashes = field(default_factory=FileHashes)
 
     @classmethod
-    def load(cls, out_dir: Path) -> Manifest:
+    def load(cls, out_dir: Path, trust_stats: bool = True) -> Manifest:
+        """OUT/pipeline.json's records; with trust_stats, also the file hashes it remembers."""
         path = Path(out_dir) / "pipeline.json"
         try:
             data = json.loads(path.read_text())
-            steps = data["steps"] if data.get("quantkit_pipeline") == VERSION else {}
-        except (OSError, ValueError, KeyError, TypeError):
-            steps = {}                      # no manifest (or not ours): nothing is trusted
-        return cls(path, dict(steps))
+            ours = data.get("quantkit_pipeline") == VERSION
+            steps = data["steps"] if ours else {}
+            known = data.get("file_hashes") if ours and trust_stats else None
+            hashes = FileHashes(known if isinstance(known, dict) else None)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            steps, hashes = {}, FileHashes()    # no manifest (or not ours): nothing is trusted
+        return cls(path, dict(steps), hashes)
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.path, json.dumps({"quantkit_pipeline": VERSION, "steps": self.steps}, indent=2) + "\n",
+        roots = [Path(p) for rec in self.steps.values() for kind in ("inputs", "outputs") for p in rec.get(kind, {})]
+        write_text_atomic(self.path, json.dumps({"quantkit_pipeline": VERSION, "steps": self.steps,
+                                                 "file_hashes": self.hashes.entries_under(roots)}, indent=2) + "\n",
                           fsync=True)
 
     def why_not_done(self, step: Step) -> str | None:
@@ -89,20 +129,20 @@ class Manifest:
         for p in step.inputs:
             if not Path(p).exists():
                 return f"input {p} is missing"
-            if rec.get("inputs", {}).get(str(p)) != content_hash(p):
+            if rec.get("inputs", {}).get(str(p)) != content_hash(p, self.hashes):
                 return f"input {Path(p).name} changed"
         for p in step.outputs:
             if not Path(p).exists():
                 return f"output {Path(p).name} is missing"
-            if rec.get("outputs", {}).get(str(p)) != content_hash(p):
+            if rec.get("outputs", {}).get(str(p)) != content_hash(p, self.hashes):
                 return f"output {Path(p).name} changed since it was written"
         return None
 
     def record(self, step: Step, seconds: float) -> None:
         self.steps[step.name] = {
             "settings": step.settings, "settings_hash": settings_hash(step.settings),
-            "inputs": {str(p): content_hash(p) for p in step.inputs},
-            "outputs": {str(p): content_hash(p) for p in step.outputs},
+            "inputs": {str(p): content_hash(p, self.hashes) for p in step.inputs},
+            "outputs": {str(p): content_hash(p, self.hashes) for p in step.outputs},
             "seconds": round(seconds, 3), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         self.save()

@@ -2,11 +2,14 @@
 outputs all still match; anything else reruns it. Checked with small steps that count their runs."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 from quantkit.manifest import Manifest, Step, content_hash, run_steps
 
@@ -114,3 +117,54 @@ def test_killed_during_a_step_leaves_the_finished_ones_recorded(tmp_path):
     assert p.returncode == -9
     runs = []
     assert run(tmp_path, runs) == {"a": "done", "b": "ran"} and runs == ["b"]
+
+
+def _count_reads(monkeypatch):
+    """The files manifest reads to hash them, in order."""
+    import quantkit.manifest as m
+    reads, real = [], m.sha256_file
+    monkeypatch.setattr(m, "sha256_file", lambda p: reads.append(Path(p).name) or real(p))
+    return reads
+
+
+def test_a_rerun_reads_no_file_unchanged_since_it_was_hashed(tmp_path, monkeypatch):
+    """A second `quantkit run` of an 8B pipeline would otherwise read ~50 GB to learn nothing changed.
+    The recorded hashes are checked against hashlib reading the files."""
+    (tmp_path / "input.txt").write_text("hello")
+    run(tmp_path, [])
+    rec = json.loads((tmp_path / "out" / "pipeline.json").read_text())["steps"]
+    assert rec["a"]["inputs"][str(tmp_path / "input.txt")] == hashlib.sha256(b"hello").hexdigest()
+    reads = _count_reads(monkeypatch)
+    assert run(tmp_path, []) == {"a": "done", "b": "done"} and reads == []
+    steps = make_steps(tmp_path, [])
+    assert run_steps(steps, Manifest.load(tmp_path / "out", trust_stats=False), echo=lambda s: None) == \
+        {"a": "done", "b": "done"}
+    assert sorted(reads) == ["a.txt", "input.txt", "x.txt"]          # --rehash: each file once
+
+
+def test_a_file_rewritten_to_its_old_size_and_mtime_is_read_again(tmp_path, monkeypatch):
+    """Same size, mtime put back (as `cp -p` or `touch -d` would): the change time still tells."""
+    src = tmp_path / "input.txt"
+    src.write_text("hello")
+    run(tmp_path, [])
+    st = src.stat()
+    time.sleep(0.05)                                          # past the file system's clock tick
+    src.write_text("HELLO")
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (src.stat().st_size, src.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    reads = _count_reads(monkeypatch)
+    assert run(tmp_path, []) == {"a": "ran", "b": "done"}     # a's output is the same "HELLO"
+    assert "input.txt" in reads
+
+
+def test_a_damaged_table_of_remembered_hashes_means_reading_the_files(tmp_path, monkeypatch):
+    (tmp_path / "input.txt").write_text("hello")
+    run(tmp_path, [])
+    manifest = tmp_path / "out" / "pipeline.json"
+    data = json.loads(manifest.read_text())
+    assert str((tmp_path / "input.txt").resolve()) in data["file_hashes"]
+    for damaged in ({k: [1, 2] for k in data["file_hashes"]}, {k: "?" for k in data["file_hashes"]}, [], "x"):
+        manifest.write_text(json.dumps({**data, "file_hashes": damaged}))
+        reads = _count_reads(monkeypatch)
+        assert run(tmp_path, []) == {"a": "done", "b": "done"}
+        assert sorted(reads) == ["a.txt", "input.txt", "x.txt"]
