@@ -23,8 +23,7 @@ from quantkit.kernels import kquants_cpu, legacy_cpu, searches_cpu, searches_cud
 
 CXX_FLAGS = ["-x", "c++", "-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"]
 SEARCHES = ("make_qkx2_quants", "make_qx_quants_rmse1", "make_qp_quants")
-BLOCKS = ((legacy_cpu, "quantize_q8_0"), (kquants_cpu, "quantize_q4_k"), (kquants_cpu, "quantize_q5_k"),
-          (kquants_cpu, "quantize_q6_k"))
+BLOCKS = ((legacy_cpu, "quantize_q8_0"), (kquants_cpu, "quantize_k_with_min"), (kquants_cpu, "quantize_q6_k"))
 
 
 @dataclass

@@ -28,6 +28,8 @@ For half h = 0, 1 and t = 0..31, with L_g = L[128*h + 32*g + t]:
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import gguf
 import torch
 from torch import Tensor
@@ -38,6 +40,24 @@ from .registry import QuantType, register
 from .searches import GROUP_MAX_EPS, make_qkx2_quants, make_qp_quants, make_qx_quants_rmse1
 
 QK_K = 256
+
+
+class KSearch(NamedTuple):
+    """make_qkx2_quants' parameters: codes 0..nmax; step s = 0..nstep tries the inverse scale
+    (nmax + rmin + rdelta*s) / (max - min). C passes rmin and rdelta as floats: held rounded to
+    float32, so that every implementation (torch, numba, CUDA) starts from the same values."""
+    nmax: int
+    rmin: float
+    rdelta: float
+    nstep: int
+
+
+def k_search(nmax: int, weighted: bool) -> KSearch:
+    """The one table of Q4_K (nmax 15) and Q5_K (nmax 31) searches: quantize_row_q4_K_ref calls
+    make_qkx2_quants(..., -1.0f, 0.1f, 20), _q5_K_ref (..., -0.5f, 0.1f, 15); with an importance
+    matrix both _impl functions call make_qkx3_quants(..., -0.9f, 0.05f, 36), the same search."""
+    rmin, rdelta, nstep = (-0.9, 0.05, 36) if weighted else {15: (-1.0, 0.1, 20), 31: (-0.5, 0.1, 15)}[nmax]
+    return KSearch(nmax, f32(rmin), f32(rdelta), nstep)
 
 
 def _pack_scales_k4(ls: Tensor, lm: Tensor) -> Tensor:
@@ -57,7 +77,7 @@ def _unpack_scales_k4(b: Tensor) -> tuple[Tensor, Tensor]:
     return sc, m
 
 
-def _quantize_k_with_min(x: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
+def _quantize_k_with_min(x: Tensor, search: KSearch):
     """Shared body of quantize_row_q4_K_ref / quantize_row_q5_K_ref.
 
     Returns (d bits, dmin bits, ls, lm, L [n, 256] int32).
@@ -67,7 +87,7 @@ def _quantize_k_with_min(x: Tensor, nmax: int, rmin: float, rdelta: float, nstep
     sum_x2 = seq_sum(xt * xt)
     av_x = _ops.sqrt(div(sum_x2, 32.0))
     w = av_x + xt.abs()
-    scales, mins, l_search = make_qkx2_quants(xt, w, nmax, rmin, rdelta, nstep)
+    scales, mins, l_search = make_qkx2_quants(xt, w, *search)
     scales, mins = scales.view(n, 8), mins.view(n, 8)
     l_search = l_search.T.reshape(n, 8, 32).to(torch.int32)
 
@@ -81,7 +101,7 @@ def _quantize_k_with_min(x: Tensor, nmax: int, rmin: float, rdelta: float, nstep
     lm = (nearest_int(inv_min[:, None] * mins) & 0xFF).clamp_(max=63)
     d_bits, d = _ops.fp16_round(div(max_scale, 63.0))
     dmin_bits, dmin = _ops.fp16_round(div(max_min, 63.0))
-    return d_bits, dmin_bits, ls, lm, _k_codes(x, d, dmin, ls, lm, l_search, nmax)
+    return d_bits, dmin_bits, ls, lm, _k_codes(x, d, dmin, ls, lm, l_search, search.nmax)
 
 
 def _k_codes(x: Tensor, d: Tensor, dmin: Tensor, sc: Tensor, m: Tensor, l_search: Tensor, nmax: int) -> Tensor:
@@ -94,7 +114,7 @@ def _k_codes(x: Tensor, d: Tensor, dmin: Tensor, sc: Tensor, m: Tensor, l_search
     return torch.where(dq == 0, l_search, l).reshape(n, QK_K)
 
 
-def _quantize_k_with_min_weighted(x: Tensor, qw: Tensor, nmax: int):
+def _quantize_k_with_min_weighted(x: Tensor, qw: Tensor, search: KSearch):
     """Shared body of quantize_row_q4_K_impl / quantize_row_q5_K_impl with quant_weights (an
     importance matrix): sub-block weights qw * sqrt(sigma2 + x^2), the search make_qkx3_quants
     (the same computation as make_qkx2_quants, with these weights and steps), and the scales and
@@ -108,18 +128,18 @@ def _quantize_k_with_min_weighted(x: Tensor, qw: Tensor, nmax: int):
     xt = x.reshape(n * 8, 32).T.contiguous()  # [32, sub-blocks]
     w = qw.reshape(n * 8, 32).T * _ops.sqrt(sigma2.repeat_interleave(8)[None] + xt * xt)
     sw = seq_sum(w)
-    scales, mins, l_search = make_qkx2_quants(xt, w, nmax, f32(-0.9), 0.05, 36)
+    scales, mins, l_search = make_qkx2_quants(xt, w, *search)
     sw, scales, mins = sw.view(n, 8).T, scales.view(n, 8).T, mins.view(n, 8).T  # [8, n]
     d_block, ls = make_qp_quants(scales, sw, 63)
     m_block, lm = make_qp_quants(mins, sw, 63)
     ls, lm = ls.T, lm.T
-    if nmax == 31:                                # Q5_K only: ls = MIN(63, ls)
+    if search.nmax == 31:                         # Q5_K only: ls = MIN(63, ls)
         ls, lm = ls.clamp(max=63), lm.clamp(max=63)
     d_bits, d = _ops.fp16_round(d_block)
     dmin_bits, dmin = _ops.fp16_round(m_block)
     sc, m = _unpack_scales_k4(_pack_scales_k4(ls, lm))       # what get_scale_min_k4 reads back
     l_search = l_search.T.reshape(n, 8, 32).to(torch.int32)
-    return d_bits, dmin_bits, ls, lm, _k_codes(x, d, dmin, sc, m, l_search, nmax)
+    return d_bits, dmin_bits, ls, lm, _k_codes(x, d, dmin, sc, m, l_search, search.nmax)
 
 
 def _pack_nibbles_k(L: Tensor) -> Tensor:
@@ -133,13 +153,22 @@ def _unpack_nibbles_k(qs: Tensor) -> Tensor:
     return torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(-1, QK_K)
 
 
-def quantize_q4_k(x: Tensor, qw: Tensor | None = None) -> Tensor:
+def _compiled_k_with_min(x: Tensor, qw: Tensor | None, search: KSearch) -> Tensor | None:
+    """Q4_K/Q5_K bytes from a compiled kernel for x's device (numba on the CPU, whole blocks in
+    CUDA), or None where there is none: the torch code below runs then."""
     if x.device.type == "cpu" and kquants_cpu.available():
-        return kquants_cpu.quantize_q4_k(x, qw)
+        return kquants_cpu.quantize_k_with_min(x, qw, search)
     if searches_cuda.available(x.device, "k_with_min_blocks"):
-        return searches_cuda.quantize_q4_k(x, qw)
-    d, dmin, ls, lm, L = _quantize_k_with_min(x, 15, rmin=-1.0, rdelta=0.1, nstep=20) if qw is None else \
-        _quantize_k_with_min_weighted(x, qw, 15)
+        return searches_cuda.quantize_k_with_min(x, qw, search)
+    return None
+
+
+def quantize_q4_k(x: Tensor, qw: Tensor | None = None) -> Tensor:
+    search = k_search(15, qw is not None)
+    if (out := _compiled_k_with_min(x, qw, search)) is not None:
+        return out
+    d, dmin, ls, lm, L = _quantize_k_with_min(x, search) if qw is None else \
+        _quantize_k_with_min_weighted(x, qw, search)
     return torch.cat([_ops.le_bytes(d, 2), _ops.le_bytes(dmin, 2), _pack_scales_k4(ls, lm),
                       _pack_nibbles_k(L)], dim=1)
 
@@ -159,12 +188,11 @@ def dequantize_q4_k(b: Tensor) -> Tensor:
 
 
 def quantize_q5_k(x: Tensor, qw: Tensor | None = None) -> Tensor:
-    if x.device.type == "cpu" and kquants_cpu.available():
-        return kquants_cpu.quantize_q5_k(x, qw)
-    if searches_cuda.available(x.device, "k_with_min_blocks"):
-        return searches_cuda.quantize_q5_k(x, qw)
-    d, dmin, ls, lm, L = _quantize_k_with_min(x, 31, rmin=-0.5, rdelta=0.1, nstep=15) if qw is None else \
-        _quantize_k_with_min_weighted(x, qw, 31)
+    search = k_search(31, qw is not None)
+    if (out := _compiled_k_with_min(x, qw, search)) is not None:
+        return out
+    d, dmin, ls, lm, L = _quantize_k_with_min(x, search) if qw is None else \
+        _quantize_k_with_min_weighted(x, qw, search)
     # bit j of qh[t] is the fifth bit of L[32j + t]
     hb = (L.view(-1, 8, 32) >> 4) & 1
     qh = (hb << torch.arange(8, device=x.device, dtype=torch.int32)[:, None]).sum(1)

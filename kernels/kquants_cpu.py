@@ -48,8 +48,8 @@ if numba is not None:
     @_jit
     def _k_with_min_rows(x, qw, use_qw, nmax, rmin, rdelta, nstep, fp16_to_f32, out):  # pragma: no cover
         """quantize_row_q4_K_ref / _q5_K_ref (use_qw False) or _impl with quant_weights (True),
-        for every super-block of x [nb, 256]; out [nb, 144 or 176] uint8. With the importance,
-        the search takes rmin, rdelta, nstep = -0.9, 0.05, 36 (make_qkx3_quants)."""
+        for every super-block of x [nb, 256]; out [nb, 144 or 176] uint8. nmax, rmin, rdelta,
+        nstep: the search (kquants.k_search)."""
         nb = x.shape[0]
         q5 = nmax == 31
         qs_at = 48 if q5 else 16
@@ -223,19 +223,12 @@ def _rows(x: torch.Tensor, qw: torch.Tensor | None, type_size: int):
     return xn, qn, np.empty((xn.shape[0], type_size), np.uint8)
 
 
-def quantize_q4_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
-    """kquants.quantize_q4_k for CPU tensors: x (and qw) float32 [n, 256] -> uint8 [n, 144]."""
-    xn, qn, out = _rows(x, qw, 144)
-    args = (15, F(-1.0), F(0.1), 20) if qw is None else (15, F(-0.9), F(0.05), 36)
-    _k_with_min_rows(xn, qn, qw is not None, *args, FP16_TO_F32, out)
-    return torch.from_numpy(out)
-
-
-def quantize_q5_k(x: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
-    """kquants.quantize_q5_k for CPU tensors: x (and qw) float32 [n, 256] -> uint8 [n, 176]."""
-    xn, qn, out = _rows(x, qw, 176)
-    args = (31, F(-0.5), F(0.1), 15) if qw is None else (31, F(-0.9), F(0.05), 36)
-    _k_with_min_rows(xn, qn, qw is not None, *args, FP16_TO_F32, out)
+def quantize_k_with_min(x: torch.Tensor, qw: torch.Tensor | None, search) -> torch.Tensor:
+    """kquants.quantize_q4_k (search.nmax 15) or _q5_k (31) for CPU tensors: x (and qw) float32
+    [n, 256] -> uint8 [n, 144] or [n, 176]; search: kquants.k_search's parameters."""
+    xn, qn, out = _rows(x, qw, {15: 144, 31: 176}[search.nmax])
+    _k_with_min_rows(xn, qn, qw is not None, search.nmax, F(search.rmin), F(search.rdelta), search.nstep,
+                     FP16_TO_F32, out)
     return torch.from_numpy(out)
 
 

@@ -142,24 +142,17 @@ def quantize_q8_0(x):
     return out
 
 
-def _k_with_min(x, qw, type_size: int, params: tuple):
+def quantize_k_with_min(x, qw, search):
+    """kquants.quantize_q4_k (search.nmax 15) or _q5_k (31) for CUDA tensors: x (and qw) float32
+    [n, 256] -> uint8 [n, 144] or [n, 176], one launch; search: kquants.k_search's parameters."""
     _check_blocks(x, qw, 256)
+    type_size = {15: 144, 31: 176}[search.nmax]
     use_qw = qw is not None
     x, qw = _inputs(x, qw if use_qw else x)          # without an imatrix qw is x, unread
     out = _out(x.shape[0], type_size, like=x, dtype=torch.uint8)
-    _launch("k_with_min_blocks", x.shape[0], [x, qw, _params_on(x.device, *params), out, int(use_qw), type_size,
+    _launch("k_with_min_blocks", x.shape[0], [x, qw, _params_on(x.device, *search), out, int(use_qw), type_size,
                                           x.shape[0]])
     return out
-
-
-def quantize_q4_k(x, qw=None):
-    """kquants.quantize_q4_k for CUDA tensors: x (and qw) float32 [n, 256] -> uint8 [n, 144], one launch."""
-    return _k_with_min(x, qw, 144, (15, -1.0, 0.1, 20) if qw is None else (15, -0.9, 0.05, 36))
-
-
-def quantize_q5_k(x, qw=None):
-    """kquants.quantize_q5_k for CUDA tensors: x (and qw) float32 [n, 256] -> uint8 [n, 176], one launch."""
-    return _k_with_min(x, qw, 176, (31, -0.5, 0.1, 15) if qw is None else (31, -0.9, 0.05, 36))
 
 
 def quantize_q6_k(x, qw=None):

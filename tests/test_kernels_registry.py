@@ -196,9 +196,9 @@ def test_cuda_searched_bytes_equal_cpu_bytes_at_the_edges_and_with_an_imatrix(na
 def test_the_gpu_block_kernels_refuse_shapes_they_would_read_past():
     # checked before any launch (so here, without a GPU): a kernel reading past its buffer would
     # leave the CUDA context unusable for the rest of the process
-    from quantkit.kernels import searches_cuda
+    from quantkit.kernels import kquants, searches_cuda
     with pytest.raises(ValueError, match=r"\[n, 256\]"):
-        searches_cuda.quantize_q4_k(torch.zeros(2, 128))
+        searches_cuda.quantize_k_with_min(torch.zeros(2, 128), None, kquants.k_search(15, False))
     with pytest.raises(ValueError, match="importance"):
         searches_cuda.quantize_q6_k(torch.zeros(2, 256), torch.zeros(256))
     with pytest.raises(ValueError, match=r"\[n, 32\]"):
