@@ -29,7 +29,13 @@ for step in "$@"; do
   echo "== $step"
   case $step in
     check) python3 -m pytest -q -p no:cacheprovider -k cuda "$REPO/tests/test_kernels_registry.py" \
-             "$REPO/tests/test_streams.py" "$REPO/tests/test_gguf_export.py" "$REPO/tests/test_gptq.py" 2>&1 | tee "$OUT/check.log" ;;
+             "$REPO/tests/test_streams.py" "$REPO/tests/test_gguf_export.py" "$REPO/tests/test_gptq.py" 2>&1 | tee "$OUT/check.log"
+           # whole blocks wrong where the torch code around the compiled searches is right: time that
+           # instead, so that the session still measures an export with the right bytes
+           if grep -q "^FAILED.*blocks" "$OUT/check.log" && ! grep -q "^FAILED.*compiled" "$OUT/check.log"; then
+             echo "== the whole-block kernels differ from the CPU's bytes: QUANTKIT_GPU_BLOCKS=0 from here on"
+             export QUANTKIT_GPU_BLOCKS=0
+           fi ;;
     rates) python3 -m quantkit.bench.export_profile --input llama3-tiny --device cuda --no-export --work /tmp 2>&1 \
              | tee "$OUT/rates.log" ;;
     profile) python3 -m quantkit.bench.export_profile --input llama3-8b --layers 4 --device cuda --work /tmp 2>&1 \
