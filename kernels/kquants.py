@@ -153,24 +153,25 @@ def _unpack_nibbles_k(qs: Tensor) -> Tensor:
     return torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(-1, QK_K)
 
 
-def _compiled_k_with_min(x: Tensor, qw: Tensor | None, search: KSearch) -> Tensor | None:
-    """Q4_K/Q5_K bytes from a compiled kernel for x's device (numba on the CPU, whole blocks in
-    CUDA), or None where there is none: the torch code below runs then."""
+def _quantize_k_with_min_any(x: Tensor, qw: Tensor | None, nmax: int, pack) -> Tensor:
+    """Q4_K (nmax 15) or Q5_K (31) bytes: a compiled kernel for x's device (numba on the CPU,
+    whole blocks in CUDA) where there is one, else the torch code above, packed by `pack`."""
+    search = k_search(nmax, qw is not None)
     if x.device.type == "cpu" and kquants_cpu.available():
         return kquants_cpu.quantize_k_with_min(x, qw, search)
     if searches_cuda.available(x.device, "k_with_min_blocks"):
         return searches_cuda.quantize_k_with_min(x, qw, search)
-    return None
+    d, dmin, ls, lm, L = _quantize_k_with_min(x, search) if qw is None else \
+        _quantize_k_with_min_weighted(x, qw, search)
+    return pack(_ops.le_bytes(d, 2), _ops.le_bytes(dmin, 2), _pack_scales_k4(ls, lm), L)
+
+
+def _pack_q4_k(d: Tensor, dmin: Tensor, scales: Tensor, L: Tensor) -> Tensor:
+    return torch.cat([d, dmin, scales, _pack_nibbles_k(L)], dim=1)
 
 
 def quantize_q4_k(x: Tensor, qw: Tensor | None = None) -> Tensor:
-    search = k_search(15, qw is not None)
-    if (out := _compiled_k_with_min(x, qw, search)) is not None:
-        return out
-    d, dmin, ls, lm, L = _quantize_k_with_min(x, search) if qw is None else \
-        _quantize_k_with_min_weighted(x, qw, search)
-    return torch.cat([_ops.le_bytes(d, 2), _ops.le_bytes(dmin, 2), _pack_scales_k4(ls, lm),
-                      _pack_nibbles_k(L)], dim=1)
+    return _quantize_k_with_min_any(x, qw, 15, _pack_q4_k)
 
 
 def _dequantize_k_with_min(b: Tensor, q: Tensor) -> Tensor:
@@ -187,17 +188,15 @@ def dequantize_q4_k(b: Tensor) -> Tensor:
     return _dequantize_k_with_min(b, _unpack_nibbles_k(b[:, 16:144]))
 
 
-def quantize_q5_k(x: Tensor, qw: Tensor | None = None) -> Tensor:
-    search = k_search(31, qw is not None)
-    if (out := _compiled_k_with_min(x, qw, search)) is not None:
-        return out
-    d, dmin, ls, lm, L = _quantize_k_with_min(x, search) if qw is None else \
-        _quantize_k_with_min_weighted(x, qw, search)
+def _pack_q5_k(d: Tensor, dmin: Tensor, scales: Tensor, L: Tensor) -> Tensor:
     # bit j of qh[t] is the fifth bit of L[32j + t]
     hb = (L.view(-1, 8, 32) >> 4) & 1
-    qh = (hb << torch.arange(8, device=x.device, dtype=torch.int32)[:, None]).sum(1)
-    return torch.cat([_ops.le_bytes(d, 2), _ops.le_bytes(dmin, 2), _pack_scales_k4(ls, lm),
-                      qh.to(torch.uint8), _pack_nibbles_k(L)], dim=1)
+    qh = (hb << torch.arange(8, device=L.device, dtype=torch.int32)[:, None]).sum(1)
+    return torch.cat([d, dmin, scales, qh.to(torch.uint8), _pack_nibbles_k(L)], dim=1)
+
+
+def quantize_q5_k(x: Tensor, qw: Tensor | None = None) -> Tensor:
+    return _quantize_k_with_min_any(x, qw, 31, _pack_q5_k)
 
 
 def dequantize_q5_k(b: Tensor) -> Tensor:
