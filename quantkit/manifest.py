@@ -11,8 +11,9 @@ Hashing an 8B model's files takes tens of seconds (more from a cold disk), so th
 keeps each file's hash with its identity when hashed: size, modification and change times, inode
 and device. A later run takes the hash of a file whose identity is unchanged without reading it, as
 git's index and rsync's quick check do; any write, rename onto it, `touch` or `cp -p` changes the
-change time at least. `quantkit run --rehash` (Manifest.load(..., trust_stats=False)) reads
-everything again.
+change time at least. A file written less than RACY_NS ago is hashed once its times are that old,
+so that a write in the same clock tick cannot hide. `quantkit run --rehash`
+(Manifest.load(..., trust_stats=False)) reads everything again.
 """
 from __future__ import annotations
 
@@ -29,33 +30,59 @@ from .outputs import sha256_file, write_text_atomic
 VERSION = 1
 
 
+# A write in the same clock tick as the stat that took a file's identity may leave its times
+# unchanged (git's "racy clean" files): a file written less than this long ago is hashed only once
+# its times are this old, so that any later write shows in them.
+RACY_NS = 100_000_000
+
+
+def _is_hex_digest(v) -> bool:
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
 class FileHashes:
     """sha256 of files, each remembered with the file's identity when it was read (size, mtime,
-    ctime, inode, device): while that identity holds, the file is not read again."""
+    ctime, inode, device): while that identity holds, the file is not read again. Files are keyed
+    by absolute path, symlinks not resolved (a Hugging Face snapshot's files link into its blobs)."""
 
-    def __init__(self, known: dict[str, list] | None = None):
-        self._known = {p: (tuple(e[:-1]), e[-1]) for p, e in (known or {}).items()
-                       if isinstance(e, list) and len(e) == 6}
+    def __init__(self, known: dict | None = None):
+        self._known = {p: (tuple(e[:5]), e[5]) for p, e in (known or {}).items()
+                       if isinstance(p, str) and isinstance(e, list) and len(e) == 6
+                       and all(type(v) is int for v in e[:5]) and _is_hex_digest(e[5])}
 
     @staticmethod
     def _identity(st: os.stat_result) -> tuple:
         return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev
 
+    @staticmethod
+    def _age_ns(st: os.stat_result) -> int:
+        return time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns)
+
     def file(self, path: Path) -> str:
-        key = str(Path(path).resolve())
-        before = self._identity(os.stat(key))
+        key = str(Path(path).absolute())
+        st = os.stat(key)
         seen = self._known.get(key)
-        if seen is not None and seen[0] == before:
+        if seen is not None and seen[0] == self._identity(st):
             return seen[1]
+        if 0 <= self._age_ns(st) < RACY_NS:           # written just now: wait until a write would show
+            time.sleep((RACY_NS - self._age_ns(st)) / 1e9)
+            st = os.stat(key)
         digest = sha256_file(Path(key))
-        self._known[key] = (before, digest)     # a write while it was read changes its ctime: read again then
+        if self._identity(os.stat(key)) == self._identity(st) and self._age_ns(st) >= RACY_NS:
+            self._known[key] = (self._identity(st), digest)   # not written to while read, nor just before
         return digest
 
     def entries_under(self, roots: list[Path]) -> dict[str, list]:
-        """The remembered files at or below `roots`, as JSON (for the manifest)."""
-        tops = [str(Path(r).resolve()) for r in roots]
+        """The remembered files at or below `roots` that still exist, as JSON (for the manifest)."""
+        tops = [str(Path(r).absolute()) for r in roots]
         return {p: [*ident, digest] for p, (ident, digest) in sorted(self._known.items())
-                if any(p == t or p.startswith(t + os.sep) for t in tops)}
+                if any(p == t or p.startswith(t + os.sep) for t in tops) and os.path.isfile(p)}
+
+
+def _valid_record(rec) -> bool:
+    return isinstance(rec, dict) and all(
+        isinstance(rec.get(kind), dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in rec[kind].items())
+        for kind in ("inputs", "outputs"))
 
 
 _PROCESS_HASHES = FileHashes()
@@ -106,11 +133,13 @@ class Manifest:
             data = json.loads(path.read_text())
             ours = data.get("quantkit_pipeline") == VERSION
             steps = data["steps"] if ours else {}
+            # a damaged record is no record: its step runs again
+            steps = {k: v for k, v in steps.items() if isinstance(k, str) and _valid_record(v)}
             known = data.get("file_hashes") if ours and trust_stats else None
             hashes = FileHashes(known if isinstance(known, dict) else None)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             steps, hashes = {}, FileHashes()    # no manifest (or not ours): nothing is trusted
-        return cls(path, dict(steps), hashes)
+        return cls(path, steps, hashes)
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

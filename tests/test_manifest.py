@@ -163,8 +163,65 @@ def test_a_damaged_table_of_remembered_hashes_means_reading_the_files(tmp_path, 
     manifest = tmp_path / "out" / "pipeline.json"
     data = json.loads(manifest.read_text())
     assert str((tmp_path / "input.txt").resolve()) in data["file_hashes"]
-    for damaged in ({k: [1, 2] for k in data["file_hashes"]}, {k: "?" for k in data["file_hashes"]}, [], "x"):
+    entries = data["file_hashes"]
+    for damaged in ({k: [1, 2] for k in entries}, {k: "?" for k in entries}, [], "x",
+                    {k: [*e[:5], None] for k, e in entries.items()}, {k: [*e[:5], 7] for k, e in entries.items()},
+                    {k: [*map(str, e[:5]), e[5]] for k, e in entries.items()}):
         manifest.write_text(json.dumps({**data, "file_hashes": damaged}))
         reads = _count_reads(monkeypatch)
         assert run(tmp_path, []) == {"a": "done", "b": "done"}
         assert sorted(reads) == ["a.txt", "input.txt", "x.txt"]
+
+
+def test_damaged_step_records_are_no_records(tmp_path):
+    (tmp_path / "input.txt").write_text("hello")
+    run(tmp_path, [])
+    manifest = tmp_path / "out" / "pipeline.json"
+    data = json.loads(manifest.read_text())
+    for damaged in ({"a": "junk", "b": data["steps"]["b"]}, {"a": {**data["steps"]["a"], "inputs": None},
+                                                            "b": data["steps"]["b"]}, None, [1]):
+        manifest.write_text(json.dumps({**data, "steps": damaged}))
+        runs = []
+        assert run(tmp_path, runs)["a"] == "ran" and "a" in runs
+
+
+def test_files_behind_symlinks_are_remembered_under_the_link(tmp_path, monkeypatch):
+    """A Hugging Face snapshot's files are links into its blobs/: the link's path is the key, and a
+    link pointed at another blob of the same size and mtime is read again (another inode)."""
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    (blobs / "1").write_text("hello")
+    (blobs / "2").write_text("world")
+    st = (blobs / "1").stat()
+    os.utime(blobs / "2", ns=(st.st_atime_ns, st.st_mtime_ns))
+    (tmp_path / "input.txt").symlink_to(blobs / "1")
+    run(tmp_path, [])
+    reads = _count_reads(monkeypatch)
+    assert run(tmp_path, []) == {"a": "done", "b": "done"} and reads == []
+    (tmp_path / "input.txt").unlink()
+    (tmp_path / "input.txt").symlink_to(blobs / "2")
+    assert run(tmp_path, []) == {"a": "ran", "b": "ran"} and "input.txt" in reads
+    assert (tmp_path / "out" / "b" / "x.txt").read_text() == "WORLDWORLD"
+
+
+def test_a_file_written_just_now_is_hashed_once_its_times_are_old_enough(tmp_path, monkeypatch):
+    """git's racy-clean case: a same-size write in the clock tick of the stat that took the identity
+    could leave it unchanged, so a fresh file waits until its times are RACY_NS old."""
+    import quantkit.manifest as m
+    f = tmp_path / "f.bin"
+    f.write_bytes(b"x" * 10)
+    slept = []
+    monkeypatch.setattr(m.time, "sleep", slept.append)          # no wait: the file stays fresh
+    hashes = m.FileHashes()
+    assert hashes.file(f) == hashlib.sha256(b"x" * 10).hexdigest()
+    assert len(slept) == 1 and 0 < slept[0] <= m.RACY_NS / 1e9
+    assert hashes.entries_under([tmp_path]) == {}                # too fresh to be remembered
+    monkeypatch.undo()
+    time.sleep(m.RACY_NS / 1e9)
+    hashes.file(f)
+    assert list(hashes.entries_under([tmp_path])) == [str(f)]
+    reads = _count_reads(monkeypatch)
+    hashes.file(f)
+    assert reads == []
+    f.unlink()
+    assert hashes.entries_under([tmp_path]) == {}                # deleted files are not kept

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -48,7 +49,7 @@ def test_init_refuses_to_overwrite(tmp_path):
     assert code == 2 and "exists" in out and (tmp_path / "p.toml").read_text() == "mine"
 
 
-def test_run_then_rerun_skips_and_matches_export(pipeline_file, tiny_model, tmp_path):
+def test_run_then_rerun_skips_and_matches_export(pipeline_file, tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "out"
     code, text = cli("run", pipeline_file, "--dry-run")
     assert code == 0 and "[1/2] gguf   will run (not run yet)" in text and "GiB free" in text, text
@@ -72,6 +73,15 @@ def test_run_then_rerun_skips_and_matches_export(pipeline_file, tiny_model, tmp_
     code, text = cli("run", pipeline_file, "-q")
     assert ran(text) == {"gguf"} and skipped(text) == {"bench"}, text
     assert json.loads((out / "gguf" / "export.json").read_text())["files"]
+    # a rerun reads no file unchanged since it was hashed; --rehash reads them all, and still skips
+    import quantkit.manifest as m
+    reads, sha256_file = [], m.sha256_file
+    monkeypatch.setattr(m, "sha256_file", lambda f: reads.append(f) or sha256_file(f))
+    code, text = cli("run", pipeline_file, "-q")
+    assert code == 0 and skipped(text) == {"gguf", "bench"} and reads == [], (text, reads)
+    code, text = cli("run", pipeline_file, "-q", "--rehash")
+    assert code == 0 and skipped(text) == {"gguf", "bench"}, text
+    assert {Path(f).name for f in reads} >= {f.name for f in (out / "gguf").glob("*.gguf")}
 
 
 def test_not_enough_disk_stops_before_writing(pipeline_file, tmp_path, monkeypatch):
