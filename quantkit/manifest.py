@@ -64,8 +64,9 @@ class FileHashes:
         seen = self._known.get(key)
         if seen is not None and seen[0] == self._identity(st):
             return seen[1]
-        if 0 <= self._age_ns(st) < RACY_NS:           # written just now: wait until a write would show
-            time.sleep((RACY_NS - self._age_ns(st)) / 1e9)
+        age = self._age_ns(st)
+        if 0 <= age < RACY_NS:                         # written just now: wait until a write would show
+            time.sleep((RACY_NS - age) / 1e9)
             st = os.stat(key)
         digest = sha256_file(Path(key))
         if self._identity(os.stat(key)) == self._identity(st) and self._age_ns(st) >= RACY_NS:
@@ -85,13 +86,10 @@ def _valid_record(rec) -> bool:
         for kind in ("inputs", "outputs"))
 
 
-_PROCESS_HASHES = FileHashes()
-
-
 def content_hash(path: Path, hashes: FileHashes | None = None) -> str:
     """sha256 of a file, or of a directory's files (relative names and contents, sorted, hidden
-    staging entries excluded). Files are read once while unchanged (`hashes`, or this process's)."""
-    hashes = _PROCESS_HASHES if hashes is None else hashes
+    staging entries excluded). With `hashes`, files are read once while unchanged."""
+    hashes = FileHashes() if hashes is None else hashes
     path = Path(path)
     if path.is_dir():
         h = hashlib.sha256(b"dir\0")
