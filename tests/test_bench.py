@@ -261,7 +261,6 @@ def test_bench_bad_input_is_one_line(args, fragment, smollm2_dir, smol_ggufs, tm
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_measured_vram_on_the_gpu(smollm2_dir, smol_ggufs):
     for path, kind in ((smol_ggufs["q4_k_m"], "gguf"), (smollm2_dir, "hf")):
         m = vram.measure(Path(path), kind, contexts=(1024, 4096))

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from quantkit.bench import gguf_diff, llamacpp_ref, synthetic
 from quantkit.export import export_gguf
@@ -122,7 +121,7 @@ def test_q4_k_m_of_other_inputs_matches_llama_quantize(name, tmp_path):
     assert result["identical_tensors"], f"{name}: {result}"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 @pytest.mark.parametrize("variant", ["q8_0", "q5_k_m", "q4_k_m", "bf16", "f16"])
 def test_cuda_export_is_byte_identical_to_the_reference(exported, variant, tmp_path):
     # the GPU path: raw reads pinned, copied on a side stream, permuted and quantized on the GPU,
@@ -136,7 +135,7 @@ def test_cuda_export_is_byte_identical_to_the_reference(exported, variant, tmp_p
         assert cuda.read_bytes() == ref[variant].read_bytes()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_export_refuses_nan_and_leaves_no_file(tmp_path):
     from safetensors.torch import load_file, save_file
 

@@ -289,7 +289,7 @@ def test_gptq_refuses_a_layer_it_cannot_pack(smollm2_dir, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_gptq_matches_the_cpu_one():
     W = torch.randn(128, 512, generator=torch.Generator().manual_seed(6)) * 0.05
     X = correlated(512, 4096, seed=7)

@@ -110,7 +110,7 @@ def test_export_with_imatrix_is_byte_identical_to_llama_quantize(exports, varian
     assert note["covered_tensors"] == 210 and len(note["sha256"]) == 64
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_cuda_export_with_imatrix_is_byte_identical_to_llama_quantize(smollm2_dir, imatrix_file, exports, tmp_path):
     _, ref, _ = exports
     r = CliRunner().invoke(main, ["export", str(smollm2_dir), "--gguf", "q4_k_m,q5_k_m,q8_0", "--imatrix",

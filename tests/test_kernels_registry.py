@@ -131,7 +131,6 @@ def test_bf16_rounds_to_nearest_even_and_keeps_nan_quiet():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", NAMES)
 def test_cuda_bytes_equal_cpu_bytes(name):
     # the CPU bytes are checked against ggml in test_kernels_vs_ggml.py
@@ -159,7 +158,6 @@ def _hard_rows(g: torch.Generator) -> torch.Tensor:
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_uses_the_compiled_searches():
     # without them the GPU falls back to the torch searches (same bytes, ~2000 launches a chunk):
     # a broken compile must not pass unseen
@@ -171,7 +169,6 @@ def test_cuda_uses_the_compiled_searches():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("search", ["blocks", "compiled", "torch"])
 @pytest.mark.parametrize("name", ["q8_0", "q4_k", "q5_k", "q6_k", "q5_0", "q5_1"])
 def test_cuda_searched_bytes_equal_cpu_bytes_at_the_edges_and_with_an_imatrix(name, search, monkeypatch):

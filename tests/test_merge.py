@@ -382,7 +382,6 @@ def test_pickled_adapter_of_plain_tensors_merges_like_its_safetensors(adapters, 
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_merge_agrees_with_cpu_merge(adapters, smollm2_dir, tmp_path):
     for dev in ("cpu", "cuda"):
         assert run_cli("merge", smollm2_dir, "--lora", adapters["dora"], "--lora", adapters["lora"],

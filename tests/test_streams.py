@@ -148,7 +148,7 @@ def test_device_copies_on_cpu_pass_items_through():
     assert to_host(x) is x
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.gpu
 def test_device_copies_arrive_intact_and_in_order_on_cuda():
     dev = torch.device("cuda")
     items = [(i, torch.randn(1 << 20).pin_memory()) for i in range(8)]
