@@ -90,7 +90,7 @@ class Adapter:
         """What merge.json and the safetensors metadata record about this adapter."""
         c = self.config
         scalings = sorted({round(t.scaling, 10) for t in self.terms.values()})
-        return {"path": str(self.path), "sha256": self.sha256, "r": c.get("r"), "lora_alpha": c.get("lora_alpha"),
+        return {"path": str(Path(self.path).resolve()), "sha256": self.sha256, "r": c.get("r"), "lora_alpha": c.get("lora_alpha"),
                 "use_rslora": bool(c.get("use_rslora")), "use_dora": bool(c.get("use_dora")),
                 "rank_pattern": c.get("rank_pattern") or {}, "alpha_pattern": c.get("alpha_pattern") or {},
                 "weight": self.weight, "scaling": scalings, "base_model_name_or_path": c.get("base_model_name_or_path"),
@@ -154,11 +154,37 @@ def _targets_allow(config: dict, module: str) -> bool:
     return any(module == m or module.endswith("." + m) for m in t)
 
 
+def _check_config_types(config, cfg_path: Path) -> None:
+    """The numbers the merge computes with must be numbers (a JSON "16" or null is refused here, not
+    deep in the arithmetic)."""
+    if not isinstance(config, dict):
+        raise InputError(f"expected a JSON object, not {type(config).__name__}", cfg_path)
+
+    def number(key, v, integer):          # a rank: a positive integer; an alpha: any number
+        ok = not isinstance(v, bool) and (isinstance(v, int) and v > 0 if integer else isinstance(v, (int, float)))
+        if not ok:
+            raise InputError(f"{key} must be {'a positive integer' if integer else 'a number'}, not {v!r}", cfg_path)
+
+    for key, integer in (("r", True), ("lora_alpha", False)):
+        if key in config:
+            number(key, config[key], integer)
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out"):
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise InputError(f"{key} must be true or false, not {config[key]!r}", cfg_path)
+    for key, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+        pattern = config.get(key) or {}
+        if not isinstance(pattern, dict):
+            raise InputError(f"{key} must be an object of module pattern -> value, not {pattern!r}", cfg_path)
+        for k, v in pattern.items():
+            number(f"{key}[{k!r}]", v, integer)
+
+
 def load_adapter(path: str | Path, base: HFModel, *, weight: float = 1.0,
                  ignore_base_name: bool = False) -> Adapter:
     path = Path(path)
     if not path.is_dir():
-        raise InputError("not a directory (expected a PEFT adapter directory)", path)
+        raise InputError(("not a directory" if path.exists() else "does not exist")
+                         + " (expected a PEFT adapter directory)", path)
     cfg_path = path / "adapter_config.json"
     try:
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
@@ -166,6 +192,7 @@ def load_adapter(path: str | Path, base: HFModel, *, weight: float = 1.0,
         raise InputError("file not found", cfg_path) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"not valid JSON ({e})", cfg_path) from None
+    _check_config_types(config, cfg_path)
     if config.get("peft_type", "LORA") != "LORA":
         raise UnsupportedError(f"peft_type {config.get('peft_type')!r} is not supported (only LORA)", cfg_path)
     for flag in _VARIANT_FIELDS:

@@ -35,7 +35,13 @@ def parse_size(text: str) -> int:
         raise InputError(f"not a size: {text!r} (e.g. 5GB, 500MB)")
     unit = (m.group(2) or "").rstrip("b")
     scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12, "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}[unit]
-    return int(float(m.group(1)) * scale)
+    try:
+        size = int(float(m.group(1)) * scale)
+    except (ValueError, OverflowError):
+        raise InputError(f"not a size: {text!r} (e.g. 5GB, 500MB)") from None
+    if size < 10**6:
+        raise InputError(f"--shard-size {text!r} is {size} bytes: give at least 1MB (e.g. 5GB, 500MB)")
+    return size
 
 
 def open_model(base: str | Path, loras: list[str | Path] = (), weights: list[float] = (),
@@ -43,10 +49,12 @@ def open_model(base: str | Path, loras: list[str | Path] = (), weights: list[flo
                device: str = "cpu", ignore_base_name: bool = False) -> HFModel:
     """The base checkpoint, or a MergedModel of it with the adapters (and residual) merged in."""
     model = HFModel(base)
-    if not loras and residual is None:
-        return model
     if weights and len(weights) != len(loras):
         raise InputError(f"{len(weights)} --weight values for {len(loras)} --lora adapters (give one per adapter)")
+    if scale != 1.0 and residual is None:
+        raise InputError(f"--scale {scale:g} is the scale of --residual, and no --residual is given")
+    if not loras and residual is None:
+        return model
     adapters = [load_adapter(p, model, weight=w, ignore_base_name=ignore_base_name)
                 for p, w in zip(loras, weights or [1.0] * len(loras))]
     res = Residual(HFModel(residual), scale) if residual is not None else None
@@ -99,7 +107,7 @@ def write_merged(model: MergedModel, out: str | Path, *, files_from: str | Path 
     with staged_output(Path(out), force, inputs) as tmp:
         shards = _write_weights(model, tmp, shard_bytes, {"quantkit_merge": note}, progress, "merge")
         write_json(tmp / "config.json", model.config)
-        note["files"] = {"shards": [p.name for p in shards], "copied_from": str(files_from),
+        note["files"] = {"shards": [p.name for p in shards], "copied_from": str(Path(files_from).resolve()),
                          "copied": copy_model_files(files_from, tmp)}
         write_json(tmp / "merge.json", note)
     # the time goes to the caller, not into merge.json: the same inputs give the same bytes
@@ -115,8 +123,8 @@ def extract_residual(instruct: str | Path, base: str | Path, out: str | Path, *,
     inst, b = HFModel(instruct), HFModel(base)
     Residual(b).check(inst, mine="the base", theirs="the instruct model")   # same names and shapes
     delta = MergedModel(inst, residual=Residual(b, -1.0), dtype=DTYPES[dtype])   # I + (-1)*B == I - B exactly
-    note = {"quantkit_residual": 1, "instruct": {"path": str(inst.path), "fingerprint": inst.fingerprint()},
-            "base": {"path": str(b.path), "fingerprint": b.fingerprint()}, "dtype": DTYPE_NAMES[DTYPES[dtype]][1],
+    note = {"quantkit_residual": 1, "instruct": {"path": str(Path(inst.path).resolve()), "fingerprint": inst.fingerprint()},
+            "base": {"path": str(Path(b.path).resolve()), "fingerprint": b.fingerprint()}, "dtype": DTYPE_NAMES[DTYPES[dtype]][1],
             "formula": "delta = instruct - base in float32, rounded once"}
     with staged_output(Path(out), force, [inst.path, b.path]) as tmp:
         shards = _write_weights(delta, tmp, shard_bytes, {"quantkit_residual": note}, progress, "residual")

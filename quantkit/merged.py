@@ -44,7 +44,7 @@ class Residual:
                              f"({len(extra)} such tensors)", have[extra[0]].shard)
 
     def note(self) -> dict:
-        return {"path": str(self.model.path), "fingerprint": self.model.fingerprint(), "scale": self.scale}
+        return {"path": str(Path(self.model.path).resolve()), "fingerprint": self.model.fingerprint(), "scale": self.scale}
 
 
 class MergedModel(HFModel):
@@ -126,6 +126,9 @@ class MergedModel(HFModel):
             x = torch.zeros((stop - start, *shape[1:]), dtype=torch.float32, device=self.device)
         out = transforms.apply(ops, x, rows)   # 1-D tensors: rows are elements, the ops are elementwise
         if not transforms.all_finite(out):
+            if fetched is not None and not transforms.all_finite(x):
+                raise InputError(f"tensor {name!r} holds NaN or Inf (in the base itself, before any merge)",
+                                 self.base.path)
             sources = [str(a.path) for a in self.adapters] + ([str(self.residual.model.path)] if self.residual else [])
             raise InputError(f"merging {', '.join(sources)} into it gives NaN or Inf in tensor {name!r}",
                              self.base.path)
@@ -135,7 +138,7 @@ class MergedModel(HFModel):
         return self.base.total_bytes()
 
     def merge_note(self) -> dict:
-        return {"base": {"path": str(self.base.path), "fingerprint": self.base.fingerprint()},
+        return {"base": {"path": str(Path(self.base.path).resolve()), "fingerprint": self.base.fingerprint()},
                 "adapters": [a.note() for a in self.adapters],
                 "residual": self.residual.note() if self.residual else None,
                 "dtype": DTYPE_NAMES[self.dtype][1], "untied_lm_head": self.untied,

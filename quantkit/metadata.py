@@ -6,8 +6,10 @@ a copy with its own `general.file_type`.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from math import prod
+from pathlib import Path
 
 import gguf
 
@@ -34,11 +36,15 @@ class ModelMetadata:
 
 
 def build_metadata(model: HFModel, arch: Architecture, hp: HParams, tensors: list[SourceTensor],
-                   vocab: Vocab, name: str | None = None) -> ModelMetadata:
+                   vocab: Vocab, name: str | None = None, name_from: Path | None = None) -> ModelMetadata:
+    """`name_from`: the directory whose model card, config and folder name give general.name,
+    basename, finetune and size (default: the model's own)."""
     total = sum(prod(t.shape) for t in tensors)
-    meta = gguf.Metadata.load(None, model.path, name, total)
+    # absolute (symlinks kept, as the converter sees them), so that `.` is named after the folder
+    named = Path(os.path.abspath(name_from if name_from is not None else model.path))
+    meta = gguf.Metadata.load(None, named, name, total)
     if meta.name is None:
-        meta.name = model.path.name
+        meta.name = named.name
     gen = model.optional_json("generation_config.json") or {}
     if meta.sampling_penalty_repeat is None and "repetition_penalty" in gen:
         # newer converters read transformers' name for it too

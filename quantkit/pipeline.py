@@ -55,7 +55,7 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True) -> Plan:
         def do_merge():
             from .merge import open_model, write_merged
             src = open_model(base, inp["lora"], inp["lora_weights"], inp["residual"] or None, inp["residual_scale"],
-                             device=device)
+                             device=device, ignore_base_name=inp["ignore_base_name"])
             write_merged(src, out / "merged", progress=progress, force=True)
         steps.append(Step("merge", [base, *map(Path, inp["lora"])] + ([Path(inp["residual"])] if inp["residual"] else []),
                           {"lora_weights": inp["lora_weights"], "residual_scale": inp["residual_scale"]},
@@ -87,8 +87,8 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True) -> Plan:
             from .export import export_gguf
             from .ollama import write_modelfiles
             with staged_output(out / "gguf", True, [model_dir]) as tmp:
-                # named after the base, as `export --lora` names them (OUT/merged would give "merged")
-                res = export_gguf(model_dir, variants, tmp, name=_model_name(base) if merged else None, device=device,
+                # general.* from the base, as `export --lora` has them (OUT/merged would give "Merged")
+                res = export_gguf(model_dir, variants, tmp, name_from=base if merged else None, device=device,
                                   progress=progress, imatrix=imatrix)
                 if gg["ollama"]:
                     write_modelfiles(model_dir, res.files)
@@ -145,9 +145,13 @@ def check_inputs(cfg: Pipeline, base: HFModel) -> None:
         if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
             raise cfg.error("output", "dir", f"the output directory {out} is inside the input {src}: "
                             "choose a directory of its own")
+    if inp["residual_scale"] != 1.0 and not inp["residual"]:
+        raise cfg.error("input", "residual_scale", f"residual_scale {inp['residual_scale']:g} is the scale of "
+                        "[input] residual, and no residual is given")
     if inp["lora"] or inp["residual"]:
         from .merge import open_model
-        open_model(base.path, inp["lora"], inp["lora_weights"], inp["residual"] or None, inp["residual_scale"])
+        open_model(base.path, inp["lora"], inp["lora_weights"], inp["residual"] or None, inp["residual_scale"],
+                   ignore_base_name=inp["ignore_base_name"])
     if cfg["gguf"]["types"]:
         from .export import check
         from .plan import parse_variants
@@ -218,12 +222,20 @@ def summary(plan: Plan, status: dict[str, str], manifest: Manifest) -> list[str]
         for o in s.outputs:
             files = sorted(o.glob("*.gguf")) if s.name == "gguf" else \
                 [o / "report.md"] if s.name == "bench" else [o]
-            rows += [(s.name, state, _size(f), str(f) + ("/" if f.is_dir() else "")) for f in files]
+            rows += [(s.name, state, _size(f), _shown(f) + ("/" if f.is_dir() else "")) for f in files]
     w = max(len(r[1]) for r in rows)
     lines = [f"{'step':7} {'':{w}} {'size':>10}  artifact"]
     lines += [f"{n:7} {st:{w}} {_human(sz):>10}  {where}" for n, st, sz, where in rows]
-    lines.append(f"manifest: {plan.out / 'pipeline.json'}")
+    lines.append(f"manifest: {_shown(plan.out / 'pipeline.json')}")
     return lines
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory when it lies below it (shorter to read), else whole."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def _model_name(model_dir: Path) -> str:

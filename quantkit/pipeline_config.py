@@ -22,7 +22,7 @@ class Key:
     type: type | tuple[type, ...]
     default: Any
     help: str
-    example: Any = None           # shown in `quantkit init` when it differs from the default
+    example: Any = None           # a placeholder shown by `quantkit init` (paths); else the default
 
 
 # section -> key -> Key.  Paths are relative to the TOML file's directory.
@@ -33,6 +33,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "lora_weights": Key(list, [], "a weight per adapter (default 1.0 each)"),
         "residual": Key(str, "", "a full-rank residual from `quantkit residual extract` (optional)"),
         "residual_scale": Key((int, float), 1.0, "scale of the residual"),
+        "ignore_base_name": Key(bool, False, "merge adapters made for another base name (shapes are still checked)"),
     },
     "output": {
         "dir": Key(str, "./out", "everything lands here: merged/, gguf/, gptq/, int8/, nf4/, report/, pipeline.json"),
@@ -46,7 +47,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "imatrix_seqlen": Key(int, 512, 'with "auto": tokens per sample'),
     },
     "gptq": {
-        "enabled": Key(bool, False, "GPTQ checkpoints in OUT/gptq (AutoGPTQ v1) and OUT/gptq-ct", True),
+        "enabled": Key(bool, False, "GPTQ checkpoints in OUT/gptq (AutoGPTQ v1) and OUT/gptq-ct"),
         "bits": Key(int, 4, "2, 4 or 8"),
         "group_size": Key(int, 128, "must divide every input dimension"),
         "sym": Key(bool, True, "symmetric (false: zero points)"),
@@ -57,15 +58,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "calib_seqlen": Key(int, 2048, "tokens per sample"),
     },
     "bnb": {
-        "int8": Key(bool, False, "bitsandbytes LLM.int8 in OUT/int8", True),
+        "int8": Key(bool, False, "bitsandbytes LLM.int8 in OUT/int8"),
         "nf4": Key(bool, False, "bitsandbytes NF4 with double quantization in OUT/nf4"),
     },
     "bench": {
         "enabled": Key(bool, True, "perplexity, KLD and VRAM of every variant against bf16; OUT/report"),
         "text": Key(str, "", "evaluation text (default: the bundled WikiText-2 test split)"),
         "ctx": Key(int, 512, "tokens per window"),
-        "limit_chunks": Key(int, 0, "score only the first N windows (0: all)", 40),
-        "gpus": Key(list, [], "GPU tiers of the report (default: the whole catalog)", ["rtx4090", "a100-40"]),
+        "limit_chunks": Key(int, 0, "score only the first N windows (0: all)"),
+        "gpus": Key(list, [], "GPU tiers of the report, e.g. [\"rtx4090\", \"a100-40\"] ([]: the whole catalog)"),
     },
 }
 
@@ -217,6 +218,14 @@ def _check_lists(s: dict, path: Path, where) -> None:
                          ("gguf", "imatrix_samples"), ("gguf", "imatrix_seqlen")):
         if s[section][key] <= 0:
             raise InputError(f"{where(section, key)}[{section}] {key} must be positive", path)
+    gs = s["gptq"]["group_size"]
+    if gs != -1 and gs < 1:
+        raise InputError(f"{where('gptq', 'group_size')}[gptq] group_size must be -1 (one group per row) or "
+                         f"positive, not {gs}", path)
+    if not 0 < s["gptq"]["damp"] < float("inf"):
+        raise InputError(f"{where('gptq', 'damp')}[gptq] damp must be positive, not {s['gptq']['damp']}", path)
+    if not s["output"]["dir"]:
+        raise InputError(f"{where('output', 'dir')}[output] dir must name a directory", path)
     if s["bench"]["limit_chunks"] < 0:
         raise InputError(f"{where('bench', 'limit_chunks')}[bench] limit_chunks must be 0 (all) or more", path)
 

@@ -279,3 +279,27 @@ def test_bad_input(case, tiny_model, tmp_path, monkeypatch, tree_hash):
     written = [p for p in c.out.rglob("*") if p.name != ".pipeline.lock"] if c.out.is_dir() else []
     assert not written, written
     assert {p: tree_hash(p) for p in before} == before, "an input was modified"
+
+
+def test_ignore_base_name_merges_an_adapter_named_for_another_base(tiny_model, tmp_path):
+    """An adapter that fits the base's shapes but names another model: refused as `merge` refuses it,
+    then merged with --ignore-base-name (or `ignore_base_name = true`), as `merge` does with the flag."""
+    a = synthetic.write_lora_adapter(tiny_model, tmp_path / "adapter", r=4)
+    cfg = json.loads((a / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = "someone/Other-Model"
+    (a / "adapter_config.json").write_text(json.dumps(cfg))
+    args = ["run", "--base", str(tiny_model), "--lora", str(a), "--gguf", "q8_0", "--no-bench", "-q"]
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "Other-Model" in result.stderr, result.output
+    result = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "out"), "--ignore-base-name"])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "p.toml").write_text(f'[input]\nbase = "{tiny_model}"\nlora = ["{a}"]\nignore_base_name = true\n'
+                                     '[gguf]\ntypes = []\n[bench]\nenabled = false\n')
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "p.toml"), "-q", "-o", str(tmp_path / "out2")])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(main, ["merge", str(tiny_model), "--lora", str(a), "--ignore-base-name", "-q",
+                                       "-o", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    for out in ("out", "out2"):
+        assert (tmp_path / out / "merged" / "model.safetensors").read_bytes() == \
+            (tmp_path / "merged" / "model.safetensors").read_bytes()

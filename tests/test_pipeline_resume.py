@@ -101,7 +101,7 @@ def reference(smollm2_dir, tmp_path_factory):
     out = work / "out"
     t0 = time.perf_counter()
     r = subprocess.run(_cmd(smollm2_dir, adapter, out), env=_env(work / "cache"), capture_output=True, text=True,
-                       timeout=1200)
+                       timeout=1200, cwd=work)
     wall = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr[-3000:]
     steps = json.loads((out / "pipeline.json").read_text())["steps"]
@@ -132,9 +132,10 @@ def test_every_artifact_and_the_report(reference):
     assert by["Q8_0"]["kld_mean"] < by["Q4_K_M"]["kld_mean"] < 0.2 and by["NF4"]["kld_mean"] < 0.5
     assert set(rep["gpus"]) == {"RTX 4090 24GB", "A100 40GB"}
     assert rep["model"].endswith("+ adapter")
-    # the summary table says where each artifact is
-    for rel in ["merged/", "gptq-ct/", "int8/", "nf4/", "report/report.md"] + ggufs:
-        assert str(out / rel) in summary, (rel, summary)
+    # the summary table says where each artifact is, relative to the working directory (work/)
+    shown = [line.split()[-1] for line in summary.splitlines()]
+    for rel in ["merged/", "gptq-ct/", "int8/", "nf4/", "report/report.md", "pipeline.json"] + ggufs:
+        assert f"out/{rel}" in shown, (rel, summary)
 
 
 def test_killed_at_random_moments_resumes_to_identical_outputs(reference, smollm2_dir, tmp_path):
