@@ -4,6 +4,8 @@ logits of the scored positions (ctx/2 .. ctx-2) of each window.
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 import os
 from dataclasses import dataclass
@@ -39,9 +41,27 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
+@functools.lru_cache(maxsize=64)
+def _gguf_problem(path: str, size: int, mtime_ns: int) -> str | None:
+    """Why gguf-py cannot read the header and every tensor's place (a truncated or empty file), so
+    that it is refused before the baseline is scored, not after; None if it reads (once per file
+    version). A tensor type newer than gguf-py's is left for llama.cpp to judge."""
+    import gguf
+    try:
+        gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - gguf-py raises ValueError, struct.error, IndexError ...
+        text = " ".join(str(e).split()) or type(e).__name__
+        return None if "GGMLQuantizationType" in text else text
+    return None
+
+
 def variant_kind(path: Path) -> str:
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
+        st = path.stat()
+        problem = _gguf_problem(str(path), st.st_size, st.st_mtime_ns)
+        if problem:
+            raise InputError(f"not a readable GGUF file ({problem})", path)
         return "gguf"
     if path.is_dir() and (path / "config.json").exists():
         import json

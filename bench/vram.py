@@ -47,14 +47,17 @@ def parse_gpus(names: list[str] | None, extra: list[str] | None, catalog_file: P
     filtered to `names` (matched loosely: rtx4090, a100-40 ...) when given."""
     catalog = dict(GPU_CATALOG)
     if catalog_file is not None:
-        catalog.update({str(k): int(v) for k, v in json.loads(Path(catalog_file).read_text()).items()})
+        catalog.update(_catalog_file(Path(catalog_file)))
     added = {}
     for item in extra or []:
         name, _, size = item.partition("=")
         try:
-            added[name.strip()] = int(float(size) * 1024)
+            gib = float(size)
         except ValueError:
-            raise ValueError(f"--gpu {item!r}: expected NAME=GiB, e.g. 'RTX 4070 12GB=12'") from None
+            gib = 0.0
+        if not name.strip() or not gib > 0 or gib == float("inf"):
+            raise ValueError(f"--gpu {item!r}: expected NAME=GiB with a positive size, e.g. 'RTX 4070 12GB=12'")
+        added[name.strip()] = int(gib * 1024)
     catalog.update(added)
     if not names:
         return catalog
@@ -65,6 +68,22 @@ def parse_gpus(names: list[str] | None, extra: list[str] | None, catalog_file: P
             raise ValueError(f"unknown GPU {n!r} (known: {', '.join(catalog)})")
         out.update({m: catalog[m] for m in matches})
     return out
+
+
+def _catalog_file(path: Path) -> dict[str, int]:
+    """A JSON object of GPU name -> MiB; ValueError naming the file otherwise."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object of GPU name -> MiB, e.g. {{\"RTX 4070 12GB\": 12282}}")
+    for k, v in data.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise ValueError(f"{path}: {k!r}: expected a positive number of MiB, not {v!r}")
+    return {str(k): int(v) for k, v in data.items()}
 
 
 @dataclass(frozen=True)

@@ -127,9 +127,12 @@ def _nvrtc_version() -> tuple[int, int]:
 
 
 def cache_dir() -> Path:
-    """Where compiled cubins are kept: QUANTKIT_CACHE_DIR, else $XDG_CACHE_HOME/quantkit or ~/.cache/quantkit."""
+    """Where compiled cubins are kept: QUANTKIT_CACHE_DIR, else $QUANTKIT_CACHE/cuda (where quantkit's
+    other caches live), else $XDG_CACHE_HOME/quantkit or ~/.cache/quantkit."""
     if os.environ.get("QUANTKIT_CACHE_DIR"):
         return Path(os.environ["QUANTKIT_CACHE_DIR"])
+    if os.environ.get("QUANTKIT_CACHE"):
+        return Path(os.environ["QUANTKIT_CACHE"]).expanduser() / "cuda"
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "quantkit"
 
 

@@ -74,23 +74,36 @@ def hparams_of(model: HFModel) -> HParams:
     c = model.config
     path = model.path / "config.json"
 
-    def need(key: str) -> Any:
+    def typed(key: str, value: Any, kind: type) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int,) if kind is int else (int, float)) or not value > 0:
+            raise InputError(f"{key!r} must be a positive {'integer' if kind is int else 'number'}, not {value!r}", path)
+        return value
+
+    def need(key: str, kind: type = int) -> Any:
         if key not in c:
             raise InputError(f"missing {key!r}", path)
-        return c[key]
+        return typed(key, c[key], kind)
+
+    def optional(key: str, kind: type = int) -> Any:
+        return None if c.get(key) is None else typed(key, c[key], kind)
 
     # transformers ≥ 5 writes `rope_parameters` (with rope_theta inside); 4.x `rope_scaling` + `rope_theta`
-    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    rope_key = "rope_parameters" if c.get("rope_parameters") else "rope_scaling"
+    rope = c.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        raise InputError(f"{rope_key!r} must be an object, not {rope!r}", path)
+    rope = dict(rope)
     theta = rope.pop("rope_theta", None) or c.get("rope_theta", 10000.0)
+    theta = typed("rope_theta", theta, float)
     if rope.get("rope_type", rope.get("type")) in (None, "default"):
         rope = {}
     n_head = need("num_attention_heads")
     return HParams(
         n_layer=need("num_hidden_layers"), n_embd=need("hidden_size"), n_ff=need("intermediate_size"),
-        n_head=n_head, n_head_kv=c.get("num_key_value_heads") or n_head,
-        head_dim=c.get("head_dim") or need("hidden_size") // n_head,
+        n_head=n_head, n_head_kv=optional("num_key_value_heads") or n_head,
+        head_dim=optional("head_dim") or need("hidden_size") // n_head,
         n_vocab=need("vocab_size"), n_ctx=need("max_position_embeddings"),
-        rms_eps=need("rms_norm_eps"), rope_theta=float(theta), rope=rope,
+        rms_eps=need("rms_norm_eps", float), rope_theta=float(theta), rope=rope,
         tied=bool(c.get("tie_word_embeddings", False)),
     )
 

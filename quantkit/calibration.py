@@ -27,6 +27,21 @@ def _cache_dir() -> Path:
     return (Path(root).expanduser() if root else Path.home() / ".cache" / "quantkit") / "calibration"
 
 
+# a calibration text sharing this many long lines (paragraphs) with the evaluation text holds a copy of
+# part of it; a text of one's own domain shares none (WikiText-2's lines are whole paragraphs)
+EVAL_LINES_REFUSED = 10
+_LONG = 80
+
+
+def _eval_lines_in(text: str) -> tuple[int, int]:
+    """(long lines of `text` that are lines of the evaluation text, long lines of `text`)."""
+    if not _EVAL_TEXT.exists():
+        return 0, 0
+    evaluated = {ln.strip() for ln in _EVAL_TEXT.read_text(encoding="utf-8").splitlines() if len(ln.strip()) >= _LONG}
+    mine = [ln.strip() for ln in text.splitlines() if len(ln.strip()) >= _LONG]
+    return sum(ln in evaluated for ln in mine), len(mine)
+
+
 def from_file(path: Path, tokenizer, n_samples: int, seqlen: int) -> torch.Tensor:
     path = Path(path)
     try:
@@ -36,6 +51,10 @@ def from_file(path: Path, tokenizer, n_samples: int, seqlen: int) -> torch.Tenso
     if _EVAL_TEXT.exists() and hashlib.sha256(text.encode()).digest() == \
             hashlib.sha256(_EVAL_TEXT.read_bytes()).digest():
         raise InputError("this is the WikiText-2 test split, the evaluation text: calibrate on something else", path)
+    shared, long_lines = _eval_lines_in(text)
+    if shared >= EVAL_LINES_REFUSED:
+        raise InputError(f"{shared} of its {long_lines} long lines are lines of the WikiText-2 test split, the "
+                         "evaluation text: calibrating on it would flatter the benchmark; remove them", path)
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     if len(ids) < seqlen:
         raise InputError(f"calibration text has {len(ids)} tokens, fewer than one sample of {seqlen}"

@@ -4,22 +4,49 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from . import __version__
-from .errors import QuantkitError
+from .errors import InputError, QuantkitError, Terminated
+
+
+# optional libraries -> the extra that installs them (pyproject.toml)
+_EXTRAS = {"transformers": "quant", "bitsandbytes": "quant", "compressed_tensors": "quant", "peft": "test",
+           "llama_cpp": "bench", "matplotlib": "bench"}
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _quiet_libraries(quiet: bool) -> None:
+    """--quiet silences the progress bars of the libraries we call too (transformers' weight loading,
+    the Hub's), not only ours."""
+    if not quiet:
+        return
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"      # read when transformers is imported
+    if sys.modules.get("transformers") is not None:
+        sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def one_line_errors(fn):
-    """Turn QuantkitError (and a disk full) into one line on stderr and a non-zero exit."""
+    """Turn QuantkitError, a disk full and any other error into one line on stderr and a non-zero
+    exit; SIGTERM is handled as Ctrl-C is (the partial outputs are removed). QUANTKIT_DEBUG=1 shows
+    the traceback of an unexpected error."""
     @functools.wraps(fn)
     def wrapper(*a, **kw):
+        in_main = threading.current_thread() is threading.main_thread()
+        old = signal.signal(signal.SIGTERM, _terminate) if in_main else None
         try:
             return fn(*a, **kw)
+        except (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit):
+            raise
         except QuantkitError as e:
             click.echo(f"quantkit: error: {e}", err=True)
             sys.exit(e.exit_code)
@@ -30,9 +57,29 @@ def one_line_errors(fn):
             where = f"{e.filename}: " if getattr(e, "filename", None) else ""
             click.echo(f"quantkit: error: {where}{e.strerror or e}", err=True)
             sys.exit(1)
+        except Terminated:
+            click.echo("quantkit: terminated (SIGTERM); no partial output was kept", err=True)
+            sys.exit(143)
         except KeyboardInterrupt:
             click.echo("quantkit: interrupted; no partial output was kept", err=True)
             sys.exit(130)
+        except ModuleNotFoundError as e:
+            if os.environ.get("QUANTKIT_DEBUG") or (e.name or "").split(".")[0] not in _EXTRAS:
+                raise
+            extra = _EXTRAS[e.name.split(".")[0]]
+            click.echo(f"quantkit: error: this needs {e.name.split('.')[0]}, which is not installed: "
+                       f"pip install 'quantkit[{extra}]'", err=True)
+            sys.exit(2)
+        except Exception as e:
+            if os.environ.get("QUANTKIT_DEBUG"):
+                raise
+            text = " ".join(str(e).split())
+            click.echo(f"quantkit: error: {type(e).__name__}: {text[:400]} (unexpected: QUANTKIT_DEBUG=1 shows "
+                       "where; please report it)", err=True)
+            sys.exit(1)
+        finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, old if old is not None else signal.SIG_DFL)
     return wrapper
 
 
@@ -67,13 +114,26 @@ def merge_options(fn):
     return fn
 
 
+def _group_size(ctx, param, value):
+    if value is not None and value != -1 and value < 1:
+        raise click.BadParameter(f"{value} is not a group size: -1 (one group per row) or a positive divisor "
+                                 "of every input dimension")
+    return value
+
+
+def _damp(ctx, param, value):
+    if value is not None and not 0 < value < float("inf"):        # NaN fails too
+        raise click.BadParameter(f"{value} is not a dampening: a positive number, e.g. 0.01")
+    return value
+
+
 def gptq_options(fn):
     """The GPTQ / bitsandbytes options of `export`."""
     opts = [
         click.option("--gptq", is_flag=True, help="Write GPTQ checkpoints: OUT/gptq (AutoGPTQ v1) and OUT/gptq-ct "
                                                   "(compressed-tensors, loads on the CPU)."),
         click.option("--bits", type=click.Choice(["2", "4", "8"]), default="4", show_default=True, help="GPTQ bits."),
-        click.option("--group-size", type=int, default=128, show_default=True,
+        click.option("--group-size", type=int, default=128, show_default=True, callback=_group_size,
                      help="GPTQ group size (-1: one group per row); must divide every input dimension."),
         click.option("--asym", is_flag=True, help="GPTQ with zero points (default: symmetric)."),
         click.option("--desc-act/--no-desc-act", default=True, show_default=True,
@@ -81,7 +141,8 @@ def gptq_options(fn):
         click.option("--static-groups/--dynamic-groups", default=True, show_default=True,
                      help="With act-order, keep groups as consecutive columns with scales from the original weights "
                           "(plain format); --dynamic-groups follows the act order and stores a permuted g_idx."),
-        click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening (x mean diag H)."),
+        click.option("--damp", type=float, default=0.01, show_default=True, callback=_damp,
+                     help="GPTQ dampening (x mean diag H)."),
         click.option("--gptq-method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
                      help="rtn: round-to-nearest in the same format (the baseline GPTQ should beat)."),
         click.option("--gptq-format", default=None,
@@ -89,8 +150,10 @@ def gptq_options(fn):
                           "(default: both; gptq alone with --dynamic-groups)."),
         click.option("--calib", type=click.Path(path_type=Path),
                      help="Calibration text (default: text the model generates itself). Never the eval text."),
-        click.option("--calib-samples", type=int, default=128, show_default=True, help="Calibration samples."),
-        click.option("--calib-seqlen", type=int, default=2048, show_default=True, help="Tokens per sample."),
+        click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
+                     help="Calibration samples."),
+        click.option("--calib-seqlen", type=click.IntRange(min=1), default=2048, show_default=True,
+                     help="Tokens per sample."),
         click.option("--int8", is_flag=True, help="Write OUT/int8: bitsandbytes LLM.int8."),
         click.option("--nf4", is_flag=True, help="Write OUT/nf4: bitsandbytes NF4 with double quantization."),
         click.option("--force", is_flag=True, help="Replace existing OUT/gptq, OUT/int8 ... directories."),
@@ -125,9 +188,10 @@ def export(model, gguf_types, out_dir, name, ollama, dry_run, imatrix, loras, we
 
     Reads each tensor of MODEL (config.json + safetensors + tokenizer.json) once and writes one
     GGUF per requested type, byte-identical to convert_hf_to_gguf.py + llama-quantize. With --lora
-    or --residual the merge happens on the fly: the same bytes as `quantkit merge` then export,
-    with no merged copy on disk. --gptq quantizes layer by layer with GPTQ on calibration text;
-    --int8 / --nf4 go through bitsandbytes.
+    or --residual the merge happens on the fly: the same tensors as `quantkit merge` then export,
+    with no merged copy on disk (the files are named after MODEL; --name names the fine-tune).
+    --gptq quantizes layer by layer with GPTQ on calibration text; --int8 / --nf4 go through
+    bitsandbytes. What those would refuse is checked before the GGUF pass.
 
     \b
     Examples:
@@ -138,12 +202,17 @@ def export(model, gguf_types, out_dir, name, ollama, dry_run, imatrix, loras, we
       quantkit export ./my-model --gguf q4_k_m --imatrix imatrix.gguf -o ./out
       quantkit export ./my-model --gptq --group-size 128 --int8 --nf4 -o ./out   # out/gptq, gptq-ct, int8, nf4
     """
+    _quiet_libraries(quiet)
     from .export import export_gguf
     from .merge import open_model
     from .plan import parse_variants
 
     others = gptq or int8 or nf4
+    if gguf_types is not None and not gguf_types.strip():
+        raise click.UsageError("--gguf is empty: name the types (q8_0, q5_k_m, q4_k_m, bf16, f16), or leave it out")
     variants = parse_variants(gguf_types or "q4_k_m,q5_k_m,q8_0") if (gguf_types or not others) else []
+    if stats is not None:
+        _check_out_file(stats, model)
     if out_dir is None and not dry_run:
         raise click.UsageError("missing option '-o' / '--out' (the output directory)")
     dynamic = desc_act and not static_groups
@@ -155,8 +224,12 @@ def export(model, gguf_types, out_dir, name, ollama, dry_run, imatrix, loras, we
     if gptq and dynamic and "compressed-tensors" in formats:
         raise click.UsageError("--dynamic-groups cannot be written as compressed-tensors (it dropped "
                                "actorder 'group' in 0.20): use --gptq-format gptq or static groups")
-    dev = _resolve_device(device)
+    dev = _resolve_device(device, dry_run=dry_run)
     src = open_model(model, loras, weights, residual, scale, device=dev, ignore_base_name=ignore_base_name)
+    if others and not dry_run:
+        _check_others(src, Path(out_dir), gptq=gptq, formats=formats, bits=int(bits), group_size=group_size,
+                      calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, force=force,
+                      modes=[m for m, on in (("int8", int8), ("nf4", nf4)) if on])
     if variants:
         res = export_gguf(src, variants, out_dir, name=name, device=dev, progress=not quiet, dry_run=dry_run,
                           imatrix=imatrix)
@@ -188,6 +261,60 @@ def export(model, gguf_types, out_dir, name, ollama, dry_run, imatrix, loras, we
             click.echo(f"{mode.upper():8} {_dir_mib(d):10.1f} MiB  {d}")
 
 
+def _check_others(src, out_dir: Path, *, gptq: bool, formats, bits: int, group_size: int, calib: Path | None,
+                  calib_samples: int, calib_seqlen: int, modes: list[str], force: bool) -> None:
+    """What the GPTQ and bitsandbytes outputs would refuse, checked before any of the export's work
+    (the GGUF pass comes first): the libraries, the shapes, the calibration text, and outputs that
+    exist (without --force)."""
+    import importlib.util
+
+    from .errors import UnsupportedError
+    from .gptq import GPTQSettings, check_shapes
+    from .outputs import check_output_dir
+    base = getattr(src, "base", src)                  # a merge on the fly has the base's shapes and tokenizer
+    needed = ["transformers"] + (["bitsandbytes"] if modes else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UnsupportedError(f"--gptq / --int8 / --nf4 need {' and '.join(missing)}: pip install 'quantkit[quant]'")
+    dirs = list(modes)
+    if gptq:
+        check_shapes(base, GPTQSettings(bits=bits, group_size=group_size))
+        if calib is not None:
+            from .layerwise import text_tokens
+            text_tokens(base.path, Path(calib), calib_samples, calib_seqlen)
+        dirs += ["gptq" if f == "gptq" else "gptq-ct" for f in formats]
+    inputs = [base.path, *(a.path for a in getattr(src, "adapters", ()))]
+    _check_out_dir(out_dir, *inputs)
+    for d in dirs:
+        check_output_dir(out_dir / d, force, inputs)
+
+
+def _check_out_file(path: Path, *inputs: Path) -> None:
+    """An output file's place, checked before the work: not a directory, not inside an input, and a
+    directory that exists (or can be made) and takes files."""
+    from .errors import OutputError
+    from .outputs import refuse_inputs
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError("is a directory: give a file name, e.g. imatrix.gguf", path)
+    refuse_inputs(path.parent, [Path(i) for i in inputs], "would write into the input")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise OutputError(f"cannot be written: {parent} is " + ("not a directory" if not parent.is_dir()
+                                                                 else "not writable"), path)
+
+
+def _check_out_dir(path: Path, *inputs: Path) -> None:
+    """A directory files will be written into, checked before the work (as _check_out_file)."""
+    from .errors import OutputError
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError("is a file, not a directory", path)
+    _check_out_file(path / "report.md", *inputs)
+
+
 def _dir_mib(d: Path) -> float:
     return sum(p.stat().st_size for p in Path(d).glob("*.safetensors")) / 2**20
 
@@ -202,7 +329,7 @@ def _on_disk(src, out_dir: Path, quiet: bool):
     import shutil
 
     from .merge import write_merged
-    tmp = out_dir / f".merged-{os.getpid()}"
+    tmp = out_dir / f".merged.partial-{os.getpid()}-for-gptq"    # a killed run's is swept by the next
     try:
         write_merged(src, tmp, progress=not quiet)
         yield tmp
@@ -225,8 +352,9 @@ def imatrix_cmd(model, out_file, calib, calib_samples, calib_seqlen, device, qui
     """Compute the importance matrix of MODEL, as llama-imatrix does, for `export --imatrix`.
 
     Runs the bf16 model (transformers, one decoder layer at a time, on the GPU if present) over the
-    calibration text and records, for every linear layer, the mean squared activation of each
-    input column. The file is llama.cpp's imatrix GGUF: llama-quantize --imatrix reads it too.
+    calibration text and records, for every linear layer, the sum of each input column's squared
+    activations and the token count (their ratio is the importance). The file is llama.cpp's imatrix
+    GGUF: llama-quantize --imatrix reads it too.
 
     \b
     Examples:
@@ -234,7 +362,9 @@ def imatrix_cmd(model, out_file, calib, calib_samples, calib_seqlen, device, qui
       quantkit imatrix ./my-model --calib my-domain-text.txt --calib-samples 128 -o imatrix.gguf
       quantkit export ./my-model --gguf q4_k_m --imatrix imatrix.gguf -o ./out
     """
+    _quiet_libraries(quiet)
     from .imatrix import collect, write
+    _check_out_file(out_file, model)
     im = collect(model, calib=calib, n_samples=calib_samples, seqlen=calib_seqlen, device=_resolve_device(device),
                  progress=not quiet)
     write(im, out_file)
@@ -274,10 +404,14 @@ def merge(base, loras, weights, residual, scale, ignore_base_name, out_dir, dtyp
 
     if not loras and residual is None:
         raise click.UsageError("nothing to merge: give --lora and/or --residual")
+    shard_bytes = parse_size(shard_size)
+    if files_from is not None and not (Path(files_from) / "tokenizer.json").is_file():
+        raise InputError("--files-from: no tokenizer.json here; give the model directory whose tokenizer, chat "
+                         "template and generation config the merged model should carry", files_from)
     src = open_model(base, loras, weights, residual, scale, dtype=dtype, device=_resolve_device(device),
                      ignore_base_name=ignore_base_name)
     assert isinstance(src, MergedModel)
-    note = write_merged(src, out_dir, files_from=files_from, shard_bytes=parse_size(shard_size),
+    note = write_merged(src, out_dir, files_from=files_from, shard_bytes=shard_bytes,
                         progress=not quiet, force=force)
     click.echo(f"merged {len(loras)} adapter(s){' and a residual' if residual else ''} into {out_dir} "
                f"({len(note['files']['shards'])} shard(s), {note['seconds']:.1f} s); details in {Path(out_dir) / 'merge.json'}")
@@ -325,12 +459,13 @@ def residual_extract(instruct, base, out_dir, dtype, shard_size, force, quiet):
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True, help="Report directory.")
 @click.option("--text", type=click.Path(path_type=Path), help="Evaluation text (default: the bundled WikiText-2 test split).")
 @click.option("--ctx", type=int, default=512, show_default=True, help="Tokens per window (llama-perplexity's -c).")
-@click.option("--limit-chunks", type=int, help="Score only the first N windows (quick runs).")
+@click.option("--limit-chunks", type=click.IntRange(min=0), help="Score only the first N windows (quick runs; 0: all).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--gpus", help="Comma-separated GPUs to report on, e.g. rtx4090,a100-40 (default: the whole catalog).")
 @click.option("--gpu", "extra_gpus", multiple=True, help="Add a GPU: 'NAME=GiB' (repeatable).")
 @click.option("--gpu-catalog", type=click.Path(path_type=Path), help="JSON file of GPU name -> MiB, added to the catalog.")
-@click.option("--top-k", type=int, default=128, show_default=True, help="Baseline tokens kept per position for KLD.")
+@click.option("--top-k", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Baseline tokens kept per position for KLD.")
 @click.option("--estimate-vram", is_flag=True, help="Estimate VRAM even on a GPU (no measuring subprocesses).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @one_line_errors
@@ -347,17 +482,19 @@ def bench(baseline, variants, out_dir, text, ctx, limit_chunks, device, gpus, ex
       quantkit bench --baseline ./my-model out/*.gguf -o ./report
       quantkit bench --baseline ./my-model out/*.gguf --limit-chunks 20 --gpus rtx4090,a100-40 -o ./report
     """
+    _quiet_libraries(quiet)
     from .bench import suite, vram
 
     if not variants:
         raise click.UsageError("give at least one variant (a .gguf file or a model directory)")
+    _check_out_dir(out_dir, baseline, *[v for v in variants if Path(v).is_dir()])
     try:
         selected = vram.parse_gpus([g.strip() for g in gpus.split(",")] if gpus else None, list(extra_gpus),
                                    gpu_catalog)
     except (ValueError, OSError) as e:
-        raise click.UsageError(str(e)) from None
+        raise QuantkitError(str(e) if str(e).startswith(("--gpu", str(gpu_catalog))) else f"--gpus: {e}") from None
     dev = _resolve_device(device)
-    res = suite.run(baseline, list(variants), out_dir, text=text, ctx=ctx, device=dev, limit_chunks=limit_chunks,
+    res = suite.run(baseline, list(variants), out_dir, text=text, ctx=ctx, device=dev, limit_chunks=limit_chunks or None,
                     gpus=selected, top_k=top_k, measure_vram=False if estimate_vram else None, progress=not quiet)
     b = res["baseline"]
     click.echo(f"{b['label']:10} ppl {b['ppl']:.4f} ± {b['ppl_err']:.4f}  (baseline)")
@@ -370,6 +507,7 @@ def bench(baseline, variants, out_dir, text, ctx, limit_chunks, device, gpus, ex
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path), default="pipeline.toml")
 @click.option("--force", is_flag=True, help="Replace an existing file.")
+@one_line_errors
 def init(path, force):
     """Write a commented example pipeline.toml for `quantkit run`.
 
@@ -381,6 +519,8 @@ def init(path, force):
     from .pipeline_config import example
     if path.exists() and not force:
         raise click.UsageError(f"{path} exists (--force replaces it)")
+    _check_out_file(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, example())
     click.echo(f"wrote {path}: edit [input] base, then `quantkit run {path} --dry-run`")
 
@@ -399,6 +539,8 @@ RUN_FLAGS = [
     (("--weight",), "input", "lora_weights", dict(multiple=True, type=float, help="Scale of each --lora.")),
     (("--residual",), "input", "residual", dict(type=click.Path(path_type=Path), help="Full-rank residual to add.")),
     (("--scale",), "input", "residual_scale", dict(type=float, help="Scale of --residual.")),
+    (("--ignore-base-name",), "input", "ignore_base_name",
+     dict(is_flag=True, default=None, help="Merge adapters whose base_model_name_or_path names another model.")),
     (("-o", "--out"), "output", "dir", dict(type=click.Path(path_type=Path), help="Output directory OUT.")),
     (("--device",), "output", "device", dict(help="auto, cpu or cuda[:N].")),
     (("--gguf",), "gguf", "types", dict(callback=_comma_list, help="GGUF types, e.g. q4_k_m,q5_k_m,q8_0 (none: no GGUF).")),
@@ -452,6 +594,7 @@ def run(pipeline, dry_run, quiet, rehash, **flags):
       quantkit run --base ./base --lora ./adapter --gguf q4_k_m,q5_k_m,q8_0 --gptq --int8 \\
           --bench --gpus rtx4090,a100-40 -o ./out
     """
+    _quiet_libraries(quiet)
     from . import pipeline as pl
     from .manifest import Manifest, run_steps
     from .pipeline_config import parse
@@ -467,7 +610,11 @@ def run(pipeline, dry_run, quiet, rehash, **flags):
     if pipeline is None and not overrides:
         raise click.UsageError("give a pipeline file (quantkit init writes one) or --base and the outputs wanted")
     cfg = parse(pipeline, overrides)
-    plan = pl.build(cfg, _resolve_device(cfg["output"]["device"]), progress=not quiet)
+    try:
+        device = _resolve_device(cfg["output"]["device"], flag="", dry_run=dry_run)
+    except QuantkitError as e:
+        raise cfg.error("output", "device", str(e)) from None
+    plan = pl.build(cfg, device, progress=not quiet)
     manifest = Manifest.load(plan.out, trust_stats=not rehash)
     if dry_run:
         for line in pl.describe(plan, manifest):
@@ -510,11 +657,27 @@ def _write_stats(path: Path, seconds: float, device: str) -> None:
     write_text_atomic(Path(path), json.dumps(stats, indent=2) + "\n")
 
 
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
+def _resolve_device(device: str, flag: str = "--device", *, dry_run: bool = False) -> str:
+    """auto -> cuda when torch sees a GPU, else cpu; cpu and cuda[:N] are checked against this machine
+    (not for a dry run, which may plan a GPU job on a machine without one)."""
     import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    flag = f"{flag}: " if flag else ""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise QuantkitError(f"{flag}unknown device {device!r} (auto, cpu or cuda[:N])") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise QuantkitError(f"{flag}unsupported device {device!r} (auto, cpu or cuda[:N])")
+    if dev.type == "cpu":
+        return "cpu"                    # cpu:0 is the CPU: the code compares against "cpu"
+    if dev.type == "cuda" and not dry_run:
+        if not torch.cuda.is_available():
+            raise QuantkitError(f"{flag}{device!r} asked for, but torch {torch.__version__} sees no CUDA device")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise QuantkitError(f"{flag}{device!r} asked for, but there are {torch.cuda.device_count()} CUDA devices")
+    return device
 
 
 if __name__ == "__main__":

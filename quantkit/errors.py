@@ -24,3 +24,8 @@ class UnsupportedError(QuantkitError):
 
 class OutputError(QuantkitError):
     """The output location cannot be written."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, a scheduler's stop), raised in the main thread as Ctrl-C is, so that
+    the same clean-up runs: no partial output is left."""

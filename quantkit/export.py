@@ -24,7 +24,7 @@ from .arch import SourceTensor, architecture_of, hparams_of, source_tensors
 from .errors import InputError, OutputError
 from .hfmodel import HFModel, row_ranges
 from .metadata import build_metadata
-from .outputs import sha256_file, write_text_atomic
+from .outputs import refuse_inputs, sha256_file, sweep_leftovers, write_text_atomic
 from .plan import TensorPlan, Variant, format_plan, make_plan
 from .streams import Worker, prefetch, to_device, to_host
 from .tokenizer import load_vocab
@@ -44,11 +44,14 @@ class ExportResult:
 
 
 def _check_writable(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError("is a file, not a directory: choose a directory for the GGUF files", out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".quantkit-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+        sweep_leftovers(out_dir)            # what a killed export left here
     except OSError as e:
         raise OutputError(f"output directory is not writable ({e.strerror or e})", out_dir) from None
 
@@ -172,10 +175,12 @@ def check(model: HFModel, variants: list[Variant], imatrix: Path | None = None) 
 
 
 def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: str | Path, *,
-                name: str | None = None, device: str = "cpu", progress: bool = True,
+                name: str | None = None, name_from: Path | None = None, device: str = "cpu", progress: bool = True,
                 dry_run: bool = False, chunk_values: int = CHUNK_VALUES, imatrix: Path | None = None) -> ExportResult:
     """Write one GGUF per variant. `model` is a HF model directory, or a model object such as
-    quantkit.merged.MergedModel (a base with adapters merged in as it is read)."""
+    quantkit.merged.MergedModel (a base with adapters merged in as it is read). `name` sets
+    general.name; `name_from` is the directory whose card, config and folder name give the general.*
+    names (default: the model's; `quantkit run` passes the base of its merged copy)."""
     t0 = time.perf_counter()
     if not isinstance(model, HFModel):
         model = HFModel(model)
@@ -187,8 +192,12 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
     weights, imatrix_note = load_imatrix(imatrix, plans) if imatrix is not None else ({}, None)
     imatrix_kv = _imatrix_kv(str(imatrix), imatrix_note) if imatrix_note else {}
     vocab = load_vocab(model.path, hp.n_vocab)
-    meta = build_metadata(model, arch, hp, sources, vocab, name)
+    meta = build_metadata(model, arch, hp, sources, vocab, name, name_from)
     out_dir = Path(out_dir)
+    refuse_inputs(out_dir, [model.path, *(a.path for a in getattr(model, "adapters", ()))]
+                  + ([model.residual.model.path] if getattr(model, "residual", None) else []),
+                  "would write into the input")
+    created = not out_dir.exists()
     _check_writable(out_dir)
     dev = torch.device(device)
 
@@ -240,6 +249,8 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
     except BaseException:
         for f in files.values():
             f.abort()
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()                     # made for this export: not left behind empty
         raise
     finally:
         bar.close()

@@ -115,7 +115,8 @@ class HFModel:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise InputError("not a directory (expected a HF model directory)", self.path)
+            raise InputError(("not a directory" if self.path.exists() else "does not exist")
+                             + " (expected a HF model directory)", self.path)
         self.config: dict = _read_json(self.path / "config.json")
         if not isinstance(self.config, dict):
             raise InputError("config.json is not a JSON object", self.path / "config.json")

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -26,10 +27,79 @@ _NOT_COPIED = re.compile(r"(\.(safetensors|bin|pt|pth|gguf|ckpt|h5|msgpack|pkl|p
                          r"^adapter_)")
 
 
-@contextmanager
-def staged_output(out: Path, force: bool, inputs: list[Path] = ()) -> Iterator[Path]:
-    """A fresh hidden directory beside `out`, renamed to `out` when the block completes. An existing
-    `out` is moved aside first and deleted only once the new one is in place (put back if not)."""
+# what a killed writer leaves beside its output: `.NAME.PID.partial` files and `.NAME.partial-PID-XXXX`
+# staging directories; the PID says whether the writer still runs. (`.NAME.old-PID-XXXX`, the previous
+# output moved aside for the instant of the swap, is never removed here: it may be all that is left of it.)
+_LEFT = re.compile(r"^\..+\.(?P<pid>\d+)\.partial$|^\..+\.partial-(?P<dpid>\d+)-[^/]*$")
+
+
+# a leftover is only removed once nothing in it has changed for this long: a writer in another PID
+# namespace (a container, another host on a shared disk) has a PID that looks dead from here
+STALE_AFTER_S = 15 * 60
+
+
+def sweep_leftovers(d: Path) -> list[Path]:
+    """Remove from directory `d`, as far as it can, what writers left half-written (a SIGKILL, a power
+    cut: Ctrl-C and SIGTERM clean up after themselves): hidden names whose PID runs no more here and
+    that have not changed for STALE_AFTER_S. Returns what was removed; never raises."""
+    removed = []
+    try:
+        entries = list(Path(d).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = _LEFT.match(p.name)
+        if not m:
+            continue
+        pid = int(m.group("pid") or m.group("dpid"))
+        try:
+            if pid == os.getpid() or _running(pid) or time.time() - _last_change(p) < STALE_AFTER_S:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError:         # gone already, or not ours to remove (another user's, immutable)
+            continue
+        removed.append(p)
+    return removed
+
+
+def _last_change(p: Path) -> float:
+    """The newest modification time of p and, for a directory, of what it holds."""
+    times = [p.lstat().st_mtime]
+    if p.is_dir() and not p.is_symlink():
+        for q in p.rglob("*"):
+            try:
+                times.append(q.lstat().st_mtime)
+            except OSError:
+                pass
+    return max(times)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:         # another user's process: running
+        return True
+    return True
+
+
+def refuse_inputs(out: Path, inputs: list[Path] = (), what: str = "would replace the input") -> None:
+    """OutputError if `out`, a directory files are written into, is one of `inputs` or lies inside
+    one: inputs are only read."""
+    o = Path(out).resolve()
+    for i in inputs:
+        i = Path(i).resolve()
+        if o == i or i in o.parents:
+            raise OutputError(f"{what} {i}: choose a directory of its own", out)
+
+
+def check_output_dir(out: Path, force: bool, inputs: list[Path] = ()) -> None:
+    """What staged_output refuses, for a caller to check before any work: `out` is or holds an
+    input, or exists and is not empty (without force)."""
     out = Path(out).absolute()
     for i in inputs:
         i = Path(i).resolve()
@@ -37,9 +107,18 @@ def staged_output(out: Path, force: bool, inputs: list[Path] = ()) -> Iterator[P
             raise OutputError(f"would replace the input {i}", out)
     if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
         raise OutputError("exists and is not empty (--force replaces it)", out)
+
+
+@contextmanager
+def staged_output(out: Path, force: bool, inputs: list[Path] = ()) -> Iterator[Path]:
+    """A fresh hidden directory beside `out`, renamed to `out` when the block completes. An existing
+    `out` is moved aside first and deleted only once the new one is in place (put back if not)."""
+    out = Path(out).absolute()
+    check_output_dir(out, force, inputs)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        sweep_leftovers(out.parent)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     except OSError as e:
         raise OutputError(f"cannot be created ({e.strerror or e})", out) from None
     try:
@@ -48,18 +127,20 @@ def staged_output(out: Path, force: bool, inputs: list[Path] = ()) -> Iterator[P
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o777 & ~mask)        # mkdtemp makes it 0700
+        old = None
         try:
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent)) if out.exists() else None
-            if old is not None:
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
                 os.replace(out, old / out.name)
-            try:
-                os.replace(tmp, out)
-            except OSError:
-                if old is not None:
+            os.replace(tmp, out)
+        except BaseException as e:      # an error, Ctrl-C or SIGTERM mid-swap: the old output goes back
+            if old is not None:
+                if not out.exists() and (old / out.name).exists():
                     os.replace(old / out.name, out)
-                raise
-        except OSError as e:
-            raise OutputError(f"cannot be put in place ({e.strerror or e})", out) from None
+                shutil.rmtree(old, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise OutputError(f"cannot be put in place ({e.strerror or e})", out) from None
+            raise
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:

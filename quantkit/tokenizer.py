@@ -54,11 +54,18 @@ def load_vocab(model_dir: Path, vocab_size: int) -> Vocab:
     path = model_dir / "tokenizer.json"
     if not path.exists():
         raise InputError("missing tokenizer.json (needed for the GGUF vocabulary)", model_dir)
-    try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"not valid JSON ({e})", path) from None
-    kind = (spec.get("model") or {}).get("type") if isinstance(spec, dict) else None
+    for f in (path, model_dir / "tokenizer_config.json", model_dir / "special_tokens_map.json"):
+        if not f.exists():
+            continue
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"not valid JSON ({e})", f) from None
+        if not isinstance(data, dict):
+            raise InputError(f"expected a JSON object, not {type(data).__name__}", f)
+        if f == path:
+            spec = data
+    kind = (spec.get("model") or {}).get("type")
     if kind != "BPE":
         raise UnsupportedError(f"tokenizer model {kind!r} is not supported "
                                "(only byte-level BPE tokenizers: Llama 3, Qwen, SmolLM)", path)
