@@ -283,7 +283,7 @@ def _check_others(src, out_dir: Path, *, gptq: bool, formats, bits: int, group_s
             from .layerwise import text_tokens
             text_tokens(base.path, Path(calib), calib_samples, calib_seqlen)
         dirs += ["gptq" if f == "gptq" else "gptq-ct" for f in formats]
-    inputs = [base.path, *(a.path for a in getattr(src, "adapters", ()))]
+    inputs = src.input_paths()
     _check_out_dir(out_dir, *inputs)
     for d in dirs:
         check_output_dir(out_dir / d, force, inputs)
@@ -293,26 +293,24 @@ def _check_out_file(path: Path, *inputs: Path) -> None:
     """An output file's place, checked before the work: not a directory, not inside an input, and a
     directory that exists (or can be made) and takes files."""
     from .errors import OutputError
-    from .outputs import refuse_inputs
+    from .outputs import check_creatable, refuse_inputs
     path = Path(path)
     if path.is_dir():
         raise OutputError("is a directory: give a file name, e.g. imatrix.gguf", path)
-    refuse_inputs(path.parent, [Path(i) for i in inputs], "would write into the input")
-    parent = path.parent
-    while not parent.exists() and parent != parent.parent:
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot be written: {parent} is " + ("not a directory" if not parent.is_dir()
-                                                                 else "not writable"), path)
+    refuse_inputs(path.parent, list(inputs), "would write into the input")
+    check_creatable(path.parent, "cannot be written", named=path)
 
 
 def _check_out_dir(path: Path, *inputs: Path) -> None:
-    """A directory files will be written into, checked before the work (as _check_out_file)."""
+    """A directory files will be written into, checked before the work: not a file, not inside an
+    input, and one that exists (or can be made) and takes files."""
     from .errors import OutputError
+    from .outputs import check_creatable, refuse_inputs
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError("is a file, not a directory", path)
-    _check_out_file(path / "report.md", *inputs)
+    refuse_inputs(path, list(inputs), "would write into the input")
+    check_creatable(path, "cannot be written")
 
 
 def _dir_mib(d: Path) -> float:

@@ -226,6 +226,10 @@ class HFModel:
         """What was merged into these weights (None: the checkpoint as stored)."""
         return None
 
+    def input_paths(self) -> list[Path]:
+        """The directories these weights are read from (outputs must stay out of them)."""
+        return [self.path]
+
     def fingerprint(self) -> str:
         """A cheap content hash: config + every shard's safetensors header and size."""
         h = hashlib.sha256((self.path / "config.json").read_bytes())

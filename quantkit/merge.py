@@ -102,8 +102,7 @@ def write_merged(model: MergedModel, out: str | Path, *, files_from: str | Path 
     t0 = time.perf_counter()
     files_from = Path(files_from) if files_from else model.base.path
     note = model.merge_note()
-    inputs = [model.base.path, files_from] + [a.path for a in model.adapters] + \
-        ([model.residual.model.path] if model.residual else [])
+    inputs = model.input_paths() + [files_from]
     with staged_output(Path(out), force, inputs) as tmp:
         shards = _write_weights(model, tmp, shard_bytes, {"quantkit_merge": note}, progress, "merge")
         write_json(tmp / "config.json", model.config)

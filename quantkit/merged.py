@@ -137,6 +137,9 @@ class MergedModel(HFModel):
     def total_bytes(self) -> int:
         return self.base.total_bytes()
 
+    def input_paths(self) -> list[Path]:
+        return [self.base.path, *(a.path for a in self.adapters)] + ([self.residual.model.path] if self.residual else [])
+
     def merge_note(self) -> dict:
         return {"base": {"path": str(Path(self.base.path).resolve()), "fingerprint": self.base.fingerprint()},
                 "adapters": [a.note() for a in self.adapters],

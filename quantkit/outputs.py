@@ -87,14 +87,39 @@ def _running(pid: int) -> bool:
     return True
 
 
-def refuse_inputs(out: Path, inputs: list[Path] = (), what: str = "would replace the input") -> None:
-    """OutputError if `out`, a directory files are written into, is one of `inputs` or lies inside
-    one: inputs are only read."""
+def inside_input(out: Path, inputs: list[Path]) -> Path | None:
+    """The input that `out` is or lies inside (resolved), if any."""
     o = Path(out).resolve()
     for i in inputs:
         i = Path(i).resolve()
         if o == i or i in o.parents:
-            raise OutputError(f"{what} {i}: choose a directory of its own", out)
+            return i
+    return None
+
+
+def refuse_inputs(out: Path, inputs: list[Path] = (), what: str = "would replace the input") -> None:
+    """OutputError if `out`, a directory files are written into, is one of `inputs` or lies inside
+    one: inputs are only read."""
+    i = inside_input(out, inputs)
+    if i is not None:
+        raise OutputError(f"{what} {i}: choose a directory of its own", out)
+
+
+def existing_ancestor(path: Path) -> Path:
+    """`path`, or its nearest parent that exists (where it would be created)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_creatable(path: Path, problem: str = "cannot be created", named: Path | None = None) -> None:
+    """OutputError (naming `named`, default `path`) unless the directory `path` exists, or can be
+    made, under a writable directory."""
+    probe = existing_ancestor(path)
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise OutputError(f"{problem}: {probe} is " + ("not a directory" if not probe.is_dir() else "not writable"),
+                          named or path)
 
 
 def check_output_dir(out: Path, force: bool, inputs: list[Path] = ()) -> None:

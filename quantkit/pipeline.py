@@ -14,7 +14,6 @@ renamed into place), so a killed run leaves no output under its final name that 
 from __future__ import annotations
 
 import fcntl
-import os
 import re
 import shutil
 from contextlib import contextmanager
@@ -25,7 +24,7 @@ from typing import Iterator
 from .errors import OutputError, QuantkitError
 from .hfmodel import HFModel
 from .manifest import Manifest, Step
-from .outputs import staged_output
+from .outputs import check_creatable, existing_ancestor, inside_input, staged_output
 from .pipeline_config import Pipeline
 
 # bits per weight of each output, for the plan's size estimate (K-quant mixes measured on 8B shapes)
@@ -141,13 +140,11 @@ def check_inputs(cfg: Pipeline, base: HFModel) -> None:
     tokenizer, GPTQ's shapes and calibration text, the evaluation text, the GPU names, and OUT.
     (NaN/Inf in the weights shows only when they are read: the step reading them stops.)"""
     inp, out = cfg["input"], Path(cfg["output"]["dir"])
-    for src in [base.path, *map(Path, inp["lora"])] + ([Path(inp["residual"])] if inp["residual"] else []):
-        if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
-            raise cfg.error("output", "dir", f"the output directory {out} is inside the input {src}: "
-                            "choose a directory of its own")
-    if inp["residual_scale"] != 1.0 and not inp["residual"]:
-        raise cfg.error("input", "residual_scale", f"residual_scale {inp['residual_scale']:g} is the scale of "
-                        "[input] residual, and no residual is given")
+    srcs = [base.path, *map(Path, inp["lora"])] + ([Path(inp["residual"])] if inp["residual"] else [])
+    src = inside_input(out, srcs)
+    if src is not None:
+        raise cfg.error("output", "dir", f"the output directory {out} is inside the input {src}: "
+                        "choose a directory of its own")
     if inp["lora"] or inp["residual"]:
         from .merge import open_model
         open_model(base.path, inp["lora"], inp["lora_weights"], inp["residual"] or None, inp["residual_scale"],
@@ -176,10 +173,7 @@ def check_inputs(cfg: Pipeline, base: HFModel) -> None:
         except ValueError as e:
             raise cfg.error("bench", "gpus", str(e)) from None
         suite.load_text(base.path, Path(b["text"]) if b["text"] else None, b["ctx"], b["limit_chunks"] or None)
-    probe = _existing_ancestor(out)
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise OutputError("cannot be created: " + (f"{probe} is not a directory" if not probe.is_dir()
-                                                   else f"{probe} is not writable"), out)
+    check_creatable(out)
 
 
 # what a killed step leaves in OUT: staging directories and half-written files under hidden names
@@ -246,14 +240,8 @@ def _model_name(model_dir: Path) -> str:
 def check_disk(plan: Plan, manifest: Manifest) -> tuple[int, int]:
     """(bytes the steps still to run need, bytes free where OUT lives); OutputError if short."""
     need = sum(s.expected_bytes for s in plan.steps if manifest.why_not_done(s) is not None)
-    return need, shutil.disk_usage(_existing_ancestor(plan.out)).free
+    return need, shutil.disk_usage(existing_ancestor(plan.out)).free
 
-
-def _existing_ancestor(path: Path) -> Path:
-    """`path`, or its nearest parent that exists (where it would be created)."""
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
 
 
 def describe(plan: Plan, manifest: Manifest) -> list[str]:

@@ -218,6 +218,9 @@ def _check_lists(s: dict, path: Path, where) -> None:
                          ("gguf", "imatrix_samples"), ("gguf", "imatrix_seqlen")):
         if s[section][key] <= 0:
             raise InputError(f"{where(section, key)}[{section}] {key} must be positive", path)
+    if s["input"]["residual_scale"] != 1.0 and not s["input"]["residual"]:
+        raise InputError(f"{where('input', 'residual_scale')}[input] residual_scale {s['input']['residual_scale']:g} "
+                         "is the scale of [input] residual, and no residual is given", path)
     gs = s["gptq"]["group_size"]
     if gs != -1 and gs < 1:
         raise InputError(f"{where('gptq', 'group_size')}[gptq] group_size must be -1 (one group per row) or "
