@@ -1,6 +1,7 @@
 """Compare two GGUF files (ours and llama.cpp's) tensor by tensor and key by key, with gguf-py's reader."""
 from __future__ import annotations
 
+import filecmp
 import functools
 from pathlib import Path
 
@@ -45,6 +46,14 @@ def compare(ours: Path, ref: Path, *, same_order: bool = True) -> dict:
     ref_tensors = {t.name: t for t in _reader(ref).tensors}
     differing = [t.name for t in _reader(ours).tensors if not np.array_equal(_data(t), _data(ref_tensors[t.name]))]
     return {"identical_tensors": not differing, "tensors": len(a), "differing": differing[:10]}
+
+
+def file_difference(ours: Path, ref: Path) -> str | None:
+    """None when the two files are equal byte for byte; else what differs, tensors and keys (parsing
+    a large vocabulary takes seconds, so the readers only run for files that differ)."""
+    if filecmp.cmp(ours, ref, shallow=False):
+        return None
+    return f"{Path(ours).name} differs from {Path(ref).name}: {compare(ours, ref)}; keys: {metadata_differences(ours, ref)}"
 
 
 def metadata_differences(ours: Path, ref: Path) -> dict:

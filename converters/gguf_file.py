@@ -16,6 +16,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from quantkit.outputs import partial_path
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -34,7 +36,7 @@ class TensorInfo:
 class GGUFFile:
     def __init__(self, path: Path, arch: str, kv: dict[str, gguf.GGUFValue], tensors: list[TensorInfo]):
         self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+        self.tmp = partial_path(self.path)
         self.tensors = tensors
         self._next = 0          # index of the tensor being written
         self._written = 0       # bytes of it written so far

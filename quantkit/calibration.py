@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from .errors import InputError
 from .hfmodel import HFModel
+from .outputs import partial_path
 
 _EVAL_TEXT = Path(__file__).parent / "data" / "wiki.test.raw"
 
@@ -89,7 +90,7 @@ def generated(model_dir: Path, model, tokenizer, n_samples: int, seqlen: int, se
     bar.close()
     tokens = torch.cat(out)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.{os.getpid()}.partial")
+    tmp = partial_path(cache)
     torch.save(tokens, tmp)
     os.replace(tmp, cache)
     return tokens

@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from .arch import SourceTensor, architecture_of, hparams_of, source_tensors
 from .errors import InputError, OutputError
 from .hfmodel import HFModel, row_ranges
 from .metadata import build_metadata
-from .outputs import refuse_inputs, sha256_file, sweep_leftovers, write_text_atomic
+from .outputs import partial_path, refuse_inputs, sha256_file, sweep_leftovers, write_text_atomic
 from .plan import TensorPlan, Variant, format_plan, make_plan
 from .streams import Worker, prefetch, to_device, to_host
 from .tokenizer import load_vocab
@@ -48,7 +47,7 @@ def _check_writable(out_dir: Path) -> None:
         raise OutputError("is a file, not a directory: choose a directory for the GGUF files", out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / f".quantkit-write-test-{os.getpid()}"
+        probe = partial_path(out_dir / "quantkit-write-test")
         probe.write_bytes(b"")
         probe.unlink()
         sweep_leftovers(out_dir)            # what a killed export left here

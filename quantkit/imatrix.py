@@ -26,6 +26,7 @@ from tqdm import tqdm
 from . import layerwise
 from .errors import InputError
 from .hfmodel import HFModel
+from .outputs import partial_path
 
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
@@ -114,7 +115,7 @@ def write(im: Imatrix, path: Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp = partial_path(path)
     w = gguf.GGUFWriter(str(tmp), arch="")
     w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)      # an imatrix file names no architecture
     w.add_type(gguf.GGUFType.IMATRIX)

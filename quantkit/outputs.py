@@ -202,11 +202,17 @@ def sha256_file(path: Path, chunk: int = 8 << 20) -> str:
     return h.hexdigest()
 
 
+def partial_path(path: Path) -> Path:
+    """The hidden name a file is written under before it is renamed into place; sweep_leftovers
+    knows it by the writer's PID."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
 def write_text_atomic(path: Path, text: str, *, fsync: bool = False) -> None:
     """Write a file under a hidden temporary name in its directory and rename it into place, so
     readers see the old content or the new, never part of it (fsync: flushed to disk first)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    tmp = partial_path(path)
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         if fsync:

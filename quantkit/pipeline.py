@@ -27,9 +27,6 @@ from .manifest import Manifest, Step
 from .outputs import check_creatable, existing_ancestor, inside_input, staged_output
 from .pipeline_config import Pipeline
 
-# bits per weight of each output, for the plan's size estimate (K-quant mixes measured on 8B shapes)
-_BPW = {"q8_0": 8.5, "q5_k_m": 5.7, "q4_k_m": 4.9, "bf16": 16.0, "f16": 16.0}
-
 
 @dataclass
 class Plan:
@@ -92,7 +89,7 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True) -> Plan:
                 if gg["ollama"]:
                     write_modelfiles(model_dir, res.files)
         steps.append(Step("gguf", [model_dir] + ([imatrix] if imatrix else []), dict(gg), [out / "gguf"], do_gguf,
-                          expected_bytes=int(sum(n * _BPW.get(t.lower(), 16) / 8 for t in types))))
+                          expected_bytes=int(sum(n * v.bpw / 8 for v in variants))))
 
     variants_for_bench: list[Path] = []
     g = cfg["gptq"]

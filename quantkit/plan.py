@@ -1,7 +1,7 @@
 """Per-tensor type plan for every requested variant, with the reason for each choice.
 
-The Q4_K_M / Q5_K_M mixtures follow llama.cpp's `llama-quant.cpp` (llama_tensor_get_type) for
-dense Llama / Qwen3 models, written as ordered tables of (rule name, predicate, type): the first
+The K-quant mixtures (Q4_K_S/M, Q5_K_S/M, Q6_K) follow llama.cpp's `llama-quant.cpp`
+(llama_tensor_get_type) for dense Llama / Qwen3 models, written as ordered tables of (rule name, predicate, type): the first
 rule that matches picks the type, else the variant's default; then the shape fallback of
 `tensor_type_fallback` applies (a K-quant needs rows divisible by 256).
 """
@@ -60,13 +60,19 @@ Rule = tuple[str, Callable[[TensorCtx], bool], str]
 
 OUTPUT_RULES: list[Rule] = [
     ("output: rows not divisible by the block size", lambda c: _output_like(c) and c.ncols % qreg.get(c.default).block_size != 0, "q8_0"),
-    ("output: one step above the default", lambda c: _output_like(c) and c.default != "q8_0", "q6_k"),
+    ("output: Q6_K unless the file is Q8_0", lambda c: _output_like(c) and c.default != "q8_0", "q6_k"),
 ]
-K_MIXTURE_RULES: list[Rule] = OUTPUT_RULES + [
+# llama.cpp's LLM_TYPE_70B for Llama is the 80-layer model; its attn_v is 8x smaller than attn_q
+ATTN_V_70B: Rule = ("attn_v: 70B model", lambda c: c.category == "attn_v" and c.hp.n_layer == 80 and c.default == "q4_k", "q5_k")
+K_M_RULES: list[Rule] = OUTPUT_RULES + [
     ("attn_v: first/last eighth or every third layer", lambda c: c.category == "attn_v" and use_more_bits(c.index, c.count), "q6_k"),
-    # llama.cpp's LLM_TYPE_70B for Llama is the 80-layer model; its attn_v is 8x smaller than attn_q
-    ("attn_v: 70B model", lambda c: c.category == "attn_v" and c.hp.n_layer == 80 and c.default == "q4_k", "q5_k"),
+    ATTN_V_70B,
     ("ffn_down: first/last eighth or every third layer", lambda c: c.category == "ffn_down" and use_more_bits(c.index, c.count), "q6_k"),
+]
+Q4_K_S_RULES: list[Rule] = OUTPUT_RULES + [
+    ("attn_v: first four layers", lambda c: c.category == "attn_v" and c.index < 4, "q5_k"),
+    ATTN_V_70B,
+    ("ffn_down: first eighth of the layers", lambda c: c.category == "ffn_down" and c.index < c.count // 8, "q5_k"),
 ]
 
 # llama.cpp's tensor_type_fallback: a type whose block does not divide the row falls back to a
@@ -80,6 +86,7 @@ class Variant:
     file_type: gguf.LlamaFileType
     default: str                  # registry name of the default tensor type
     rules: list[Rule] = field(default_factory=list)
+    bpw: float = 16.0             # bits per weight of an 8B model's tensors (size estimates)
     quantized: bool = True        # False: the converter's float output (no mixture, no fallback)
 
     @property
@@ -87,10 +94,14 @@ class Variant:
         return self.name.upper()
 
 
+# bpw: the plan's tensor bytes * 8 / values for Llama-3.1-8B's shapes (Qwen3-8B's are within 0.02)
 VARIANTS = {v.name: v for v in (
-    Variant("q8_0", gguf.LlamaFileType.MOSTLY_Q8_0, "q8_0", OUTPUT_RULES),
-    Variant("q5_k_m", gguf.LlamaFileType.MOSTLY_Q5_K_M, "q5_k", K_MIXTURE_RULES),
-    Variant("q4_k_m", gguf.LlamaFileType.MOSTLY_Q4_K_M, "q4_k", K_MIXTURE_RULES),
+    Variant("q8_0", gguf.LlamaFileType.MOSTLY_Q8_0, "q8_0", OUTPUT_RULES, bpw=8.5),
+    Variant("q6_k", gguf.LlamaFileType.MOSTLY_Q6_K, "q6_k", OUTPUT_RULES, bpw=6.56),
+    Variant("q5_k_m", gguf.LlamaFileType.MOSTLY_Q5_K_M, "q5_k", K_M_RULES, bpw=5.7),
+    Variant("q5_k_s", gguf.LlamaFileType.MOSTLY_Q5_K_S, "q5_k", OUTPUT_RULES, bpw=5.57),
+    Variant("q4_k_m", gguf.LlamaFileType.MOSTLY_Q4_K_M, "q4_k", K_M_RULES, bpw=4.89),
+    Variant("q4_k_s", gguf.LlamaFileType.MOSTLY_Q4_K_S, "q4_k", Q4_K_S_RULES, bpw=4.67),
     Variant("bf16", gguf.LlamaFileType.MOSTLY_BF16, "bf16", quantized=False),
     Variant("f16", gguf.LlamaFileType.MOSTLY_F16, "f16", quantized=False),
 )}

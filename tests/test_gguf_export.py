@@ -18,7 +18,8 @@ from quantkit.plan import VARIANTS
 
 llama_cpp = pytest.importorskip("llama_cpp")
 FIX = Path(__file__).parent / "fixtures" / "tokenizers"
-ALL = [VARIANTS[v] for v in ("q8_0", "q5_k_m", "q4_k_m", "bf16", "f16")]
+QUANTIZED = ["q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s"]
+ALL = [VARIANTS[v] for v in QUANTIZED + ["bf16", "f16"]]
 
 # tiny model presets: (synthetic preset, tokenizer fixture, tied embeddings, llama.cpp test vectors,
 # values per row chunk). Llama's chunks are 2 heads (128 rows of 256): q/k are permuted chunk by chunk.
@@ -39,19 +40,17 @@ def exported(request, tmp_path_factory):
         pytest.skip("llama.cpp sources (convert_hf_to_gguf.py) not unpacked: run `make install-test`")
     ref = {"bf16": llamacpp_ref.convert_hf_to_gguf(model, root / "ref-bf16.gguf", "bf16"),
            "f16": llamacpp_ref.convert_hf_to_gguf(model, root / "ref-f16.gguf", "f16")}
-    for v in ("q8_0", "q5_k_m", "q4_k_m"):
+    for v in QUANTIZED:
         ref[v] = llamacpp_ref.llama_quantize(ref["bf16"], root / f"ref-{v}.gguf", v)
     return request.param, ours, ref
 
 
-@pytest.mark.parametrize("variant", ["q8_0", "q5_k_m", "q4_k_m"])
+@pytest.mark.parametrize("variant", QUANTIZED)
 def test_quantized_file_is_byte_identical_to_llama_quantize(exported, variant):
     family, ours, ref = exported
-    result = gguf_diff.compare(ours.files[variant], ref[variant])
-    assert result["identical_tensors"], f"{family} {variant}: {result}"
-    # and the whole file: header, keys in llama-quantize's order, alignment, data
-    assert ours.files[variant].read_bytes() == ref[variant].read_bytes(), gguf_diff.metadata_differences(
-        ours.files[variant], ref[variant])
+    # the whole file: header, keys in llama-quantize's order, alignment, every tensor's bytes
+    diff = gguf_diff.file_difference(ours.files[variant], ref[variant])
+    assert diff is None, f"{family} {variant}: {diff}"
 
 
 @pytest.mark.parametrize("variant", ["bf16", "f16"])
@@ -122,7 +121,7 @@ def test_q4_k_m_of_other_inputs_matches_llama_quantize(name, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["q8_0", "q5_k_m", "q4_k_m", "bf16", "f16"])
+@pytest.mark.parametrize("variant", QUANTIZED + ["bf16", "f16"])
 def test_cuda_export_is_byte_identical_to_the_reference(exported, variant, tmp_path):
     # the GPU path: raw reads pinned, copied on a side stream, permuted and quantized on the GPU,
     # copied back without waiting and written by the writer thread
@@ -162,3 +161,7 @@ def test_comparison_detects_one_changed_byte(tiny_model, tmp_path):
     changed.write_bytes(bytes(data))
     assert gguf_diff.compare(path, changed) == {"identical_tensors": False, "tensors": len(gguf_diff.tensors(path)),
                                                 "differing": [t.name]}
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(path.read_bytes())
+    assert gguf_diff.file_difference(path, copy) is None
+    assert t.name in gguf_diff.file_difference(path, changed)
