@@ -166,7 +166,7 @@ def gptq_options(fn):
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("--gguf", "gguf_types", default=None,
-              help="Comma-separated GGUF types: q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, bf16, f16 "
+              help="Comma-separated GGUF types: q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q5_1, q5_0, q4_1, q4_0, bf16, f16 "
                    "(default: q4_k_m,q5_k_m,q8_0 unless only --gptq/--int8/--nf4 are asked for).")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (required unless --dry-run).")
 @click.option("--name", default=None, help="Model name for metadata and file names (default: from the model card/dir).")
@@ -209,7 +209,7 @@ def export(model, gguf_types, out_dir, name, ollama, dry_run, imatrix, loras, we
 
     others = gptq or int8 or nf4
     if gguf_types is not None and not gguf_types.strip():
-        raise click.UsageError("--gguf is empty: name the types (q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, bf16, f16), or leave it out")
+        raise click.UsageError("--gguf is empty: name the types (q8_0, q4_k_m, ...: see --help), or leave it out")
     variants = parse_variants(gguf_types or "q4_k_m,q5_k_m,q8_0") if (gguf_types or not others) else []
     if stats is not None:
         _check_out_file(stats, model)

@@ -156,18 +156,19 @@ def _reads(model: HFModel, plans: list[TensorPlan], chunk_values: int, pin: bool
             yield _Chunk(p, i, nbytes, rows), (x.pin_memory() if pin and x is not None else x)
 
 
-def prepare(model: HFModel, variants: list[Variant]):
+def prepare(model: HFModel, variants: list[Variant], imatrix: bool = False):
     """What an export checks and plans before reading a weight: the architecture, the tensors'
-    names and shapes against the config, and the per-tensor type plan. (arch, hparams, sources, plans)."""
+    names and shapes against the config, and the per-tensor type plan (some of llama.cpp's rules
+    depend on whether an importance matrix is given). (arch, hparams, sources, plans)."""
     arch = architecture_of(model)
     hp = hparams_of(model)
     sources = source_tensors(model, arch, hp)
-    return arch, hp, sources, make_plan(sources, hp, variants)
+    return arch, hp, sources, make_plan(sources, hp, variants, imatrix=imatrix)
 
 
 def check(model: HFModel, variants: list[Variant], imatrix: Path | None = None) -> None:
     """Everything `export_gguf` would refuse, without reading weights (NaN/Inf shows only when read)."""
-    _, hp, _, plans = prepare(model, variants)
+    _, hp, _, plans = prepare(model, variants, imatrix is not None)
     load_vocab(model.path, hp.n_vocab)
     if imatrix is not None:
         load_imatrix(imatrix, plans)
@@ -183,7 +184,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
     t0 = time.perf_counter()
     if not isinstance(model, HFModel):
         model = HFModel(model)
-    arch, hp, sources, plans = prepare(model, variants)
+    arch, hp, sources, plans = prepare(model, variants, imatrix is not None)
     if dry_run:
         print(format_plan(plans, variants))
         return ExportResult({}, plans, time.perf_counter() - t0)

@@ -1,6 +1,6 @@
 """Per-tensor type plan for every requested variant, with the reason for each choice.
 
-The K-quant mixtures (Q4_K_S/M, Q5_K_S/M, Q6_K) follow llama.cpp's `llama-quant.cpp`
+The mixtures (Q4_K_S/M, Q5_K_S/M, Q6_K, and Q4_0 .. Q5_1) follow llama.cpp's `llama-quant.cpp`
 (llama_tensor_get_type) for dense Llama / Qwen3 models, written as ordered tables of (rule name, predicate, type): the first
 rule that matches picks the type, else the variant's default; then the shape fallback of
 `tensor_type_fallback` applies (a K-quant needs rows divisible by 256).
@@ -40,6 +40,7 @@ class TensorCtx:
     count: int          # how many of this category (n_attention_wv; n_layer for ffn)
     hp: HParams
     default: str        # the variant's default type
+    imatrix: bool       # whether an importance matrix is given
 
     @property
     def ncols(self) -> int:
@@ -75,6 +76,13 @@ Q4_K_S_RULES: list[Rule] = OUTPUT_RULES + [
     ("ffn_down: first eighth of the layers", lambda c: c.category == "ffn_down" and c.index < c.count // 8, "q5_k"),
 ]
 
+# Q4_0 / Q5_0 with an importance matrix guard the first ffn_down layers with the _1 type
+def _legacy_rules(guard: str) -> list[Rule]:
+    return OUTPUT_RULES + [
+        ("ffn_down: first eighth of the layers, with an imatrix",
+         lambda c: c.imatrix and c.category == "ffn_down" and c.index < c.count // 8, guard)]
+
+
 # llama.cpp's tensor_type_fallback: a type whose block does not divide the row falls back to a
 # 32-block type of similar size, and to F16 when even that does not fit.
 FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
@@ -102,6 +110,10 @@ VARIANTS = {v.name: v for v in (
     Variant("q5_k_s", gguf.LlamaFileType.MOSTLY_Q5_K_S, "q5_k", OUTPUT_RULES, bpw=5.57),
     Variant("q4_k_m", gguf.LlamaFileType.MOSTLY_Q4_K_M, "q4_k", K_M_RULES, bpw=4.89),
     Variant("q4_k_s", gguf.LlamaFileType.MOSTLY_Q4_K_S, "q4_k", Q4_K_S_RULES, bpw=4.67),
+    Variant("q5_1", gguf.LlamaFileType.MOSTLY_Q5_1, "q5_1", OUTPUT_RULES, bpw=6.04),
+    Variant("q5_0", gguf.LlamaFileType.MOSTLY_Q5_0, "q5_0", _legacy_rules("q5_1"), bpw=5.57),
+    Variant("q4_1", gguf.LlamaFileType.MOSTLY_Q4_1, "q4_1", OUTPUT_RULES, bpw=5.1),
+    Variant("q4_0", gguf.LlamaFileType.MOSTLY_Q4_0, "q4_0", _legacy_rules("q4_1"), bpw=4.64),
     Variant("bf16", gguf.LlamaFileType.MOSTLY_BF16, "bf16", quantized=False),
     Variant("f16", gguf.LlamaFileType.MOSTLY_F16, "f16", quantized=False),
 )}
@@ -148,7 +160,8 @@ def _choose(v: Variant, c: TensorCtx) -> Choice:
     return Choice(qtype, reason)
 
 
-def make_plan(tensors: list[SourceTensor], hp: HParams, variants: list[Variant]) -> list[TensorPlan]:
+def make_plan(tensors: list[SourceTensor], hp: HParams, variants: list[Variant], *,
+              imatrix: bool = False) -> list[TensorPlan]:
     cats = [category(t.gguf_name) for t in tensors]
     counts = {"attn_v": cats.count("attn_v"), "ffn_down": hp.n_layer, "ffn_gate": hp.n_layer, "ffn_up": hp.n_layer}
     seen: dict[str, int] = {}
@@ -158,7 +171,7 @@ def make_plan(tensors: list[SourceTensor], hp: HParams, variants: list[Variant])
         seen[cat] = idx + 1
         choices = {}
         for v in variants:
-            ctx = TensorCtx(t, cat, idx, counts.get(cat, 0), hp, v.default)
+            ctx = TensorCtx(t, cat, idx, counts.get(cat, 0), hp, v.default, imatrix)
             choices[v.name] = _choose(v, ctx)
         plans.append(TensorPlan(t, choices))
     return plans

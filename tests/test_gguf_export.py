@@ -18,7 +18,7 @@ from quantkit.plan import VARIANTS
 
 llama_cpp = pytest.importorskip("llama_cpp")
 FIX = Path(__file__).parent / "fixtures" / "tokenizers"
-QUANTIZED = ["q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s"]
+QUANTIZED = ["q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q5_1", "q5_0", "q4_1", "q4_0"]
 ALL = [VARIANTS[v] for v in QUANTIZED + ["bf16", "f16"]]
 
 # tiny model presets: (synthetic preset, tokenizer fixture, tied embeddings, llama.cpp test vectors,

@@ -80,25 +80,29 @@ def test_the_file_is_llama_cpps_imatrix_gguf(imatrix_file):
         assert np.array_equal(ref[name], ours[name].numpy()), name
 
 
+# Q4_0 with an imatrix also takes llama.cpp's Q4_1 guard for the first eighth of ffn_down
+WITH_IMATRIX = ["q4_k_m", "q5_k_m", "q8_0", "q4_0"]
+
+
 @pytest.fixture(scope="module")
 def exports(smollm2_dir, imatrix_file, tmp_path_factory):
     if llamacpp_ref.llamacpp_src() is None:
         pytest.skip("llama.cpp sources (convert_hf_to_gguf.py) not unpacked: run `make install-test`")
     _, path = imatrix_file
     root = tmp_path_factory.mktemp("imatrix-export")
-    r = CliRunner().invoke(main, ["export", str(smollm2_dir), "--gguf", "q4_k_m,q5_k_m,q8_0", "--imatrix", str(path),
+    r = CliRunner().invoke(main, ["export", str(smollm2_dir), "--gguf", ",".join(WITH_IMATRIX), "--imatrix", str(path),
                                   "-q", "-o", str(root / "ours")])
     assert r.exit_code == 0, r.output
     bf16 = llamacpp_ref.convert_hf_to_gguf(smollm2_dir, root / "ref-bf16.gguf", "bf16")
     weights = llamacpp_ref.read_imatrix(path)
     overrides = llamacpp_ref.imatrix_overrides(str(path))
     ref = {v: llamacpp_ref.llama_quantize(bf16, root / f"ref-{v}.gguf", v, imatrix=weights, kv_overrides=overrides)
-           for v in ("q4_k_m", "q5_k_m", "q8_0")}
+           for v in WITH_IMATRIX}
     plain = llamacpp_ref.llama_quantize(bf16, root / "ref-plain-q4_k_m.gguf", "q4_k_m")
     return root / "ours", ref, plain
 
 
-@pytest.mark.parametrize("variant", ["q4_k_m", "q5_k_m", "q8_0"])
+@pytest.mark.parametrize("variant", WITH_IMATRIX)
 def test_export_with_imatrix_is_byte_identical_to_llama_quantize(exports, variant):
     ours_dir, ref, _ = exports
     (ours,) = ours_dir.glob(f"*-{variant.upper()}.gguf")

@@ -17,7 +17,7 @@ from quantkit.kernels import kquants, kquants_cpu, legacy, legacy_cpu, registry,
 if not ggml_ref.available():
     pytest.skip("llama-cpp-python (ggml shared libraries) is not installed", allow_module_level=True)
 
-LEGACY = ["q8_0", "q5_0", "q5_1"]
+LEGACY = ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1"]
 K_QUANTS = ["q4_k", "q5_k", "q6_k"]
 QUANTIZED = LEGACY + K_QUANTS
 FLOATS = ["f32", "f16", "bf16"]
@@ -130,7 +130,7 @@ def test_bytes_match_ggml_on_huge_magnitudes(qname):
 
 
 @pytest.mark.parametrize("with_imatrix", [False, True])
-@pytest.mark.parametrize("qname", ["q4_k", "q5_k", "q6_k", "q5_0", "q5_1"])
+@pytest.mark.parametrize("qname", ["q4_k", "q5_k", "q6_k", "q5_0", "q5_1", "q4_0", "q4_1"])
 def test_the_gpus_nan_bits_leave_the_bytes_ggmls(qname, with_imatrix, search_backend, monkeypatch):
     # At 1e15, x^3 overflows and inf * 0 gives NaN scales. On x86 that NaN is 0xFFC00000, on a GPU
     # 0x7FFFFFFF, and what follows (nearest_int of a NaN scale) must not depend on the bits. Here
@@ -227,7 +227,7 @@ def _imatrices(rng: np.random.Generator, cols: int) -> dict[str, np.ndarray]:
             "tiny": real * 1e-30, "huge": real * 1e20}
 
 
-@pytest.mark.parametrize("qname", ["q4_k", "q5_k", "q6_k", "q5_0", "q5_1"])
+@pytest.mark.parametrize("qname", ["q4_k", "q5_k", "q6_k", "q5_0", "q5_1", "q4_0", "q4_1"])
 def test_bytes_match_ggml_with_an_importance_matrix_in_chunks_that_split_rows(qname, monkeypatch):
     # quantize_rows hands each kernel chunk the importance of its own blocks: with chunks of 5
     # blocks, the boundaries fall mid-row and the pattern restarts mid-chunk
@@ -302,7 +302,7 @@ def test_dequantize_matches_ggml_on_arbitrary_block_bytes(qname):
     qtype = registry.get(qname)
     rng = _rng("rawbytes", qname)
     raw = rng.integers(0, 256, size=(64, qtype.type_size), dtype=np.uint8)
-    fp16_fields = {"q8_0": [0], "q5_0": [0], "q5_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
+    fp16_fields = {"q8_0": [0], "q5_0": [0], "q5_1": [0, 2], "q4_0": [0], "q4_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
     for off in fp16_fields[qname]:
         raw[:, off:off + 2] = np.frombuffer(
             rng.standard_normal(64).astype(np.float16).tobytes(), dtype=np.uint8).reshape(64, 2)

@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch")
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
-QUANTIZED = ["q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s"]
+QUANTIZED = ["q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q4_0"]
 CHATS = [
     [{"role": "user", "content": "What is the capital of France?"}],
     [{"role": "system", "content": "You are a terse assistant."},
@@ -36,7 +36,7 @@ CHATS = [
 
 @pytest.fixture(scope="module")
 def files(smollm2_dir, tmp_path_factory):
-    """Our export (one pass, eight types) and llama.cpp's files for the same weights."""
+    """Our export (one pass, nine types) and llama.cpp's files for the same weights."""
     if llamacpp_ref.llamacpp_src() is None:
         pytest.skip("llama.cpp sources (convert_hf_to_gguf.py) not unpacked: run `make install-test`")
     root = tmp_path_factory.mktemp("smollm2")
