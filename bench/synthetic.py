@@ -6,6 +6,8 @@ checkpoint never sits in memory.
 
     python -m quantkit.bench.synthetic checkpoint llama3-8b /tmp/llama8b --tokenizer tests/fixtures/tokenizers/llama3
     python -m quantkit.bench.synthetic adapter /tmp/llama8b /tmp/llama8b-lora --r 64   # all projections
+    python -m quantkit.bench.synthetic checkpoint qwen3-8b /tmp/q8b --shapes-only --tokenizer tests/fixtures/tokenizers/qwen3
+        # headers only (sparse files, no disk): for `quantkit export /tmp/q8b --gguf q4_k_m --dry-run`
 """
 from __future__ import annotations
 
@@ -107,7 +109,10 @@ def tokenizer_dir(family: str) -> Path:
 
 
 def write_checkpoint(dest: Path, cfg: dict, tokenizer_dir: Path | None = None, *, seed: int = 0,
-                     dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 2 << 30) -> Path:
+                     dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 2 << 30,
+                     shapes_only: bool = False) -> Path:
+    """shapes_only: safetensors headers and sparse files of the right size, whose data reads as zeros
+    (a plan or a dry run of an 8B model without 16 GB of disk)."""
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
@@ -126,6 +131,10 @@ def write_checkpoint(dest: Path, cfg: dict, tokenizer_dir: Path | None = None, *
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        if shapes_only:
+            total += _write_header_only(dest / fname, shard, dtype)
+            weight_map.update({name: fname for name, _ in shard})
+            continue
         tensors = {name: random_tensor(name, shape, gen, dtype) for name, shape in shard}
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, str(dest / fname), metadata={"format": "pt"})
@@ -145,6 +154,23 @@ def write_checkpoint(dest: Path, cfg: dict, tokenizer_dir: Path | None = None, *
                "do_sample": True, "temperature": 0.6, "top_p": 0.9}
     (dest / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
     return dest
+
+
+def _write_header_only(path: Path, shard: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> int:
+    """A safetensors file with the header of `shard` and a hole for its data; returns the data bytes."""
+    esize = torch.empty(0, dtype=dtype).element_size()
+    code = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}[dtype]
+    header, off = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in shard:
+        n = esize * int(torch.Size(shape).numel())
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        f.truncate(8 + len(raw) + off)
+    return off
 
 
 def preset_config(preset: str, **overrides) -> dict:
@@ -194,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--tied", action="store_true", help="tie_word_embeddings")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--shard-gb", type=float, default=2.0)
+    c.add_argument("--shapes-only", action="store_true",
+                   help="headers and sparse files only (the weights read as zeros): for plans and dry runs")
     ad = sub.add_parser("adapter", help="a PEFT LoRA adapter on all projections of a checkpoint")
     ad.add_argument("base", type=Path)
     ad.add_argument("dest", type=Path)
@@ -212,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.tied:
         over["tie_word_embeddings"] = True
     write_checkpoint(a.dest, preset_config(a.preset, **over), a.tokenizer, seed=a.seed,
-                     shard_bytes=int(a.shard_gb * (1 << 30)))
+                     shard_bytes=int(a.shard_gb * (1 << 30)), shapes_only=a.shapes_only)
     print(a.dest)
 
 

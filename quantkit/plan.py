@@ -177,6 +177,18 @@ def make_plan(tensors: list[SourceTensor], hp: HParams, variants: list[Variant],
     return plans
 
 
+def variant_nbytes(plans: list[TensorPlan], v: Variant) -> int:
+    """The bytes of tensor data in the variant's file (the header and vocabulary come on top)."""
+    total = 0
+    for p in plans:
+        *rows, cols = p.tensor.shape or (1,)
+        n_rows = 1
+        for r in rows:
+            n_rows *= r
+        total += n_rows * qreg.row_nbytes(qreg.get(p.choices[v.name].qtype), cols)
+    return total
+
+
 def format_plan(plans: list[TensorPlan], variants: list[Variant]) -> str:
     w = max(len(p.tensor.gguf_name) for p in plans)
     head = f"{'tensor':<{w}}  {'shape':<14}" + "".join(f"  {v.label:<8}" for v in variants)
@@ -186,4 +198,6 @@ def format_plan(plans: list[TensorPlan], variants: list[Variant]) -> str:
         row = f"{p.tensor.gguf_name:<{w}}  {shape:<14}" + "".join(f"  {p.choices[v.name].qtype.upper():<8}" for v in variants)
         reasons = {p.choices[v.name].reason for v in variants if p.choices[v.name].reason not in ("default type", "weight matrix", "1-D / norm: kept in F32")}
         lines.append(row + ("   # " + "; ".join(sorted(reasons)) if reasons else ""))
+    lines.append("-" * len(head))
+    lines.append(f"{'tensor data, MB':<{w}}  {'':<14}" + "".join(f"  {variant_nbytes(plans, v) / 1e6:<8,.0f}" for v in variants))
     return "\n".join(lines)

@@ -165,3 +165,41 @@ def test_comparison_detects_one_changed_byte(tiny_model, tmp_path):
     copy.write_bytes(path.read_bytes())
     assert gguf_diff.file_difference(path, copy) is None
     assert t.name in gguf_diff.file_difference(path, changed)
+
+
+def test_the_dry_runs_sizes_are_the_files_tensor_bytes(exported):
+    # the plan's size line against gguf-py's reading of the files written
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+    family, ours, _ = exported
+    model = next(iter(ours.files.values())).parent.parent / f"{family}-tiny"
+    r = CliRunner().invoke(main, ["export", str(model), "--gguf", ",".join(QUANTIZED), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    (line,) = [x for x in r.output.splitlines() if x.startswith("tensor data, MB")]
+    shown = [int(x.replace(",", "")) for x in line.split()[3:]]
+    read = [round(sum(int(t.n_bytes) for t in gguf_diff._reader(ours.files[v]).tensors) / 1e6) for v in QUANTIZED]
+    assert shown == read
+
+
+def test_a_shapes_only_checkpoint_plans_as_the_real_one(tmp_path):
+    # the sparse, header-only checkpoint that plans 8B models without 16 GB of disk
+    from click.testing import CliRunner
+
+    from quantkit.cli import main
+    cfg = synthetic.preset_config("qwen3-tiny", num_hidden_layers=3, max_window_layers=3)
+    real = synthetic.write_checkpoint(tmp_path / "real", cfg, FIX / "qwen3", shard_bytes=24 << 20)
+    sparse = synthetic.write_checkpoint(tmp_path / "sparse", cfg, FIX / "qwen3", shard_bytes=24 << 20, shapes_only=True)
+    from safetensors import safe_open
+
+    def tensors(m):
+        out = {}
+        for f in sorted(m.glob("*.safetensors")):
+            with safe_open(f, "pt") as st:
+                out.update({k: (f.name, st.get_slice(k).get_shape(), st.get_slice(k).get_dtype()) for k in st.keys()})
+        return out
+    assert tensors(sparse) == tensors(real)
+    assert (sparse / "model.safetensors.index.json").read_text() == (real / "model.safetensors.index.json").read_text()
+    plans = [CliRunner().invoke(main, ["export", str(m), "--gguf", "q4_k_m,q4_0", "--dry-run"]).output
+             for m in (real, sparse)]
+    assert plans[0] == plans[1] and "tensor data, MB" in plans[0]
