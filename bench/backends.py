@@ -46,9 +46,9 @@ def _gguf_problem(path: str, size: int, mtime_ns: int) -> str | None:
     """Why gguf-py cannot read the header and every tensor's place (a truncated or empty file), so
     that it is refused before the baseline is scored, not after; None if it reads (once per file
     version). A tensor type newer than gguf-py's is left for llama.cpp to judge."""
-    import gguf
+    from .gguf_diff import reader
     try:
-        gguf.GGUFReader(path)
+        reader(Path(path))          # parsed once: the label and the VRAM figures read it again
     except Exception as e:  # noqa: BLE001 - gguf-py raises ValueError, struct.error, IndexError ...
         text = " ".join(str(e).split()) or type(e).__name__
         return None if "GGMLQuantizationType" in text else text

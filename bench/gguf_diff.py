@@ -9,7 +9,8 @@ import gguf
 import numpy as np
 
 
-def _reader(path: Path) -> gguf.GGUFReader:
+def reader(path: Path) -> gguf.GGUFReader:
+    """gguf-py's reader of `path`, shared by the bench modules (label, VRAM, header check, diffs)."""
     # parsing a 150k-token vocabulary takes seconds: reuse the reader while the file is unchanged
     st = Path(path).stat()
     return _cached_reader(str(path), st.st_size, st.st_mtime_ns)
@@ -22,7 +23,7 @@ def _cached_reader(path: str, size: int, mtime_ns: int) -> gguf.GGUFReader:
 
 def tensors(path: Path) -> list[tuple[str, str, tuple[int, ...]]]:
     """(name, type, shape) of every tensor, in file order."""
-    return [(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in _reader(path).tensors]
+    return [(t.name, t.tensor_type.name, tuple(int(d) for d in t.shape)) for t in reader(path).tensors]
 
 
 def _data(t) -> np.ndarray:
@@ -31,7 +32,7 @@ def _data(t) -> np.ndarray:
 
 def metadata(path: Path) -> dict[str, tuple[str, object]]:
     """key -> (value type, value) for every key/value but the GGUF.* header fields."""
-    r = _reader(path)
+    r = reader(path)
     return {k: (f.types[0].name, f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")}
 
 
@@ -43,8 +44,8 @@ def compare(ours: Path, ref: Path, *, same_order: bool = True) -> dict:
     if (a != b) if same_order else (sorted(a) != sorted(b)):
         return {"identical_tensors": False, "reason": "tensor list, types or shapes differ",
                 "only_ours": sorted(set(a) - set(b))[:5], "only_ref": sorted(set(b) - set(a))[:5]}
-    ref_tensors = {t.name: t for t in _reader(ref).tensors}
-    differing = [t.name for t in _reader(ours).tensors if not np.array_equal(_data(t), _data(ref_tensors[t.name]))]
+    ref_tensors = {t.name: t for t in reader(ref).tensors}
+    differing = [t.name for t in reader(ours).tensors if not np.array_equal(_data(t), _data(ref_tensors[t.name]))]
     return {"identical_tensors": not differing, "tensors": len(a), "differing": differing[:10]}
 
 

@@ -26,7 +26,9 @@ def label(path: Path, kind: str) -> str:
     path = Path(path)
     if kind == "gguf":
         import gguf
-        r = gguf.GGUFReader(path)
+
+        from .gguf_diff import reader
+        r = reader(path)
         f = r.fields.get("general.file_type")
         if f is not None:
             try:

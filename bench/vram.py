@@ -113,8 +113,8 @@ class Arch:
 def weights_on_gpu(path: Path, kind: str) -> int:
     path = Path(path)
     if kind == "gguf":
-        import gguf
-        r = gguf.GGUFReader(path)
+        from .gguf_diff import reader
+        r = reader(path)
         names = {t.name: int(t.n_bytes) for t in r.tensors}
         total = sum(names.values())
         # llama.cpp keeps the input embedding on the CPU; a tied model's output reads it on the GPU

@@ -178,7 +178,7 @@ def test_the_dry_runs_sizes_are_the_files_tensor_bytes(exported):
     assert r.exit_code == 0, r.output
     (line,) = [x for x in r.output.splitlines() if x.startswith("tensor data, MB")]
     shown = [int(x.replace(",", "")) for x in line.split()[3:]]
-    read = [round(sum(int(t.n_bytes) for t in gguf_diff._reader(ours.files[v]).tensors) / 1e6) for v in QUANTIZED]
+    read = [round(sum(int(t.n_bytes) for t in gguf_diff.reader(ours.files[v]).tensors) / 1e6) for v in QUANTIZED]
     assert shown == read
 
 
