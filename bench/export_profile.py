@@ -143,20 +143,15 @@ def plan_values(model) -> dict:
     """Values quantized per type by one export of VARIANTS (a type shared by variants for the
     same tensor counts once, as the export shares it), and the bytes written."""
     from quantkit.export import prepare
-    from quantkit.kernels import registry as qreg
-    from quantkit.plan import parse_variants
+    from quantkit.plan import parse_variants, variant_nbytes
     variants = parse_variants(VARIANTS)
     *_, plans = prepare(model, variants)
     values: dict[str, int] = {}
-    written = 0
     for p in plans:
         n = math.prod(p.tensor.shape)
-        qtypes = [p.choices[v.name].qtype for v in variants]
-        for q in set(qtypes):
+        for q in {p.choices[v.name].qtype for v in variants}:
             values[q] = values.get(q, 0) + n
-        for q in qtypes:
-            qt = qreg.get(q)
-            written += n // p.tensor.shape[-1] * qreg.row_nbytes(qt, p.tensor.shape[-1])
+    written = sum(variant_nbytes(plans, v) for v in variants)
     return {"values": values, "bytes_written": written, "bytes_read": model.total_bytes()}
 
 

@@ -64,11 +64,11 @@ def one_line_errors(fn):
             click.echo("quantkit: interrupted; no partial output was kept", err=True)
             sys.exit(130)
         except ModuleNotFoundError as e:
-            if os.environ.get("QUANTKIT_DEBUG") or (e.name or "").split(".")[0] not in _EXTRAS:
+            lib = (e.name or "").split(".")[0]
+            if os.environ.get("QUANTKIT_DEBUG") or lib not in _EXTRAS:
                 raise
-            extra = _EXTRAS[e.name.split(".")[0]]
-            click.echo(f"quantkit: error: this needs {e.name.split('.')[0]}, which is not installed: "
-                       f"pip install 'quantkit[{extra}]'", err=True)
+            click.echo(f"quantkit: error: this needs {lib}, which is not installed: "
+                       f"pip install 'quantkit[{_EXTRAS[lib]}]'", err=True)
             sys.exit(2)
         except Exception as e:
             if os.environ.get("QUANTKIT_DEBUG"):
@@ -297,7 +297,7 @@ def _check_out_file(path: Path, *inputs: Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise OutputError("is a directory: give a file name, e.g. imatrix.gguf", path)
-    refuse_inputs(path.parent, list(inputs), "would write into the input")
+    refuse_inputs(path.parent, list(inputs))
     check_creatable(path.parent, "cannot be written", named=path)
 
 
@@ -309,7 +309,7 @@ def _check_out_dir(path: Path, *inputs: Path) -> None:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise OutputError("is a file, not a directory", path)
-    refuse_inputs(path, list(inputs), "would write into the input")
+    refuse_inputs(path, list(inputs))
     check_creatable(path, "cannot be written")
 
 
@@ -670,7 +670,7 @@ def _resolve_device(device: str, flag: str = "--device", *, dry_run: bool = Fals
         raise QuantkitError(f"{flag}unsupported device {device!r} (auto, cpu or cuda[:N])")
     if dev.type == "cpu":
         return "cpu"                    # cpu:0 is the CPU: the code compares against "cpu"
-    if dev.type == "cuda" and not dry_run:
+    if not dry_run:
         if not torch.cuda.is_available():
             raise QuantkitError(f"{flag}{device!r} asked for, but torch {torch.__version__} sees no CUDA device")
         if dev.index is not None and dev.index >= torch.cuda.device_count():

@@ -194,7 +194,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
     vocab = load_vocab(model.path, hp.n_vocab)
     meta = build_metadata(model, arch, hp, sources, vocab, name, name_from)
     out_dir = Path(out_dir)
-    refuse_inputs(out_dir, model.input_paths(), "would write into the input")
+    refuse_inputs(out_dir, model.input_paths())
     created = not out_dir.exists()
     _check_writable(out_dir)
     dev = torch.device(device)

@@ -129,7 +129,7 @@ class MergedModel(HFModel):
             if fetched is not None and not transforms.all_finite(x):
                 raise InputError(f"tensor {name!r} holds NaN or Inf (in the base itself, before any merge)",
                                  self.base.path)
-            sources = [str(a.path) for a in self.adapters] + ([str(self.residual.model.path)] if self.residual else [])
+            sources = [str(p) for p in self.input_paths()[1:]]       # what is merged into the base
             raise InputError(f"merging {', '.join(sources)} into it gives NaN or Inf in tensor {name!r}",
                              self.base.path)
         return out.to(self.dtype)

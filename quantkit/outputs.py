@@ -97,12 +97,12 @@ def inside_input(out: Path, inputs: list[Path]) -> Path | None:
     return None
 
 
-def refuse_inputs(out: Path, inputs: list[Path] = (), what: str = "would replace the input") -> None:
+def refuse_inputs(out: Path, inputs: list[Path] = ()) -> None:
     """OutputError if `out`, a directory files are written into, is one of `inputs` or lies inside
     one: inputs are only read."""
     i = inside_input(out, inputs)
     if i is not None:
-        raise OutputError(f"{what} {i}: choose a directory of its own", out)
+        raise OutputError(f"would write into the input {i}: choose a directory of its own", out)
 
 
 def existing_ancestor(path: Path) -> Path:

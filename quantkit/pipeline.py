@@ -53,7 +53,7 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True) -> Plan:
             src = open_model(base, inp["lora"], inp["lora_weights"], inp["residual"] or None, inp["residual_scale"],
                              device=device, ignore_base_name=inp["ignore_base_name"])
             write_merged(src, out / "merged", progress=progress, force=True)
-        steps.append(Step("merge", [base, *map(Path, inp["lora"])] + ([Path(inp["residual"])] if inp["residual"] else []),
+        steps.append(Step("merge", [base, *_merged_in(inp)],
                           {"lora_weights": inp["lora_weights"], "residual_scale": inp["residual_scale"]},
                           [out / "merged"], do_merge, expected_bytes=2 * n))
 
@@ -131,14 +131,18 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True) -> Plan:
     return Plan(steps, out, model_dir)
 
 
+def _merged_in(inp: dict) -> list[Path]:
+    """The adapters and the residual of [input] that are merged into the base."""
+    return [*map(Path, inp["lora"])] + ([Path(inp["residual"])] if inp["residual"] else [])
+
+
 def check_inputs(cfg: Pipeline, base: HFModel) -> None:
     """Everything that can be checked before a step runs, so a mistake costs seconds, not the
     minutes of the steps before it: adapters and residual against the base, the GGUF plan and the
     tokenizer, GPTQ's shapes and calibration text, the evaluation text, the GPU names, and OUT.
     (NaN/Inf in the weights shows only when they are read: the step reading them stops.)"""
     inp, out = cfg["input"], Path(cfg["output"]["dir"])
-    srcs = [base.path, *map(Path, inp["lora"])] + ([Path(inp["residual"])] if inp["residual"] else [])
-    src = inside_input(out, srcs)
+    src = inside_input(out, [base.path, *_merged_in(inp)])
     if src is not None:
         raise cfg.error("output", "dir", f"the output directory {out} is inside the input {src}: "
                         "choose a directory of its own")
@@ -238,7 +242,6 @@ def check_disk(plan: Plan, manifest: Manifest) -> tuple[int, int]:
     """(bytes the steps still to run need, bytes free where OUT lives); OutputError if short."""
     need = sum(s.expected_bytes for s in plan.steps if manifest.why_not_done(s) is not None)
     return need, shutil.disk_usage(existing_ancestor(plan.out)).free
-
 
 
 def describe(plan: Plan, manifest: Manifest) -> list[str]:

@@ -8,6 +8,7 @@ rule that matches picks the type, else the variant's default; then the shape fal
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from math import prod
 from typing import Callable
 
 import gguf
@@ -179,14 +180,8 @@ def make_plan(tensors: list[SourceTensor], hp: HParams, variants: list[Variant],
 
 def variant_nbytes(plans: list[TensorPlan], v: Variant) -> int:
     """The bytes of tensor data in the variant's file (the header and vocabulary come on top)."""
-    total = 0
-    for p in plans:
-        *rows, cols = p.tensor.shape or (1,)
-        n_rows = 1
-        for r in rows:
-            n_rows *= r
-        total += n_rows * qreg.row_nbytes(qreg.get(p.choices[v.name].qtype), cols)
-    return total
+    return sum(prod(p.tensor.shape[:-1]) * qreg.row_nbytes(qreg.get(p.choices[v.name].qtype), p.tensor.shape[-1])
+               for p in plans)
 
 
 def format_plan(plans: list[TensorPlan], variants: list[Variant]) -> str:
