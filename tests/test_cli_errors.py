@@ -491,3 +491,19 @@ def test_exporting_dot_names_the_model_after_its_folder(tiny_model, tmp_path, mo
     assert _run(["export", str(tiny_model), "--gguf", "q8_0", "-o", str(tmp_path / "ref"), "-q"]).exit_code == 0
     (dot,), (ref,) = (tmp_path / "out").glob("*.gguf"), (tmp_path / "ref").glob("*.gguf")
     assert dot.name == ref.name and dot.read_bytes() == ref.read_bytes()
+
+
+def test_an_adapter_that_overflows_a_finite_base_is_named(tiny_model, tmp_path):
+    # the base is finite; the merged sum is not: the message names what was merged in, not the base
+    from safetensors.torch import load_file, save_file
+
+    from quantkit.bench import synthetic
+    ad = synthetic.write_lora_adapter(tiny_model, tmp_path / "adapter", r=4)
+    f = ad / "adapter_model.safetensors"
+    t = load_file(f)
+    t = {k: (v.float() * 0 + 1e38).to(v.dtype) if "layers.1.self_attn.v_proj" in k else v for k, v in t.items()}
+    save_file(t, f, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    result = _run(["merge", str(tiny_model), "--lora", str(ad), "-o", str(out), "-q"])
+    _assert_one_line_error(result, [f"merging {ad} into it gives NaN or Inf", "v_proj"], out)
+    assert not out.exists()
