@@ -31,6 +31,7 @@ import torch
 
 from quantkit.bench.export_speed import prepare_input
 from quantkit.bench.proc import machine, run, save_result
+from quantkit.families import presets
 
 VARIANTS = "q8_0,q5_k_m,q4_k_m"
 READ_BYTES = 2 << 30        # read rate: on this much of the input at most
@@ -169,7 +170,7 @@ def predict(plan: dict, rates: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", default="smollm2", choices=["smollm2", "llama3-8b", "qwen3-8b", "llama3-tiny", "qwen3-tiny"])
+    ap.add_argument("--input", default="smollm2", choices=["smollm2", *sorted(presets())])
     ap.add_argument("--layers", type=int, default=None, help="synthetic inputs: keep only this many layers")
     ap.add_argument("--device", default="auto", help="auto, cpu or cuda")
     ap.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir)")

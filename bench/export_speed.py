@@ -23,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from quantkit.bench.proc import machine, run, save_result
+from quantkit.families import presets
 from quantkit.outputs import sha256_file
 
 VARIANTS = ["q8_0", "q5_k_m", "q4_k_m"]
@@ -35,8 +36,8 @@ def prepare_input(name: str, work: Path, layers: int | None = None) -> Path:
     if name == "smollm2":
         cmd = [sys.executable, "-m", "quantkit", "default-model"]
         return Path(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip())
-    from quantkit.bench.synthetic import tokenizer_dir
-    tok = tokenizer_dir(name.split("-")[0])
+    from quantkit.bench.synthetic import preset_tokenizer, tokenizer_dir
+    tok = tokenizer_dir(preset_tokenizer(name))
     cmd = [sys.executable, "-m", "quantkit.bench.synthetic", "checkpoint", name, str(work / name), "--tokenizer", str(tok)]
     subprocess.run(cmd + (["--layers", str(layers)] if layers else []), check=True, stdout=subprocess.DEVNULL)
     return work / name
@@ -44,7 +45,7 @@ def prepare_input(name: str, work: Path, layers: int | None = None) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--input", default="smollm2", choices=["smollm2", "llama3-8b", "qwen3-8b", "llama3-tiny", "qwen3-tiny"])
+    ap.add_argument("--input", default="smollm2", choices=["smollm2", *sorted(presets())])
     ap.add_argument("--device", default="auto", help="quantkit --device (auto, cpu, cuda)")
     ap.add_argument("--work", type=Path, default=None, help="scratch dir (default: a temp dir)")
     ap.add_argument("--layers", type=int, default=None, help="synthetic inputs: keep only this many layers")

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from quantkit.bench.proc import machine, run, save_result
+from quantkit.families import presets
 
 # the timed process: quantize with the given tokens, write the AutoGPTQ layout, report GPU peak
 QUANTIZE = """
@@ -45,7 +46,7 @@ json.dump({"quantize_s": round(t1 - t0, 2), "write_s": round(t2 - t1, 2), "peak_
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="llama3-8b", choices=["llama3-8b", "qwen3-8b"])
+    ap.add_argument("--preset", default="llama3-8b", choices=sorted(p for p in presets() if p.endswith("-8b")))
     ap.add_argument("--layers", type=int, default=None, help="keep only this many decoder layers")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=2048)
@@ -56,8 +57,8 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     py = sys.executable
-    from quantkit.bench.synthetic import tokenizer_dir
-    tok = tokenizer_dir(a.preset.split("-")[0])
+    from quantkit.bench.synthetic import preset_tokenizer, tokenizer_dir
+    tok = tokenizer_dir(preset_tokenizer(a.preset))
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
         work = Path(tmp)
         base = work / "base"

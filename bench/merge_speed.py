@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 from quantkit.bench.proc import machine, run, save_result
+from quantkit.families import presets
 
 
 # peft's flow, as its documentation gives it: load the base in bf16, attach the adapter, merge, save
@@ -58,7 +59,7 @@ def compare(ours: Path, theirs: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="llama3-8b", choices=["llama3-8b", "qwen3-8b"])
+    ap.add_argument("--preset", default="llama3-8b", choices=sorted(p for p in presets() if p.endswith("-8b")))
     ap.add_argument("--layers", type=int, default=None, help="keep only this many layers")
     ap.add_argument("--r", type=int, default=64)
     ap.add_argument("--device", default="auto", help="quantkit --device, and peft's device_map (auto: cuda if present)")

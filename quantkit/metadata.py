@@ -13,7 +13,9 @@ from pathlib import Path
 
 import gguf
 
-from .arch import Architecture, HParams, SourceTensor, hparam_kv
+from quantkit.converters.gguf_file import KeyValues
+
+from .families import Family, HParams, SourceTensor
 from .hfmodel import HFModel
 from .tokenizer import Vocab, add_vocab
 
@@ -35,7 +37,7 @@ class ModelMetadata:
         return kv
 
 
-def build_metadata(model: HFModel, arch: Architecture, hp: HParams, tensors: list[SourceTensor],
+def build_metadata(model: HFModel, family: Family, hp: HParams, tensors: list[SourceTensor],
                    vocab: Vocab, name: str | None = None, name_from: Path | None = None) -> ModelMetadata:
     """`name_from`: the directory whose model card, config and folder name give general.name,
     basename, finetune and size (default: the model's own)."""
@@ -52,15 +54,15 @@ def build_metadata(model: HFModel, arch: Architecture, hp: HParams, tensors: lis
     if meta.size_label is None and total > 0:
         meta.size_label = gguf.size_label(total, total, 0, 0)
 
-    w = gguf.GGUFWriter(None, arch.name)        # used as a key/value recorder only; never opened
+    w = KeyValues(family.gguf_name)
     w.add_type(gguf.GGUFType.MODEL)
     meta.set_gguf_meta_model(w)
-    for key, val, vtype in hparam_kv(arch, hp):
+    for key, val, vtype in family.hparam_kv(hp):
         w.add_key_value(key, val, vtype)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tok_cfg = model.optional_json("tokenizer_config.json") or {}
-    if arch.writes_space_prefix and tok_cfg.get("add_prefix_space") is not None:
-        w.add_add_space_prefix(tok_cfg["add_prefix_space"])
+    for key, val, vtype in family.tokenizer_kv(tok_cfg):
+        w.add_key_value(key, val, vtype)
     add_vocab(w, vocab)
     stem = gguf.naming_convention(meta.name, meta.basename, meta.finetune, meta.version, meta.size_label, None)
-    return ModelMetadata(dict(w.kv_data[0]), stem, total)
+    return ModelMetadata(w.kv, stem, total)

@@ -15,7 +15,7 @@ import gguf
 
 from quantkit.kernels import registry as qreg
 
-from .arch import HParams, SourceTensor
+from .families import HParams, SourceTensor
 from .errors import UnsupportedError
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from quantkit import default_model as dm
+from quantkit.families.llama import permute_rows, unpermute_rows
 from quantkit.errors import QuantkitError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,15 +59,15 @@ def test_unpermute_inverts_llama_cpp_permute(rows, cols, n_head, n_head_kv):
     heads = n_head_kv  # the head count permute() actually uses
     p = _reference_permute(w, n_head, n_head_kv)
     assert not np.array_equal(p, w)
-    np.testing.assert_array_equal(dm.unpermute_qk(p, heads), w)
-    np.testing.assert_array_equal(dm.permute_qk(w, heads), p)
+    np.testing.assert_array_equal(unpermute_rows(p, heads), w)
+    np.testing.assert_array_equal(permute_rows(w, heads), p)
 
 
 def test_unpermute_small_example():
     # one head of dim 4: GGUF rows (0, 2, 1, 3) hold HF rows (0, 1, 2, 3) interleaved
     w = np.arange(4, dtype=np.float32)[:, None]
     np.testing.assert_array_equal(_reference_permute(w, 1, None)[:, 0], [0, 2, 1, 3])
-    np.testing.assert_array_equal(dm.unpermute_qk(np.array([[0], [2], [1], [3]], np.float32), 1)[:, 0], [0, 1, 2, 3])
+    np.testing.assert_array_equal(unpermute_rows(np.array([[0], [2], [1], [3]], np.float32), 1)[:, 0], [0, 1, 2, 3])
 
 
 def test_unpermute_works_on_torch():
@@ -74,7 +75,7 @@ def test_unpermute_works_on_torch():
     import torch
 
     w = torch.randn(192, 16)
-    assert torch.equal(dm.unpermute_qk(dm.permute_qk(w, 3), 3), w)
+    assert torch.equal(unpermute_rows(permute_rows(w, 3), 3), w)
 
 
 def test_default_model_dir(monkeypatch, tmp_path):
@@ -467,15 +468,14 @@ def test_logits_match_llama_cpp(hf_model, llama_model, auto_tokenizer):
     # negative control: leave q/k in llama.cpp's permuted row order -> agreement collapses
     import torch
 
-    from quantkit.default_model import permute_qk
 
     layers = hf_model.model.layers
     saved = [(l.self_attn.q_proj.weight.clone(), l.self_attn.k_proj.weight.clone()) for l in layers]
     try:
         with torch.no_grad():
             for l in layers:
-                l.self_attn.q_proj.weight.copy_(permute_qk(l.self_attn.q_proj.weight, N_HEAD))
-                l.self_attn.k_proj.weight.copy_(permute_qk(l.self_attn.k_proj.weight, N_HEAD_KV))
+                l.self_attn.q_proj.weight.copy_(permute_rows(l.self_attn.q_proj.weight, N_HEAD))
+                l.self_attn.k_proj.weight.copy_(permute_rows(l.self_attn.k_proj.weight, N_HEAD_KV))
         bad = _hf_logits(hf_model, ids[:128])
     finally:
         with torch.no_grad():

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from quantkit import families
 from quantkit.bench import gguf_diff, llamacpp_ref, synthetic
 from quantkit.export import export_gguf
 from quantkit.plan import VARIANTS
@@ -21,21 +22,21 @@ FIX = Path(__file__).parent / "fixtures" / "tokenizers"
 QUANTIZED = ["q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q5_1", "q5_0", "q4_1", "q4_0"]
 ALL = [VARIANTS[v] for v in QUANTIZED + ["bf16", "f16"]]
 
-# tiny model presets: (synthetic preset, tokenizer fixture, tied embeddings, llama.cpp test vectors,
-# values per row chunk). Llama's chunks are 2 heads (128 rows of 256): q/k are permuted chunk by chunk.
-FAMILIES = {
-    "llama3": ("llama3-tiny", "llama3", False, "ggml-vocab-llama-bpe.gguf", 1 << 15),
-    "qwen3": ("qwen3-tiny", "qwen3", True, "ggml-vocab-qwen2.gguf", 1 << 24),
-}
+# every registered family with test fixtures: a tiny random checkpoint of its shrunk preset with its
+# real tokenizer, llama.cpp's test vectors for that tokenizer
+FAMILIES = {name: f for name, f in families.FAMILIES.items() if f.fixture is not None}
+# values per row chunk: 2 heads (128 rows of 256), so that a q/k permute is applied chunk by chunk
+CHUNK_VALUES = 1 << 15
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
 def exported(request, tmp_path_factory):
-    preset, tok, tied, _, chunk_values = FAMILIES[request.param]
+    fam = FAMILIES[request.param]
     root = tmp_path_factory.mktemp(request.param)
     model = root / f"{request.param}-tiny"
-    synthetic.write_checkpoint(model, synthetic.preset_config(preset, tie_word_embeddings=tied), FIX / tok)
-    ours = export_gguf(model, ALL, root / "ours", progress=False, chunk_values=chunk_values)
+    synthetic.write_checkpoint(model, synthetic.preset_config(tiny_preset(fam), tie_word_embeddings=fam.fixture.tied),
+                               FIX / fam.fixture.tokenizer)
+    ours = export_gguf(model, ALL, root / "ours", progress=False, chunk_values=CHUNK_VALUES)
     if llamacpp_ref.llamacpp_src() is None:
         pytest.skip("llama.cpp sources (convert_hf_to_gguf.py) not unpacked: run `make install-test`")
     ref = {"bf16": llamacpp_ref.convert_hf_to_gguf(model, root / "ref-bf16.gguf", "bf16"),
@@ -68,6 +69,10 @@ def test_metadata_equals_converter(exported, variant):
     assert not diff, f"{family}: metadata differs: {diff}"
 
 
+def tiny_preset(fam) -> str:
+    return next(p for p in fam.presets if p.endswith("-tiny"))
+
+
 def _vectors(name: str) -> list[tuple[str, list[int]]]:
     inp = (FIX / f"{name}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
     out = [[int(x) for x in line.split()] for line in (FIX / f"{name}.out").read_text(encoding="utf-8").split("\n")]
@@ -77,7 +82,7 @@ def _vectors(name: str) -> list[tuple[str, list[int]]]:
 @pytest.mark.parametrize("variant", ["q8_0", "q4_k_m"])
 def test_llama_cpp_loads_export_and_tokenizes_test_vectors(exported, variant):
     family, ours, _ = exported
-    vectors = _vectors(FAMILIES[family][3])
+    vectors = _vectors(FAMILIES[family].fixture.vectors)
     assert len(vectors) == 46
     llm = llama_cpp.Llama(model_path=str(ours.files[variant]), n_ctx=64, verbose=False)
     bad = [(text, ids) for text, ids in vectors
@@ -128,7 +133,7 @@ def test_cuda_export_is_byte_identical_to_the_reference(exported, variant, tmp_p
     family, ours, ref = exported
     model = ours.files[variant].parent.parent / f"{family}-tiny"
     cuda = export_gguf(model, ALL, tmp_path, progress=False, device="cuda",
-                       chunk_values=FAMILIES[family][4]).files[variant]
+                       chunk_values=CHUNK_VALUES).files[variant]
     assert cuda.read_bytes() == ours.files[variant].read_bytes()
     if variant not in ("bf16", "f16"):
         assert cuda.read_bytes() == ref[variant].read_bytes()

@@ -1,0 +1,301 @@
+"""What every model family shares: hyper-parameters read from config.json, the tensor template a
+family fills in, and the hooks a family may override. A family module (llama.py, qwen.py) says the
+rest as data: its HF architecture names, GGUF architecture, per-layer tensors, the transforms on the
+way to GGUF, the GGUF keys it writes, its tokenizers, its GPTQ layer groups and where its decoder
+layers live in a transformers model. Everything that walks a model (shapes, plans, synthetic
+checkpoints, GPTQ, imatrix, the tests' family list) reads it from here instead of knowing the family.
+
+Tensor names on the GGUF side come from gguf-py's TensorNameMap (the table convert_hf_to_gguf.py uses),
+so a name llama.cpp expects is never spelled here by hand.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import gguf
+import torch
+
+from ..errors import InputError, UnsupportedError
+from ..hfmodel import HFModel
+
+# Tensors HF checkpoints carry that GGUF drops.
+SKIPPED_SUFFIXES = (".rotary_emb.inv_freq", ".attention.masked_bias", ".attention.bias")
+
+Shape = tuple[int, ...]
+KV = tuple[str, Any, gguf.GGUFValueType]
+
+
+@dataclass(frozen=True)
+class HParams:
+    """The numbers of config.json that shape the tensors and the GGUF metadata."""
+    n_layer: int
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_vocab: int
+    n_ctx: int
+    rms_eps: float
+    rope_theta: float
+    rope: dict            # rope scaling parameters ({} when none)
+    tied: bool
+
+    @property
+    def n_gqa(self) -> int:
+        return self.n_head // self.n_head_kv
+
+    @property
+    def rope_type(self) -> str:
+        return str(self.rope.get("rope_type", self.rope.get("type", ""))).lower()
+
+
+def hparams_from_config(c: dict, path: Path | None = None) -> HParams:
+    """HParams of a config.json dict; an InputError naming `path` for a missing or mistyped value."""
+    def typed(key: str, value: Any, kind: type) -> Any:
+        if isinstance(value, bool) or not isinstance(value, (int,) if kind is int else (int, float)) or not value > 0:
+            raise InputError(f"{key!r} must be a positive {'integer' if kind is int else 'number'}, not {value!r}", path)
+        return value
+
+    def need(key: str, kind: type = int) -> Any:
+        if key not in c:
+            raise InputError(f"missing {key!r}", path)
+        return typed(key, c[key], kind)
+
+    def optional(key: str, kind: type = int) -> Any:
+        return None if c.get(key) is None else typed(key, c[key], kind)
+
+    # transformers ≥ 5 writes `rope_parameters` (with rope_theta inside); 4.x `rope_scaling` + `rope_theta`
+    rope_key = "rope_parameters" if c.get("rope_parameters") else "rope_scaling"
+    rope = c.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        raise InputError(f"{rope_key!r} must be an object, not {rope!r}", path)
+    rope = dict(rope)
+    theta = rope.pop("rope_theta", None) or c.get("rope_theta", 10000.0)
+    theta = typed("rope_theta", theta, float)
+    if rope.get("rope_type", rope.get("type")) in (None, "default"):
+        rope = {}
+    n_head = need("num_attention_heads")
+    return HParams(
+        n_layer=need("num_hidden_layers"), n_embd=need("hidden_size"), n_ff=need("intermediate_size"),
+        n_head=n_head, n_head_kv=optional("num_key_value_heads") or n_head,
+        head_dim=optional("head_dim") or need("hidden_size") // n_head,
+        n_vocab=need("vocab_size"), n_ctx=need("max_position_embeddings"),
+        rms_eps=need("rms_norm_eps", float), rope_theta=float(theta), rope=rope,
+        tied=bool(c.get("tie_word_embeddings", False)),
+    )
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One GGUF tensor and how to produce it from the HF checkpoint (one read, one transform)."""
+    gguf_name: str
+    hf_name: str | None                 # None for generated tensors (rope_freqs)
+    shape: Shape                        # HF/torch order (rows, cols)
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None   # applied to whole row chunks
+    generate: Callable[[], torch.Tensor] | None = None
+    row_granule: int = 1                # row chunks must be multiples of this (whole heads for q/k)
+
+    @property
+    def layer(self) -> int:
+        parts = self.gguf_name.split(".")
+        return int(parts[1]) if parts[0] == "blk" else -1
+
+
+@dataclass(frozen=True)
+class TestFixture:
+    """What the tests need to check a family against llama.cpp: the real tokenizer in
+    tests/fixtures/tokenizers/<tokenizer>, llama.cpp's tokenizer test vectors for it, and whether the
+    tiny checkpoint ties its embeddings."""
+    tokenizer: str
+    vectors: str
+    tied: bool
+
+
+# A decoder layer's linears as most families name them, grouped in the order data flows through them
+# (the GPTQ groups: q/k/v read the same normed input, gate/up likewise).
+ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# The real 8B configs shrunk for tests: widths stay multiples of 256 so the K-quant path runs.
+TINY = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "num_hidden_layers": 8}
+
+
+class Family:
+    """A model family. Subclasses set the data below and override a hook only where data can't say it."""
+    name: ClassVar[str]                         # short name: llama, qwen3
+    hf_names: ClassVar[tuple[str, ...]]         # config.json "architectures" it serves
+    gguf_arch: ClassVar[gguf.MODEL_ARCH]
+    tokenizer: ClassVar[str] = "byte-level BPE"
+    pre_tokenizers: ClassVar[tuple[str, ...]] = ()   # llama.cpp pre-tokenizer names seen for this family
+    rope_types: ClassVar[tuple[str, ...]] = ("", "linear", "yarn")
+    # where the decoder layers, embeddings and rotary tables live in the transformers model; the layer
+    # path is also the prefix of the layers' tensor names in the checkpoint
+    decoder_layers: ClassVar[str] = "model.layers"
+    embeddings: ClassVar[str] = "model.embed_tokens"
+    rotary: ClassVar[str] = "model.rotary_emb"
+    final_norm: ClassVar[str] = "model.norm"
+    head: ClassVar[str] = "lm_head"
+    gptq_groups: ClassVar[tuple[tuple[str, ...], ...]] = (ATTENTION[:3], ATTENTION[3:], MLP[:2], MLP[2:])
+    presets: ClassVar[dict[str, dict]] = {}     # synthetic checkpoints: published configs, and shrunk
+    fixture: ClassVar[TestFixture | None] = None
+
+    @property
+    def gguf_name(self) -> str:
+        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
+
+    # -- the tensor template -------------------------------------------------------------------
+    def layer_tensors(self, hp: HParams) -> dict[str, Shape]:
+        """One decoder layer's tensors (names relative to the layer) and shapes, in HF's order."""
+        h, f, hd = hp.n_embd, hp.n_ff, hp.head_dim
+        q, kv = hp.n_head * hd, hp.n_head_kv * hd
+        return {"input_layernorm.weight": (h,),
+                "self_attn.q_proj.weight": (q, h), "self_attn.k_proj.weight": (kv, h),
+                "self_attn.v_proj.weight": (kv, h), "self_attn.o_proj.weight": (h, q),
+                "post_attention_layernorm.weight": (h,),
+                "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)}
+
+    def tensor_shapes(self, hp: HParams) -> dict[str, Shape]:
+        """Every HF tensor the checkpoint holds, with its shape, in the order HF writes them."""
+        out = {f"{self.embeddings}.weight": (hp.n_vocab, hp.n_embd)}
+        for i in range(hp.n_layer):
+            out |= {f"{self.layer_prefix(i)}{k}": s for k, s in self.layer_tensors(hp).items()}
+        out[f"{self.final_norm}.weight"] = (hp.n_embd,)
+        if not hp.tied:
+            out[f"{self.head}.weight"] = (hp.n_vocab, hp.n_embd)
+        return out
+
+    def layer_prefix(self, i: int) -> str:
+        return f"{self.decoder_layers}.{i}."
+
+    def linear_names(self, hp: HParams) -> list[str]:
+        """The decoder layers' linears as module names (no .weight), layer by layer."""
+        return [f"{self.layer_prefix(i)}{m}" for i in range(hp.n_layer) for g in self.gptq_groups for m in g]
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def transform(self, hf_name: str, hp: HParams) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, int]:
+        """What happens to a tensor on its way to GGUF, applied to row chunks that are multiples of
+        the returned granule: (None, 1) for most."""
+        return None, 1
+
+    def generated_tensors(self, hp: HParams) -> list[SourceTensor]:
+        """Tensors GGUF has that the checkpoint does not (llama3 rope factors)."""
+        return []
+
+    def hparam_kv(self, hp: HParams) -> list[KV]:
+        """The architecture keys, in the order convert_hf_to_gguf.py writes them."""
+        K, a, T = gguf.Keys, self.gguf_name, gguf.GGUFValueType
+        kv: list[KV] = [
+            (K.LLM.BLOCK_COUNT.format(arch=a), hp.n_layer, T.UINT32),
+            (K.LLM.CONTEXT_LENGTH.format(arch=a), hp.n_ctx, T.UINT32),
+            (K.LLM.EMBEDDING_LENGTH.format(arch=a), hp.n_embd, T.UINT32),
+            (K.LLM.FEED_FORWARD_LENGTH.format(arch=a), hp.n_ff, T.UINT32),
+            (K.Attention.HEAD_COUNT.format(arch=a), hp.n_head, T.UINT32),
+            (K.Attention.HEAD_COUNT_KV.format(arch=a), hp.n_head_kv, T.UINT32),
+        ]
+        rtype = hp.rope_type
+        if rtype not in self.rope_types:
+            raise UnsupportedError(f"rope scaling type {rtype!r} is not supported for {self.name} "
+                                   f"(supported: {', '.join(t for t in self.rope_types if t)})")
+        if rtype == "linear" and hp.rope.get("factor") is not None:
+            kv += [(K.Rope.SCALING_TYPE.format(arch=a), gguf.RopeScalingType.LINEAR.value, T.STRING),
+                   (K.Rope.SCALING_FACTOR.format(arch=a), hp.rope["factor"], T.FLOAT32)]
+        elif rtype == "yarn" and hp.rope.get("factor") is not None:
+            kv += [(K.Rope.SCALING_TYPE.format(arch=a), gguf.RopeScalingType.YARN.value, T.STRING),
+                   (K.Rope.SCALING_FACTOR.format(arch=a), hp.rope["factor"], T.FLOAT32),
+                   (K.Rope.SCALING_ORIG_CTX_LEN.format(arch=a), hp.rope["original_max_position_embeddings"],
+                    T.UINT32)]
+        kv += [
+            (K.Rope.FREQ_BASE.format(arch=a), hp.rope_theta, T.FLOAT32),
+            (K.Attention.LAYERNORM_RMS_EPS.format(arch=a), hp.rms_eps, T.FLOAT32),
+            (K.Attention.KEY_LENGTH.format(arch=a), hp.head_dim, T.UINT32),
+            (K.Attention.VALUE_LENGTH.format(arch=a), hp.head_dim, T.UINT32),
+        ]
+        return kv
+
+    def tokenizer_kv(self, tokenizer_config: dict) -> list[KV]:
+        """Keys the family's converter writes from tokenizer_config.json before the vocabulary."""
+        return []
+
+    # -- the GGUF tensor list ---------------------------------------------------------------------
+    def source_tensors(self, model: HFModel, hp: HParams) -> list[SourceTensor]:
+        """The GGUF tensors, in llama-quantize's order (non-layer tensors, then by layer; by name),
+        after checking the checkpoint holds exactly the template's tensors with its shapes."""
+        refs = model.tensors
+        expected = self.tensor_shapes(hp)
+        for name, shape in expected.items():
+            if name not in refs:
+                raise InputError(f"missing tensor {name!r}", model.path)
+            if refs[name].shape != shape:
+                raise InputError(f"tensor {name!r} has shape {list(refs[name].shape)}, config.json implies "
+                                 f"{list(shape)}", refs[name].shard)
+            if refs[name].dtype not in ("BF16", "F16", "F32"):
+                raise InputError(f"tensor {name!r} has dtype {refs[name].dtype}; expected BF16, F16 or F32",
+                                 refs[name].shard)
+        extra = [n for n in refs if n not in expected and not n.endswith(SKIPPED_SUFFIXES)
+                 and not (hp.tied and n == f"{self.head}.weight")]
+        if extra:
+            raise UnsupportedError(f"{len(extra)} tensors that {model.architecture} does not have, e.g. "
+                                   f"{extra[0]!r}", model.path)
+        names = gguf.get_tensor_name_map(self.gguf_arch, hp.n_layer)
+        out: list[SourceTensor] = []
+        for hf_name, shape in expected.items():
+            gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise UnsupportedError(f"no GGUF name for tensor {hf_name!r}", model.path)
+            transform, granule = self.transform(hf_name, hp)
+            out.append(SourceTensor(gname, hf_name, shape, transform, row_granule=granule))
+        out += self.generated_tensors(hp)
+        return sorted(out, key=lambda t: (t.layer, t.gguf_name))
+
+    # -- a transformers model, walked layer by layer (GPTQ, imatrix) -------------------------------
+    def module(self, model, path: str):
+        return operator.attrgetter(path)(model)
+
+    def layers(self, model):
+        return self.module(model, self.decoder_layers)
+
+
+# -- the registry ---------------------------------------------------------------------------------
+FAMILIES: dict[str, Family] = {}        # family name → family
+BY_HF_NAME: dict[str, Family] = {}      # config.json architecture → family
+
+
+def register(cls: type[Family]) -> type[Family]:
+    fam = cls()
+    for hf in cls.hf_names:
+        if hf in BY_HF_NAME:
+            raise ValueError(f"{hf} is registered twice ({BY_HF_NAME[hf].name}, {fam.name})")
+    FAMILIES[fam.name] = fam
+    BY_HF_NAME.update({hf: fam for hf in cls.hf_names})
+    return cls
+
+
+def unregister(name: str) -> None:
+    fam = FAMILIES.pop(name)
+    for hf in fam.hf_names:
+        BY_HF_NAME.pop(hf, None)
+
+
+def family_for(architecture: str | None, path: Path | None = None, what: str = "") -> Family:
+    if architecture not in BY_HF_NAME:
+        raise UnsupportedError(f"architecture {architecture!r} is not supported{what} "
+                               f"(supported: {', '.join(BY_HF_NAME)})", path)
+    return BY_HF_NAME[architecture]
+
+
+def family_of(model: HFModel, what: str = "") -> Family:
+    """The family of a model directory, or an UnsupportedError naming its config.json."""
+    return family_for(model.architecture, model.path / "config.json", what)
+
+
+def hparams_of(model: HFModel) -> HParams:
+    return hparams_from_config(model.config, model.path / "config.json")
+
+
+def presets() -> dict[str, dict]:
+    """Every family's synthetic-checkpoint configs by preset name (llama3-8b, qwen3-tiny, ...)."""
+    return {name: cfg for fam in FAMILIES.values() for name, cfg in fam.presets.items()}
