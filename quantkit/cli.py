@@ -150,10 +150,10 @@ def gptq_options(fn):
                           "(default: both; gptq alone with --dynamic-groups)."),
         click.option("--calib", type=click.Path(path_type=Path),
                      help="Calibration text (default: text the model generates itself). Never the eval text."),
-        click.option("--calib-samples", type=click.IntRange(min=1), default=128, show_default=True,
-                     help="Calibration samples."),
-        click.option("--calib-seqlen", type=click.IntRange(min=1), default=2048, show_default=True,
-                     help="Tokens per sample."),
+        click.option("--calib-samples", type=click.IntRange(min=1), default=None,
+                     help="Calibration samples [default: 128 on a GPU, 32 on a CPU]."),
+        click.option("--calib-seqlen", type=click.IntRange(min=1), default=None,
+                     help="Tokens per sample [default: 2048 on a GPU, 512 on a CPU]."),
         click.option("--int8", is_flag=True, help="Write OUT/int8: bitsandbytes LLM.int8."),
         click.option("--nf4", is_flag=True, help="Write OUT/nf4: bitsandbytes NF4 with double quantization."),
         click.option("--force", is_flag=True, help="Replace existing OUT/gptq, OUT/int8 ... directories."),
@@ -226,6 +226,13 @@ def export(model, gguf_types, out_dir, name, ollama, dry_run, imatrix, loras, we
                                "actorder 'group' in 0.20): use --gptq-format gptq or static groups")
     dev = _resolve_device(device, dry_run=dry_run)
     src = open_model(model, loras, weights, residual, scale, device=dev, ignore_base_name=ignore_base_name)
+    if gptq:
+        from .gptq import calibration_size
+        if (calib_samples is None or calib_seqlen is None) and gptq_method == "gptq" and not quiet and not dry_run:
+            n, t = calibration_size(calib_samples, calib_seqlen, dev)
+            click.echo(f"GPTQ calibration on {dev}: {n} samples x {t} tokens (--calib-samples / --calib-seqlen "
+                       "to change; 128 x 2048 on a GPU, 32 x 512 on a CPU, where a 135M model takes ~5 min)", err=True)
+        calib_samples, calib_seqlen = calibration_size(calib_samples, calib_seqlen, dev)
     if others and not dry_run:
         _check_others(src, Path(out_dir), gptq=gptq, formats=formats, bits=int(bits), group_size=group_size,
                       calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, force=force,
@@ -486,6 +493,7 @@ def bench(baseline, variants, out_dir, text, ctx, limit_chunks, device, gpus, ex
     if not variants:
         raise click.UsageError("give at least one variant (a .gguf file or a model directory)")
     _check_out_dir(out_dir, baseline, *[v for v in variants if Path(v).is_dir()])
+    suite.check_extras(gguf=any(Path(v).suffix == ".gguf" for v in variants))
     try:
         selected = vram.parse_gpus([g.strip() for g in gpus.split(",")] if gpus else None, list(extra_gpus),
                                    gpu_catalog)
@@ -637,6 +645,19 @@ def default_model(force):
     """
     from .default_model import build_default_model
     click.echo(str(build_default_model(force=force)))
+
+
+@main.command("families")
+@one_line_errors
+def families_cmd():
+    """Print the supported model families, from the family registry (a Markdown table).
+
+    \b
+    Example:
+      quantkit families
+    """
+    from .families import support_table
+    click.echo(support_table())
 
 
 def _write_stats(path: Path, seconds: float, device: str) -> None:

@@ -1,0 +1,160 @@
+"""The family registry: a family is one module, and everything that walks a model reads it.
+
+A toy family (a Llama under another HF architecture name) is registered here as a new family module
+would be, and gets the dry-run plan, the GGUF export, merging and GPTQ without touching anything else.
+Each is checked against a reference that is not ours: llama.cpp's converter and llama-quantize on the
+same weights saved as a LlamaForCausalLM; peft's merge_and_unload; transformers loading the GPTQ
+checkpoint through compressed-tensors. The README's support table is the registry's.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import gguf
+import pytest
+import torch
+from click.testing import CliRunner
+
+from quantkit import families
+from quantkit.bench import gguf_diff, llamacpp_ref, synthetic
+from quantkit.cli import main
+from quantkit.families.base import TINY
+from quantkit.families.llama import LLAMA31_8B, Llama
+
+ROOT = Path(__file__).resolve().parents[1]
+FIX = Path(__file__).parent / "fixtures" / "tokenizers"
+
+
+class ToyLlama(Llama):
+    """What a new family module holds: names, GGUF arch, presets; the hooks are Llama's."""
+    name = "toy"
+    hf_names = ("ToyLlamaForCausalLM",)
+    gguf_arch = gguf.MODEL_ARCH.LLAMA
+    presets = {"toy-tiny": {**LLAMA31_8B, **TINY, "architectures": ["ToyLlamaForCausalLM"], "num_hidden_layers": 2}}
+    fixture = None
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A registered toy family, a tiny checkpoint of it with Llama 3's tokenizer, and the same weights
+    saved as LlamaForCausalLM in a folder of the same name (llama.cpp's converter knows that one)."""
+    families.register(ToyLlama)
+    try:
+        root = tmp_path_factory.mktemp("toy")
+        cfg = synthetic.preset_config("toy-tiny")
+        model = synthetic.write_checkpoint(root / "toy" / "toy-tiny", cfg, FIX / "llama3")
+        as_llama = synthetic.write_checkpoint(root / "llama" / "toy-tiny", {**cfg, "architectures": ["LlamaForCausalLM"]},
+                                              FIX / "llama3")
+        yield model, as_llama, root
+    finally:
+        families.unregister("toy")
+
+
+def run_cli(*args) -> tuple[int, str]:
+    r = CliRunner().invoke(main, [str(a) for a in args])
+    return r.exit_code, r.output + (r.stderr if r.stderr_bytes is not None else "")
+
+
+def test_readme_support_table_is_the_registry():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- families -->\n(.*?)\n<!-- /families -->", readme, re.S)
+    assert block, "README.md has no <!-- families --> block"
+    assert block.group(1).strip() == families.support_table().strip(), \
+        "README's support table differs from `quantkit families`: paste its output between the markers"
+
+
+def test_registry_refuses_a_name_registered_twice():
+    class Again(Llama):
+        name = "again"
+    with pytest.raises(ValueError, match="LlamaForCausalLM is registered twice"):
+        families.register(Again)
+    assert "again" not in families.FAMILIES
+
+
+def test_every_family_template_is_what_transformers_builds():
+    # the template each family gives is what transformers builds from the same config
+    transformers = pytest.importorskip("transformers")
+    for fam in families.FAMILIES.values():
+        tiny = next(p for p in fam.presets if p.endswith("-tiny"))
+        cfg = {**synthetic.preset_config(tiny), "num_hidden_layers": 2, "vocab_size": 512}
+        hp = families.hparams_from_config(cfg)
+        config = transformers.AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items()
+                                                                          if k != "model_type"})
+        with torch.device("meta"):
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()
+                  if not (hp.tied and k == f"{fam.head}.weight")}
+        assert fam.tensor_shapes(hp) == theirs, fam.name
+        assert len(fam.layers(model)) == 2 and fam.module(model, fam.embeddings) is model.get_input_embeddings()
+
+
+def test_toy_family_is_listed(toy):
+    code, out = run_cli("families")
+    assert code == 0 and "| toy | ToyLlamaForCausalLM | llama |" in out, out
+
+
+def test_toy_family_dry_run_and_export_equal_llama_cpp(toy, tmp_path):
+    model, as_llama, root = toy
+    if llamacpp_ref.llamacpp_src() is None:
+        pytest.skip("llama.cpp sources (convert_hf_to_gguf.py) not unpacked: run `make install-test`")
+    pytest.importorskip("llama_cpp")
+    ref_bf16 = llamacpp_ref.convert_hf_to_gguf(as_llama, root / "ref-bf16.gguf", "bf16")
+    refs = {v: llamacpp_ref.llama_quantize(ref_bf16, root / f"ref-{v}.gguf", v) for v in ("q8_0", "q4_k_m")}
+
+    code, out = run_cli("export", model, "--gguf", "q8_0,q4_k_m", "--dry-run")
+    assert code == 0, out
+    for name, qtype, *_ in gguf_diff.tensors(refs["q4_k_m"]):   # every tensor llama-quantize wrote, typed as it did
+        assert re.search(rf"^{re.escape(name)}\s+\S+\s+\S+\s+{qtype}\b", out, re.M), (name, qtype)
+
+    code, out = run_cli("export", model, "--gguf", "q8_0,q4_k_m", "-q", "-o", tmp_path)
+    assert code == 0, out
+    for v, ref in refs.items():
+        ours = next(tmp_path.glob(f"*-{v.upper()}.gguf"))
+        assert gguf_diff.file_difference(ours, ref) is None, v
+
+
+def test_toy_family_merge_equals_peft(toy, tmp_path):
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    model, _, _ = toy
+    adapter = synthetic.write_lora_adapter(model, tmp_path / "lora", r=8, alpha=16, dtype=torch.float32)
+    code, out = run_cli("merge", model, "--lora", adapter, "-q", "-o", tmp_path / "merged")
+    assert code == 0, out
+    base = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    ref = peft.PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+    from safetensors.torch import load_file
+    ours = {}
+    for f in (tmp_path / "merged").glob("*.safetensors"):
+        ours.update(load_file(f))
+    assert set(ours) == set(ref)
+    for name, t in ours.items():
+        # peft's float32 result rounded once to bf16, within one bf16 ulp
+        a, b = (x.contiguous().view(torch.int16).to(torch.int32) for x in (t, ref[name].to(torch.bfloat16)))
+        ulps = (torch.where(a < 0, -(a & 0x7FFF), a) - torch.where(b < 0, -(b & 0x7FFF), b)).abs()
+        assert int(ulps.max()) <= 1, name
+
+
+def test_toy_family_gptq_loads_in_transformers(toy, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("compressed_tensors")
+    model, _, _ = toy
+    calib = tmp_path / "calib.txt"
+    calib.write_text((ROOT / "docs" / "kernels.md").read_text())       # any English that is not WikiText
+    code, out = run_cli("export", model, "--gptq", "--gptq-format", "compressed-tensors", "--group-size", 64,
+                        "--calib", calib, "--calib-samples", 4, "--calib-seqlen", 64, "-q", "-o", tmp_path / "out")
+    assert code == 0, out
+    qdir = tmp_path / "out" / "gptq-ct"
+    assert json.loads((qdir / "config.json").read_text())["architectures"] == ["ToyLlamaForCausalLM"]
+    q = transformers.AutoModelForCausalLM.from_pretrained(qdir, device_map="cpu")
+    with torch.no_grad():
+        q(torch.tensor([[128000, 791, 4062, 14198]]))      # runs, and compressed-tensors decompresses its weights
+    base = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    hp = families.hparams_from_config(json.loads((model / "config.json").read_text()))
+    names = ToyLlama().linear_names(hp)
+    assert len(names) == 7 * hp.n_layer
+    for name in names:
+        w, wq = base.get_submodule(name).weight, q.get_submodule(name).weight.float()
+        err = ((wq - w).norm() / w.norm()).item()
+        assert 0 < err < 0.2, (name, err)     # 4-bit g64: measured ~0.1
