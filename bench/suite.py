@@ -75,6 +75,17 @@ def load_text(baseline: Path, text: Path | None, ctx: int, limit_chunks: int | N
     return text, raw, tokens, bos, windows
 
 
+def check_extras(gguf: bool) -> None:
+    """What scoring and the report need (transformers for the baseline, matplotlib for the plots,
+    llama-cpp-python for GGUF variants), checked before any variant is scored."""
+    import importlib.util
+
+    needed = ["transformers", "matplotlib"] + (["llama_cpp"] if gguf else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UnsupportedError(f"quantkit bench needs {', '.join(missing)}: pip install 'quantkit[bench]'")
+
+
 def run(baseline: Path, variants: list[Path], out_dir: Path, *, text: Path | None = None, ctx: int = 512,
         device: str = "cpu", limit_chunks: int | None = None, gpus: dict[str, int] | None = None,
         top_k: int = evaluate.TOP_K, measure_vram: bool | None = None, progress: bool = True,

@@ -39,13 +39,6 @@ def pack_along_rows(codes: Tensor, bits: int) -> Tensor:
     return (words - ((words >> 31) << 32)).to(torch.int32)     # two's complement int32
 
 
-def unpack_along_rows(words: Tensor, bits: int, n: int) -> Tensor:
-    per = 32 // bits
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
-    return ((w.unsqueeze(1) >> shifts) & (2 ** bits - 1)).reshape(-1, words.shape[-1])[:n].to(torch.int32)
-
-
 def autogptq_tensors(prefix: str, qz: Quantized) -> dict[str, Tensor]:
     out, cols = qz.q.shape
     if (out * qz.bits) % 32 or (cols * qz.bits) % 32:

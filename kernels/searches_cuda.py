@@ -62,12 +62,6 @@ def available(device: torch.device, kernel: str | None = None) -> bool:
     return device.type == "cuda" and isinstance(_kernels(device), dict) and (kernel is None or kernel in KERNELS)
 
 
-def why_not(device: torch.device) -> str | None:
-    """Why the compiled searches do not run on a CUDA device (the compiler's log, say), or None."""
-    k = _kernels(device)
-    return None if isinstance(k, dict) else k
-
-
 def _params_on(device: torch.device, *values: float) -> torch.Tensor:
     """A few float32 parameters on the device, copied there once (a copy per call would wait)."""
     key = (_device(device).index, values)

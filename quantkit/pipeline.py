@@ -41,7 +41,7 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True) -> Plan:
     out = Path(out_cfg["dir"])
     base = Path(inp["base"])
     base_model = HFModel(base)                         # checks the base now: a clear error before any step
-    check_inputs(cfg, base_model)
+    check_inputs(cfg, base_model, device)
     n = base_model.n_params()
     steps: list[Step] = []
     merged = bool(inp["lora"] or inp["residual"])
@@ -95,10 +95,11 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True) -> Plan:
     g = cfg["gptq"]
     if g["enabled"]:
         def do_gptq():
-            from .gptq import GPTQSettings, quantize, write
+            from .gptq import GPTQSettings, calibration_size, quantize, write
+            n_samples, seqlen = calibration_size(g["calib_samples"], g["calib_seqlen"], device)
             s = GPTQSettings(bits=g["bits"], group_size=g["group_size"], sym=g["sym"], act_order=g["desc_act"],
                              damp=g["damp"], calib=Path(g["calib"]) if g["calib"] else None,
-                             n_samples=g["calib_samples"], seqlen=g["calib_seqlen"])
+                             n_samples=n_samples, seqlen=seqlen)
             model, result = quantize(model_dir, s, device, progress=progress)
             write(model, result, s, model_dir, out, force=True)
         steps.append(Step("gptq", [model_dir] + ([Path(g["calib"])] if g["calib"] else []), dict(g),
@@ -136,7 +137,7 @@ def _merged_in(inp: dict) -> list[Path]:
     return [*map(Path, inp["lora"])] + ([Path(inp["residual"])] if inp["residual"] else [])
 
 
-def check_inputs(cfg: Pipeline, base: HFModel) -> None:
+def check_inputs(cfg: Pipeline, base: HFModel, device: str = "cpu") -> None:
     """Everything that can be checked before a step runs, so a mistake costs seconds, not the
     minutes of the steps before it: adapters and residual against the base, the GGUF plan and the
     tokenizer, GPTQ's shapes and calibration text, the evaluation text, the GPU names, and OUT.
@@ -164,11 +165,13 @@ def check_inputs(cfg: Pipeline, base: HFModel) -> None:
         from .gptq import GPTQSettings, check_shapes
         check_shapes(base, GPTQSettings(bits=g["bits"], group_size=g["group_size"]))
         if g["calib"]:
+            from .gptq import calibration_size
             from .layerwise import text_tokens
-            text_tokens(base.path, Path(g["calib"]), g["calib_samples"], g["calib_seqlen"])
+            text_tokens(base.path, Path(g["calib"]), *calibration_size(g["calib_samples"], g["calib_seqlen"], device))
     b = cfg["bench"]
     if b["enabled"]:
         from .bench import suite, vram
+        suite.check_extras(gguf=bool(cfg["gguf"]["types"]))
         try:
             vram.parse_gpus(b["gpus"] or None, [], None)
         except ValueError as e:
@@ -239,7 +242,7 @@ def _model_name(model_dir: Path) -> str:
 
 
 def check_disk(plan: Plan, manifest: Manifest) -> tuple[int, int]:
-    """(bytes the steps still to run need, bytes free where OUT lives); OutputError if short."""
+    """(bytes the steps still to run need, bytes free where OUT lives); require_disk refuses when short."""
     need = sum(s.expected_bytes for s in plan.steps if manifest.why_not_done(s) is not None)
     return need, shutil.disk_usage(existing_ancestor(plan.out)).free
 

@@ -266,3 +266,18 @@ def test_measured_vram_on_the_gpu(smollm2_dir, smol_ggufs):
         m = vram.measure(Path(path), kind, contexts=(1024, 4096))
         assert m["source"] == "measured" and m["weights_mib"] > 50
         assert m["at_context"]["4096"] >= m["at_context"]["1024"] > 0
+
+
+def test_bench_without_matplotlib_stops_before_scoring(tiny_model, tmp_path, monkeypatch):
+    # the report's plots need matplotlib: a missing extra is named before any variant is scored
+    import importlib.util
+
+    from quantkit.bench import suite
+    from quantkit.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    monkeypatch.setattr(suite, "run", lambda *a, **k: pytest.fail("scored without the report's extras"))
+    r = CliRunner().invoke(main, ["bench", "--baseline", str(tiny_model), str(tiny_model), "-o", str(tmp_path / "rep")])
+    assert r.exit_code == 2, r.output
+    assert "matplotlib" in r.output and "quantkit[bench]" in r.output and not (tmp_path / "rep").exists()

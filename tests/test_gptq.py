@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from quantkit.cli import main
-from quantkit.converters.gptq_format import autogptq_tensors, pack_along_rows, unpack_along_rows
+from quantkit.converters.gptq_format import autogptq_tensors, pack_along_rows
 from quantkit.kernels import gptq as kg
 
 
@@ -36,6 +36,14 @@ def autogptq_dequantize(qweight, qzeros, scales, g_idx, bits):
     weight = weight.reshape(weight.shape[0] * weight.shape[1], weight.shape[2])
     g = g_idx.long()
     return (scales[g].float() * (weight - zeros[g]).float()).T, weight.T, zeros
+
+
+def unpack_along_rows(words, bits: int, n: int):
+    """AutoGPTQ's qweight layout read back: `per` codes to an int32, the first in the lowest bits."""
+    per = 32 // bits
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
+    return ((w.unsqueeze(1) >> shifts) & (2 ** bits - 1)).reshape(-1, words.shape[-1])[:n].to(torch.int32)
 
 
 def correlated(cols: int, tokens: int, seed: int = 0):
