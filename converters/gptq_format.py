@@ -27,6 +27,9 @@ from torch import Tensor
 
 from quantkit.kernels.gptq import Quantized
 
+# the layouts written: AutoGPTQ v1 (OUT/gptq) and compressed-tensors pack-quantized (OUT/gptq-ct)
+FORMATS = ("gptq", "compressed-tensors")
+
 
 def pack_along_rows(codes: Tensor, bits: int) -> Tensor:
     """uint codes [n, m] -> int32 [n * bits / 32, m]: 32/bits consecutive rows per word, low bits first."""

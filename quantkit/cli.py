@@ -7,13 +7,13 @@ import os
 import signal
 import sys
 import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
 from . import __version__
 from .errors import InputError, QuantkitError, Terminated
+from .outputs import check_out_dir, check_out_file
 
 
 # optional libraries -> the extra that installs them (pyproject.toml)
@@ -96,24 +96,6 @@ def main():
     logging.getLogger("gguf").setLevel(logging.ERROR)
 
 
-def merge_options(fn):
-    """--lora/--weight/--residual/--scale/--ignore-base-name, shared by `export` and `merge`."""
-    opts = [
-        click.option("--lora", "loras", multiple=True, type=click.Path(path_type=Path),
-                     help="PEFT LoRA adapter directory to merge (repeatable: applied in order)."),
-        click.option("--weight", "weights", multiple=True, type=float,
-                     help="Scale of each --lora, in the same order (default 1.0 each)."),
-        click.option("--residual", type=click.Path(path_type=Path),
-                     help="Full-rank residual checkpoint to add (from `quantkit residual extract`)."),
-        click.option("--scale", type=float, default=1.0, show_default=True, help="Scale of --residual."),
-        click.option("--ignore-base-name", is_flag=True,
-                     help="Merge an adapter even if its base_model_name_or_path names another model."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
-
-
 def _group_size(ctx, param, value):
     if value is not None and value != -1 and value < 1:
         raise click.BadParameter(f"{value} is not a group size: -1 (one group per row) or a positive divisor "
@@ -127,63 +109,118 @@ def _damp(ctx, param, value):
     return value
 
 
-def gptq_options(fn):
-    """The GPTQ / bitsandbytes options of `export`."""
-    opts = [
-        click.option("--gptq", is_flag=True, help="Write GPTQ checkpoints: OUT/gptq (AutoGPTQ v1) and OUT/gptq-ct "
-                                                  "(compressed-tensors, loads on the CPU)."),
-        click.option("--bits", type=click.Choice(["2", "4", "8"]), default="4", show_default=True, help="GPTQ bits."),
-        click.option("--group-size", type=int, default=128, show_default=True, callback=_group_size,
-                     help="GPTQ group size (-1: one group per row); must divide every input dimension."),
-        click.option("--asym", is_flag=True, help="GPTQ with zero points (default: symmetric)."),
-        click.option("--desc-act/--no-desc-act", default=True, show_default=True,
-                     help="GPTQ act-order: quantize columns by decreasing Hessian diagonal."),
-        click.option("--static-groups/--dynamic-groups", default=True, show_default=True,
-                     help="With act-order, keep groups as consecutive columns with scales from the original weights "
-                          "(plain format); --dynamic-groups follows the act order and stores a permuted g_idx."),
-        click.option("--damp", type=float, default=0.01, show_default=True, callback=_damp,
-                     help="GPTQ dampening (x mean diag H)."),
-        click.option("--gptq-method", type=click.Choice(["gptq", "rtn"]), default="gptq", show_default=True,
-                     help="rtn: round-to-nearest in the same format (the baseline GPTQ should beat)."),
-        click.option("--gptq-format", default=None,
-                     help="Which GPTQ layouts to write, comma-separated: gptq, compressed-tensors "
-                          "(default: both; gptq alone with --dynamic-groups)."),
-        click.option("--calib", type=click.Path(path_type=Path),
-                     help="Calibration text (default: text the model generates itself). Never the eval text."),
-        click.option("--calib-samples", type=click.IntRange(min=1), default=None,
-                     help="Calibration samples [default: 128 on a GPU, 32 on a CPU]."),
-        click.option("--calib-seqlen", type=click.IntRange(min=1), default=None,
-                     help="Tokens per sample [default: 2048 on a GPU, 512 on a CPU]."),
-        click.option("--int8", is_flag=True, help="Write OUT/int8: bitsandbytes LLM.int8."),
-        click.option("--nf4", is_flag=True, help="Write OUT/nf4: bitsandbytes NF4 with double quantization."),
-        click.option("--force", is_flag=True, help="Replace existing OUT/gptq, OUT/int8 ... directories."),
-    ]
-    for opt in reversed(opts):
-        fn = opt(fn)
-    return fn
+def _comma_list(ctx, param, value):
+    if value is None:
+        return None
+    return [] if value.strip().lower() in ("", "none") else [v.strip() for v in value.split(",") if v.strip()]
+
+
+# The flags of `export`, `run` and `merge`: each sets one key of the pipeline settings
+# (pipeline_config.SCHEMA, the keys of pipeline.toml), from which `export` and `run` build the same steps;
+# a flag wins over a pipeline file's value. Defaults are the schema's.
+FLAGS = [
+    (("--base",), "input", "base", dict(type=click.Path(path_type=Path), help="The HF model directory to ship.")),
+    (("--lora",), "input", "lora", dict(multiple=True, type=click.Path(path_type=Path),
+                                        help="PEFT LoRA adapter directory to merge (repeatable: applied in order).")),
+    (("--weight",), "input", "lora_weights", dict(multiple=True, type=float,
+                                                  help="Scale of each --lora, in the same order (default 1.0 each).")),
+    (("--residual",), "input", "residual", dict(type=click.Path(path_type=Path),
+                                                help="Full-rank residual checkpoint to add (from `quantkit residual extract`).")),
+    (("--scale",), "input", "residual_scale", dict(type=float, help="Scale of --residual.")),
+    (("--ignore-base-name",), "input", "ignore_base_name",
+     dict(is_flag=True, default=None, help="Merge adapters whose base_model_name_or_path names another model.")),
+    (("-o", "--out"), "output", "dir", dict(type=click.Path(path_type=Path), help="Output directory OUT.")),
+    (("--device",), "output", "device", dict(help="auto, cpu or cuda[:N]: where to work.")),
+    (("--gguf",), "gguf", "types", dict(callback=_comma_list, help="GGUF types, e.g. q4_k_m,q5_k_m,q8_0 (none: no GGUF).")),
+    (("--ollama/--no-ollama",), "gguf", "ollama", dict(default=None, help="An Ollama Modelfile beside each GGUF.")),
+    (("--imatrix",), "gguf", "imatrix", dict(help='Importance matrix for the K-quants: a file (`quantkit imatrix`), '
+                                                  'or "auto" to make one.')),
+    (("--name",), "gguf", "name", dict(help="Model name for general.name and the file names (default: from the "
+                                            "model card and folder).")),
+    (("--gptq/--no-gptq",), "gptq", "enabled", dict(default=None, help="GPTQ checkpoints: OUT/gptq (AutoGPTQ v1) and "
+                                                                       "OUT/gptq-ct (compressed-tensors).")),
+    (("--bits",), "gptq", "bits", dict(type=click.Choice(["2", "4", "8"]), callback=lambda c, p, v: v and int(v),
+                                       help="GPTQ bits.")),
+    (("--group-size",), "gptq", "group_size", dict(type=int, callback=_group_size,
+                                                   help="GPTQ group size (-1: one group per row); must divide every "
+                                                        "input dimension.")),
+    (("--sym/--asym",), "gptq", "sym", dict(default=None, help="GPTQ without / with zero points.")),
+    (("--desc-act/--no-desc-act",), "gptq", "desc_act",
+     dict(default=None, help="GPTQ act-order: quantize columns by decreasing Hessian diagonal.")),
+    (("--static-groups/--dynamic-groups",), "gptq", "static_groups",
+     dict(default=None, help="With act-order, keep groups as consecutive columns with scales from the original "
+                             "weights (plain format); --dynamic-groups follows the act order and stores a permuted "
+                             "g_idx.")),
+    (("--damp",), "gptq", "damp", dict(type=float, callback=_damp, help="GPTQ dampening (x mean diag H).")),
+    (("--gptq-method",), "gptq", "method", dict(type=click.Choice(["gptq", "rtn"]),
+                                                help="rtn: round-to-nearest in the same format (the baseline GPTQ "
+                                                     "should beat).")),
+    (("--gptq-format",), "gptq", "formats", dict(callback=_comma_list,
+                                                 help="GPTQ layouts, comma-separated: gptq, compressed-tensors "
+                                                      "(default: both; gptq alone with --dynamic-groups).")),
+    (("--calib",), "gptq", "calib", dict(type=click.Path(path_type=Path),
+                                         help="Calibration text (default: text the model generates itself). Never "
+                                              "the eval text.")),
+    (("--calib-samples",), "gptq", "calib_samples",
+     dict(type=click.IntRange(min=1), help="Calibration samples [default: 128 on a GPU, 32 on a CPU].")),
+    (("--calib-seqlen",), "gptq", "calib_seqlen",
+     dict(type=click.IntRange(min=1), help="Tokens per sample [default: 2048 on a GPU, 512 on a CPU].")),
+    (("--int8/--no-int8",), "bnb", "int8", dict(default=None, help="bitsandbytes LLM.int8 in OUT/int8.")),
+    (("--nf4/--no-nf4",), "bnb", "nf4", dict(default=None, help="bitsandbytes NF4 with double quantization in OUT/nf4.")),
+    (("--bench/--no-bench",), "bench", "enabled", dict(default=None, help="The report in OUT/report.")),
+    (("--text",), "bench", "text", dict(type=click.Path(path_type=Path), help="Evaluation text.")),
+    (("--ctx",), "bench", "ctx", dict(type=click.IntRange(min=1), help="Tokens per window.")),
+    (("--limit-chunks",), "bench", "limit_chunks", dict(type=click.IntRange(min=0), help="Score the first N windows.")),
+    (("--gpus",), "bench", "gpus", dict(callback=_comma_list, help="GPU tiers of the report, e.g. rtx4090,a100-40.")),
+]
+
+
+def _flag_name(decls: tuple[str, ...]) -> str:
+    return decls[-1].split("/")[0]
+
+
+def flag_options(*names: str):
+    """FLAGS as click options (parameter `section__key`), all of them or those named (e.g. "--lora")."""
+    def decorate(fn):
+        from .pipeline_config import SCHEMA
+        for decls, section, key, kw in reversed(FLAGS):
+            if names and _flag_name(decls) not in names:
+                continue
+            default = SCHEMA[section][key].default
+            if default not in (None, "", [], 0) and not isinstance(default, bool) and "[default" not in kw["help"]:
+                kw = {**kw, "help": f"{kw['help']} [default: {default}]"}
+            fn = click.option(*decls, f"{section}__{key}", **kw)(fn)
+        return fn
+    return decorate
+
+
+def _overrides(flags: dict) -> dict:
+    """{(section, key): (value, flag)} of the FLAGS given on the command line."""
+    out = {}
+    for decls, section, key, _ in FLAGS:
+        value = flags.get(f"{section}__{key}")
+        if value is None or value == ():
+            continue
+        out[(section, key)] = (list(value) if isinstance(value, tuple) else value, _flag_name(decls))
+    return out
+
+
+EXPORT_FLAGS = ("--gguf", "--ollama", "--imatrix", "--name", "--lora", "--weight", "--residual", "--scale",
+                "--ignore-base-name", "--gptq", "--bits", "--group-size", "--sym", "--desc-act", "--static-groups",
+                "--damp", "--gptq-method", "--gptq-format", "--calib", "--calib-samples", "--calib-seqlen", "--int8",
+                "--nf4", "--device", "--out")
 
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@click.option("--gguf", "gguf_types", default=None,
-              help="Comma-separated GGUF types: q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q5_1, q5_0, q4_1, q4_0, bf16, f16 "
-                   "(default: q4_k_m,q5_k_m,q8_0 unless only --gptq/--int8/--nf4 are asked for).")
-@click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), help="Output directory (required unless --dry-run).")
-@click.option("--name", default=None, help="Model name for metadata and file names (default: from the model card/dir).")
-@click.option("--ollama", is_flag=True, help="Also write an Ollama Modelfile next to each GGUF.")
+@flag_options(*EXPORT_FLAGS)
 @click.option("--dry-run", is_flag=True, help="Print the per-tensor type plan and exit without reading weights.")
-@click.option("--imatrix", type=click.Path(path_type=Path),
-              help="Importance matrix (from `quantkit imatrix` or llama-imatrix) for the K-quant searches.")
-@merge_options
-@gptq_options
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]: where to quantize.")
+@click.option("--force", is_flag=True, help="Replace existing OUT/gptq, OUT/int8 ... directories.")
 @click.option("--stats", type=click.Path(path_type=Path),
               help="Write the GGUF export's wall time, peak RSS and peak GPU memory to this JSON file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @one_line_errors
-def export(model, gguf_types, out_dir, name, ollama, dry_run, imatrix, loras, weights, residual, scale, ignore_base_name,
-           gptq, bits, group_size, asym, desc_act, static_groups, damp, gptq_method, gptq_format, calib, calib_samples,
-           calib_seqlen, int8, nf4, force, device, stats, quiet):
+def export(model, dry_run, force, stats, quiet, **flags):
     """Export a HF model directory to GGUF files (all types in one pass), GPTQ and bitsandbytes checkpoints.
 
     Reads each tensor of MODEL (config.json + safetensors + tokenizer.json) once and writes one
@@ -191,7 +228,8 @@ def export(model, gguf_types, out_dir, name, ollama, dry_run, imatrix, loras, we
     or --residual the merge happens on the fly: the same tensors as `quantkit merge` then export,
     with no merged copy on disk (the files are named after MODEL; --name names the fine-tune).
     --gptq quantizes layer by layer with GPTQ on calibration text; --int8 / --nf4 go through
-    bitsandbytes. What those would refuse is checked before the GGUF pass.
+    bitsandbytes. Everything every output needs is checked before the first one starts. The steps
+    are `quantkit run`'s, with the files straight in OUT and no manifest.
 
     \b
     Examples:
@@ -203,143 +241,54 @@ def export(model, gguf_types, out_dir, name, ollama, dry_run, imatrix, loras, we
       quantkit export ./my-model --gptq --group-size 128 --int8 --nf4 -o ./out   # out/gptq, gptq-ct, int8, nf4
     """
     _quiet_libraries(quiet)
-    from .export import export_gguf
-    from .merge import open_model
-    from .plan import parse_variants
+    from . import pipeline as pl
+    from .pipeline_config import parse
 
-    others = gptq or int8 or nf4
-    if gguf_types is not None and not gguf_types.strip():
+    overrides = _overrides(flags)
+    others = any(flags[k] for k in ("gptq__enabled", "bnb__int8", "bnb__nf4"))
+    if flags["gguf__types"] == [] and not others:
         raise click.UsageError("--gguf is empty: name the types (q8_0, q4_k_m, ...: see --help), or leave it out")
-    variants = parse_variants(gguf_types or "q4_k_m,q5_k_m,q8_0") if (gguf_types or not others) else []
-    if stats is not None:
-        _check_out_file(stats, model)
-    if out_dir is None and not dry_run:
+    if flags["gguf__types"] is None and others:
+        overrides[("gguf", "types")] = ([], "--gguf")          # GPTQ / bitsandbytes alone: no GGUF unless asked
+    overrides[("input", "base")] = (model, "MODEL")
+    overrides.setdefault(("gguf", "ollama"), (False, "--ollama"))
+    overrides[("bench", "enabled")] = (False, "")
+    if flags["output__dir"] is None and not dry_run:
         raise click.UsageError("missing option '-o' / '--out' (the output directory)")
-    dynamic = desc_act and not static_groups
-    formats = tuple(f.strip() for f in (gptq_format or ("gptq" if dynamic else "gptq,compressed-tensors")).split(",")
-                    if f.strip())
-    from .gptq import FORMATS
-    if gptq and (not formats or set(formats) - set(FORMATS)):
-        raise click.UsageError(f"--gptq-format: choose from {', '.join(FORMATS)}")
-    if gptq and dynamic and "compressed-tensors" in formats:
-        raise click.UsageError("--dynamic-groups cannot be written as compressed-tensors (it dropped "
-                               "actorder 'group' in 0.20): use --gptq-format gptq or static groups")
-    dev = _resolve_device(device, dry_run=dry_run)
-    src = open_model(model, loras, weights, residual, scale, device=dev, ignore_base_name=ignore_base_name)
-    if gptq:
-        from .gptq import calibration_size
-        if (calib_samples is None or calib_seqlen is None) and gptq_method == "gptq" and not quiet and not dry_run:
-            n, t = calibration_size(calib_samples, calib_seqlen, dev)
-            click.echo(f"GPTQ calibration on {dev}: {n} samples x {t} tokens (--calib-samples / --calib-seqlen "
-                       "to change; 128 x 2048 on a GPU, 32 x 512 on a CPU, where a 135M model takes ~5 min)", err=True)
-        calib_samples, calib_seqlen = calibration_size(calib_samples, calib_seqlen, dev)
-    if others and not dry_run:
-        _check_others(src, Path(out_dir), gptq=gptq, formats=formats, bits=int(bits), group_size=group_size,
-                      calib=calib, calib_samples=calib_samples, calib_seqlen=calib_seqlen, force=force,
-                      modes=[m for m, on in (("int8", int8), ("nf4", nf4)) if on])
-    if variants:
-        res = export_gguf(src, variants, out_dir, name=name, device=dev, progress=not quiet, dry_run=dry_run,
-                          imatrix=imatrix)
-        if dry_run:
-            return
-        if ollama:
-            from .ollama import write_modelfiles
-            write_modelfiles(Path(model), res.files)
-        for v, path in res.files.items():
-            click.echo(f"{v.upper():8} {path.stat().st_size / 2**20:10.1f} MiB  {path}")
-        click.echo(f"done in {res.seconds:.1f} s; details in {Path(out_dir) / 'export.json'}")
-        if stats:
-            _write_stats(stats, res.seconds, dev)
-    if not others or dry_run:
+    if stats is not None:
+        check_out_file(stats, model)
+    cfg = parse(None, overrides)
+    try:
+        dev = _resolve_device(cfg["output"]["device"], flag="", dry_run=dry_run)
+    except QuantkitError as e:
+        raise cfg.error("output", "device", str(e)) from None
+    if dry_run:
+        if cfg["gguf"]["types"]:
+            from .export import export_gguf
+            from .plan import parse_variants
+            export_gguf(pl.source(cfg, dev), parse_variants(",".join(cfg["gguf"]["types"])), None, dry_run=True)
         return
-    with _on_disk(src, Path(out_dir), quiet) as model_dir:
-        if gptq:
-            from .gptq import GPTQSettings, quantize, write
-            s = GPTQSettings(bits=int(bits), group_size=group_size, sym=not asym, act_order=desc_act,
-                             static_groups=static_groups, damp=damp, method=gptq_method, calib=calib,
-                             n_samples=calib_samples, seed=0, seqlen=calib_seqlen, formats=formats)
-            qmodel, result = quantize(model_dir, s, dev, progress=not quiet)
-            for fmt, d in write(qmodel, result, s, model_dir, Path(out_dir), force=force).items():
+    plan = pl.build(cfg, dev, progress=not quiet, mode=pl.EXPORT, force=force)
+
+    def report(step):
+        if step.name == "gguf":
+            res = plan.results["gguf"]
+            for v, path in res.files.items():
+                click.echo(f"{v.upper():8} {path.stat().st_size / 2**20:10.1f} MiB  {path}")
+            click.echo(f"done in {res.seconds:.1f} s; details in {plan.out / 'export.json'}")
+            if stats:
+                _write_stats(stats, res.seconds, dev)
+        elif step.name == "gptq":
+            for fmt, d in plan.results["gptq"].items():
                 click.echo(f"{'GPTQ' if fmt == 'gptq' else 'GPTQ-CT':8} {_dir_mib(d):10.1f} MiB  {d}")
-            del qmodel
-        from . import bnb
-        for mode in [m for m, on in (("int8", int8), ("nf4", nf4)) if on]:
-            d = bnb.export(model_dir, Path(out_dir) / mode, mode, device=dev, force=force)
-            click.echo(f"{mode.upper():8} {_dir_mib(d):10.1f} MiB  {d}")
-
-
-def _check_others(src, out_dir: Path, *, gptq: bool, formats, bits: int, group_size: int, calib: Path | None,
-                  calib_samples: int, calib_seqlen: int, modes: list[str], force: bool) -> None:
-    """What the GPTQ and bitsandbytes outputs would refuse, checked before any of the export's work
-    (the GGUF pass comes first): the libraries, the shapes, the calibration text, and outputs that
-    exist (without --force)."""
-    import importlib.util
-
-    from .errors import UnsupportedError
-    from .gptq import GPTQSettings, check_shapes
-    from .outputs import check_output_dir
-    base = getattr(src, "base", src)                  # a merge on the fly has the base's shapes and tokenizer
-    needed = ["transformers"] + (["bitsandbytes"] if modes else [])
-    missing = [m for m in needed if importlib.util.find_spec(m) is None]
-    if missing:
-        raise UnsupportedError(f"--gptq / --int8 / --nf4 need {' and '.join(missing)}: pip install 'quantkit[quant]'")
-    dirs = list(modes)
-    if gptq:
-        check_shapes(base, GPTQSettings(bits=bits, group_size=group_size))
-        if calib is not None:
-            from .layerwise import text_tokens
-            text_tokens(base.path, Path(calib), calib_samples, calib_seqlen)
-        dirs += ["gptq" if f == "gptq" else "gptq-ct" for f in formats]
-    inputs = src.input_paths()
-    _check_out_dir(out_dir, *inputs)
-    for d in dirs:
-        check_output_dir(out_dir / d, force, inputs)
-
-
-def _check_out_file(path: Path, *inputs: Path) -> None:
-    """An output file's place, checked before the work: not a directory, not inside an input, and a
-    directory that exists (or can be made) and takes files."""
-    from .errors import OutputError
-    from .outputs import check_creatable, refuse_inputs
-    path = Path(path)
-    if path.is_dir():
-        raise OutputError("is a directory: give a file name, e.g. imatrix.gguf", path)
-    refuse_inputs(path.parent, list(inputs))
-    check_creatable(path.parent, "cannot be written", named=path)
-
-
-def _check_out_dir(path: Path, *inputs: Path) -> None:
-    """A directory files will be written into, checked before the work: not a file, not inside an
-    input, and one that exists (or can be made) and takes files."""
-    from .errors import OutputError
-    from .outputs import check_creatable, refuse_inputs
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise OutputError("is a file, not a directory", path)
-    refuse_inputs(path, list(inputs))
-    check_creatable(path, "cannot be written")
+        elif step.name in ("int8", "nf4"):
+            d = plan.results[step.name]
+            click.echo(f"{step.name.upper():8} {_dir_mib(d):10.1f} MiB  {d}")
+    pl.execute(plan, report)
 
 
 def _dir_mib(d: Path) -> float:
     return sum(p.stat().st_size for p in Path(d).glob("*.safetensors")) / 2**20
-
-
-@contextmanager
-def _on_disk(src, out_dir: Path, quiet: bool):
-    """A model directory transformers can load: the input itself, or a merged copy in OUT (removed after)."""
-    from .merged import MergedModel
-    if not isinstance(src, MergedModel):
-        yield src.path
-        return
-    import shutil
-
-    from .merge import write_merged
-    tmp = out_dir / f".merged.partial-{os.getpid()}-for-gptq"    # a killed run's is swept by the next
-    try:
-        write_merged(src, tmp, progress=not quiet)
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @main.command("imatrix")
@@ -369,7 +318,7 @@ def imatrix_cmd(model, out_file, calib, calib_samples, calib_seqlen, device, qui
     """
     _quiet_libraries(quiet)
     from .imatrix import collect, write
-    _check_out_file(out_file, model)
+    check_out_file(out_file, model)
     im = collect(model, calib=calib, n_samples=calib_samples, seqlen=calib_seqlen, device=_resolve_device(device),
                  progress=not quiet)
     write(im, out_file)
@@ -378,7 +327,7 @@ def imatrix_cmd(model, out_file, calib, calib_samples, calib_seqlen, device, qui
 
 @main.command()
 @click.argument("base", type=click.Path(path_type=Path))
-@merge_options
+@flag_options("--lora", "--weight", "--residual", "--scale", "--ignore-base-name")
 @click.option("-o", "--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Output model directory (must not exist, or be empty, unless --force).")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
@@ -390,8 +339,7 @@ def imatrix_cmd(model, out_file, calib, calib_samples, calib_seqlen, device, qui
 @click.option("--force", is_flag=True, help="Replace an existing output directory (once the new one is complete).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @one_line_errors
-def merge(base, loras, weights, residual, scale, ignore_base_name, out_dir, dtype, shard_size, files_from, device,
-          force, quiet):
+def merge(base, out_dir, dtype, shard_size, files_from, device, force, quiet, **flags):
     """Merge LoRA adapters and/or a residual into BASE and write a complete HF model directory.
 
     Computes W + scale * (B @ A) (DoRA, rsLoRA, rank/alpha patterns, modules_to_save and embedding
@@ -407,6 +355,8 @@ def merge(base, loras, weights, residual, scale, ignore_base_name, out_dir, dtyp
     from .merge import open_model, parse_size, write_merged
     from .merged import MergedModel
 
+    loras, weights, residual = flags["input__lora"], flags["input__lora_weights"], flags["input__residual"]
+    scale = 1.0 if flags["input__residual_scale"] is None else flags["input__residual_scale"]
     if not loras and residual is None:
         raise click.UsageError("nothing to merge: give --lora and/or --residual")
     shard_bytes = parse_size(shard_size)
@@ -414,7 +364,7 @@ def merge(base, loras, weights, residual, scale, ignore_base_name, out_dir, dtyp
         raise InputError("--files-from: no tokenizer.json here; give the model directory whose tokenizer, chat "
                          "template and generation config the merged model should carry", files_from)
     src = open_model(base, loras, weights, residual, scale, dtype=dtype, device=_resolve_device(device),
-                     ignore_base_name=ignore_base_name)
+                     ignore_base_name=bool(flags["input__ignore_base_name"]))
     assert isinstance(src, MergedModel)
     note = write_merged(src, out_dir, files_from=files_from, shard_bytes=shard_bytes,
                         progress=not quiet, force=force)
@@ -492,7 +442,7 @@ def bench(baseline, variants, out_dir, text, ctx, limit_chunks, device, gpus, ex
 
     if not variants:
         raise click.UsageError("give at least one variant (a .gguf file or a model directory)")
-    _check_out_dir(out_dir, baseline, *[v for v in variants if Path(v).is_dir()])
+    check_out_dir(out_dir, baseline, *[v for v in variants if Path(v).is_dir()])
     suite.check_extras(gguf=any(Path(v).suffix == ".gguf" for v in variants))
     try:
         selected = vram.parse_gpus([g.strip() for g in gpus.split(",")] if gpus else None, list(extra_gpus),
@@ -525,59 +475,15 @@ def init(path, force):
     from .pipeline_config import example
     if path.exists() and not force:
         raise click.UsageError(f"{path} exists (--force replaces it)")
-    _check_out_file(path)
+    check_out_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, example())
     click.echo(f"wrote {path}: edit [input] base, then `quantkit run {path} --dry-run`")
 
 
-def _comma_list(ctx, param, value):
-    if value is None:
-        return None
-    return [] if value.strip().lower() in ("", "none") else [v.strip() for v in value.split(",") if v.strip()]
-
-
-# `quantkit run` flags: each sets one pipeline.toml key (and wins over the file's value)
-RUN_FLAGS = [
-    (("--base",), "input", "base", dict(type=click.Path(path_type=Path), help="The HF model directory to ship.")),
-    (("--lora",), "input", "lora", dict(multiple=True, type=click.Path(path_type=Path),
-                                        help="PEFT adapter to merge (repeatable, in order).")),
-    (("--weight",), "input", "lora_weights", dict(multiple=True, type=float, help="Scale of each --lora.")),
-    (("--residual",), "input", "residual", dict(type=click.Path(path_type=Path), help="Full-rank residual to add.")),
-    (("--scale",), "input", "residual_scale", dict(type=float, help="Scale of --residual.")),
-    (("--ignore-base-name",), "input", "ignore_base_name",
-     dict(is_flag=True, default=None, help="Merge adapters whose base_model_name_or_path names another model.")),
-    (("-o", "--out"), "output", "dir", dict(type=click.Path(path_type=Path), help="Output directory OUT.")),
-    (("--device",), "output", "device", dict(help="auto, cpu or cuda[:N].")),
-    (("--gguf",), "gguf", "types", dict(callback=_comma_list, help="GGUF types, e.g. q4_k_m,q5_k_m,q8_0 (none: no GGUF).")),
-    (("--ollama/--no-ollama",), "gguf", "ollama", dict(default=None, help="Modelfiles beside the GGUFs.")),
-    (("--imatrix",), "gguf", "imatrix", dict(help='Importance matrix for the K-quants: a file, or "auto" to make one.')),
-    (("--gptq/--no-gptq",), "gptq", "enabled", dict(default=None, help="GPTQ checkpoints (OUT/gptq, OUT/gptq-ct).")),
-    (("--bits",), "gptq", "bits", dict(type=click.Choice(["2", "4", "8"]), callback=lambda c, p, v: v and int(v),
-                                       help="GPTQ bits.")),
-    (("--group-size",), "gptq", "group_size", dict(type=int, help="GPTQ group size.")),
-    (("--calib",), "gptq", "calib", dict(type=click.Path(path_type=Path), help="GPTQ calibration text.")),
-    (("--calib-samples",), "gptq", "calib_samples", dict(type=click.IntRange(min=1), help="Calibration samples.")),
-    (("--calib-seqlen",), "gptq", "calib_seqlen", dict(type=click.IntRange(min=1), help="Tokens per sample.")),
-    (("--int8/--no-int8",), "bnb", "int8", dict(default=None, help="bitsandbytes LLM.int8 in OUT/int8.")),
-    (("--nf4/--no-nf4",), "bnb", "nf4", dict(default=None, help="bitsandbytes NF4 in OUT/nf4.")),
-    (("--bench/--no-bench",), "bench", "enabled", dict(default=None, help="The report in OUT/report.")),
-    (("--text",), "bench", "text", dict(type=click.Path(path_type=Path), help="Evaluation text.")),
-    (("--ctx",), "bench", "ctx", dict(type=click.IntRange(min=1), help="Tokens per window.")),
-    (("--limit-chunks",), "bench", "limit_chunks", dict(type=click.IntRange(min=0), help="Score the first N windows.")),
-    (("--gpus",), "bench", "gpus", dict(callback=_comma_list, help="GPU tiers of the report, e.g. rtx4090,a100-40.")),
-]
-
-
-def run_flags(fn):
-    for decls, section, key, kw in reversed(RUN_FLAGS):
-        fn = click.option(*decls, f"{section}__{key}", **kw)(fn)
-    return fn
-
-
 @main.command()
 @click.argument("pipeline", type=click.Path(path_type=Path), required=False)
-@run_flags
+@flag_options()
 @click.option("--dry-run", is_flag=True, help="Print the steps, what is already done, sizes and disk space; run nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars (one line per step stays).")
 @click.option("--rehash", is_flag=True,
@@ -605,14 +511,7 @@ def run(pipeline, dry_run, quiet, rehash, **flags):
     from .manifest import Manifest, run_steps
     from .pipeline_config import parse
 
-    overrides = {}
-    for decls, section, key, _ in RUN_FLAGS:
-        value = flags[f"{section}__{key}"]
-        if value is None or value == ():
-            continue
-        if isinstance(value, tuple):
-            value = list(value)
-        overrides[(section, key)] = (value, decls[-1].split("/")[0])
+    overrides = _overrides(flags)
     if pipeline is None and not overrides:
         raise click.UsageError("give a pipeline file (quantkit init writes one) or --base and the outputs wanted")
     cfg = parse(pipeline, overrides)

@@ -122,6 +122,26 @@ def check_creatable(path: Path, problem: str = "cannot be created", named: Path 
                           named or path)
 
 
+def check_out_file(path: Path, *inputs: Path) -> None:
+    """An output file's place, checked before the work: not a directory, not inside an input, and a
+    directory that exists (or can be made) and takes files."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError("is a directory: give a file name, e.g. imatrix.gguf", path)
+    refuse_inputs(path.parent, list(inputs))
+    check_creatable(path.parent, "cannot be written", named=path)
+
+
+def check_out_dir(path: Path, *inputs: Path) -> None:
+    """A directory files will be written into, checked before the work: not a file, not inside an
+    input, and one that exists (or can be made) and takes files."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError("is a file, not a directory", path)
+    refuse_inputs(path, list(inputs))
+    check_creatable(path, "cannot be written")
+
+
 def check_output_dir(out: Path, force: bool, inputs: list[Path] = ()) -> None:
     """What staged_output refuses, for a caller to check before any work: `out` is or holds an
     input, or exists and is not empty (without force)."""

@@ -1,4 +1,6 @@
-"""`quantkit run pipeline.toml`: merge → (imatrix →) GGUF → GPTQ → INT8 / NF4 → bench, resumable.
+"""The one orchestrator: merge → (imatrix →) GGUF → GPTQ → INT8 / NF4 → bench, as steps built from one
+settings object (pipeline_config.Pipeline), which `quantkit run`'s pipeline.toml and flags and `quantkit
+export`'s flags both fill. `run` executes them through the manifest (resumable); `export` in order.
 
 Each stage is a manifest.Step with its inputs, settings and outputs; manifest.run_steps skips those
 whose record still holds. Every stage writes through outputs.staged_output (a hidden directory
@@ -14,122 +16,190 @@ renamed into place), so a killed run leaves no output under its final name that 
 from __future__ import annotations
 
 import fcntl
+import importlib.util
+import os
 import re
 import shutil
+import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
-from .errors import OutputError, QuantkitError
+from .errors import OutputError, QuantkitError, UnsupportedError
 from .hfmodel import HFModel
 from .manifest import Manifest, Step
-from .outputs import check_creatable, existing_ancestor, inside_input, staged_output
-from .pipeline_config import Pipeline
+from .outputs import check_creatable, check_out_dir, check_output_dir, existing_ancestor, inside_input, staged_output
+from .pipeline_config import Pipeline, gptq_formats
+
+
+RUN, EXPORT = "run", "export"
 
 
 @dataclass
 class Plan:
     steps: list[Step]
     out: Path
-    model_dir: Path            # what every export reads: OUT/merged or the base
+    model_dir: Path            # what the transformers steps read: OUT/merged (a temporary copy for export) or the base
+    temporary: list[Path] = field(default_factory=list)     # removed once the steps are done (export)
+    results: dict[str, Any] = field(default_factory=dict)   # what each step made: ExportResult, directories
 
 
-def build(cfg: Pipeline, device: str, *, progress: bool = True) -> Plan:
-    """The steps of `cfg`; `device` is resolved by the caller (cpu, cuda, cuda:N)."""
-    inp, out_cfg = cfg["input"], cfg["output"]
-    out = Path(out_cfg["dir"])
-    base = Path(inp["base"])
+def build(cfg: Pipeline, device: str, *, progress: bool = True, mode: str = RUN, force: bool = False) -> Plan:
+    """The steps of `cfg`, for both commands; `device` is resolved by the caller (cpu, cuda, cuda:N).
+
+    mode "run" (`quantkit run`): OUT/merged, OUT/imatrix, OUT/gguf, OUT/gptq..., OUT/report, each staged and
+    recorded in the manifest, replaced when its record no longer holds.
+    mode "export" (`quantkit export`): the GGUFs straight into OUT, adapters merged on the fly as the
+    tensors are read; a merged copy only when a transformers step needs one, removed after; an existing
+    OUT/gptq, OUT/int8 ... needs `force`."""
+    inp, gg, g, b = cfg["input"], cfg["gguf"], cfg["gptq"], cfg["bench"]
+    out, base = Path(cfg["output"]["dir"]), Path(inp["base"])
     base_model = HFModel(base)                         # checks the base now: a clear error before any step
-    check_inputs(cfg, base_model, device)
+    # export: the GGUF pass comes first (it checks its own inputs before any work), unless it needs an
+    # importance matrix made first
+    gguf_first = mode == EXPORT and bool(gg["types"]) and gg["imatrix"] != "auto"
+    check_inputs(cfg, base_model, device, mode=mode, force=force, check_gguf=not gguf_first)
     n = base_model.n_params()
-    steps: list[Step] = []
+    plan = Plan([], out, base)
+    steps = plan.steps
     merged = bool(inp["lora"] or inp["residual"])
-    model_dir = out / "merged" if merged else base
+    types, bnb_modes = gg["types"], [m for m in ("int8", "nf4") if cfg["bnb"][m]]
+    keep = mode == RUN                                 # run: its own outputs, replaced; export: force decides
+    needs_dir = g["enabled"] or bnb_modes or b["enabled"] or (types and gg["imatrix"] == "auto")
 
-    if merged:
+    if merged and (mode == RUN or needs_dir):
+        plan.model_dir = out / "merged" if mode == RUN else out / f".merged.partial-{os.getpid()}-for-gptq"
+        if mode == EXPORT:
+            plan.temporary.append(plan.model_dir)      # a killed run's is swept by the next writer
+
         def do_merge():
-            from .merge import open_model, write_merged
-            src = open_model(base, inp["lora"], inp["lora_weights"], inp["residual"] or None, inp["residual_scale"],
-                             device=device, ignore_base_name=inp["ignore_base_name"])
-            write_merged(src, out / "merged", progress=progress, force=True)
+            from .merge import write_merged
+            write_merged(source(cfg, device), plan.model_dir, progress=progress, force=True)
         steps.append(Step("merge", [base, *_merged_in(inp)],
                           {"lora_weights": inp["lora_weights"], "residual_scale": inp["residual_scale"]},
-                          [out / "merged"], do_merge, expected_bytes=2 * n))
+                          [plan.model_dir], do_merge, expected_bytes=2 * n))
 
-    types, gg = cfg["gguf"]["types"], cfg["gguf"]
     imatrix = None
     if types and gg["imatrix"] == "auto":
-        imatrix = out / "imatrix" / "imatrix.gguf"
-        g = cfg["gptq"]
+        imatrix = out / "imatrix" / "imatrix.gguf" if mode == RUN else out / "imatrix.gguf"
 
         def do_imatrix():
             from . import imatrix as imx
-            with staged_output(out / "imatrix", True, [model_dir]) as tmp:
-                im = imx.collect(model_dir, calib=Path(g["calib"]) if g["calib"] else None,
-                                 n_samples=gg["imatrix_samples"], seqlen=gg["imatrix_seqlen"], device=device,
-                                 progress=progress)
-                imx.write(im, tmp / "imatrix.gguf")
-        steps.append(Step("imatrix", [model_dir] + ([Path(g["calib"])] if g["calib"] else []),
+            im = imx.collect(plan.model_dir, calib=Path(g["calib"]) if g["calib"] else None,
+                             n_samples=gg["imatrix_samples"], seqlen=gg["imatrix_seqlen"], device=device,
+                             progress=progress)
+            if mode == RUN:
+                with staged_output(imatrix.parent, True, [plan.model_dir]) as tmp:
+                    imx.write(im, tmp / imatrix.name)
+            else:
+                imx.write(im, imatrix)
+        steps.append(Step("imatrix", [plan.model_dir] + ([Path(g["calib"])] if g["calib"] else []),
                           {"samples": gg["imatrix_samples"], "seqlen": gg["imatrix_seqlen"], "calib": g["calib"]},
-                          [out / "imatrix"], do_imatrix, expected_bytes=1 << 20))
+                          [imatrix.parent if mode == RUN else imatrix], do_imatrix, expected_bytes=1 << 20))
     elif types and gg["imatrix"]:
         imatrix = Path(gg["imatrix"])
     if types:
         from .plan import parse_variants
         variants = parse_variants(",".join(types))
 
-        def do_gguf():
+        def gguf_into(dest: Path):
             from .export import export_gguf
             from .ollama import write_modelfiles
-            with staged_output(out / "gguf", True, [model_dir]) as tmp:
-                # general.* from the base, as `export --lora` has them (OUT/merged would give "Merged")
-                res = export_gguf(model_dir, variants, tmp, name_from=base if merged else None, device=device,
-                                  progress=progress, imatrix=imatrix)
-                if gg["ollama"]:
-                    write_modelfiles(model_dir, res.files)
-        steps.append(Step("gguf", [model_dir] + ([imatrix] if imatrix else []), dict(gg), [out / "gguf"], do_gguf,
+            # run reads OUT/merged and names the files after the base, as export --lora does (merged
+            # would give "Merged"); export reads the base with the adapters merged on the fly
+            src = plan.model_dir if mode == RUN else source(cfg, device)
+            res = export_gguf(src, variants, dest, name=gg["name"] or None,
+                              name_from=base if merged and mode == RUN else None, device=device,
+                              progress=progress, imatrix=imatrix)
+            if gg["ollama"]:
+                write_modelfiles(base, res.files)
+            plan.results["gguf"] = res
+
+        def do_gguf():
+            if mode == EXPORT:
+                return gguf_into(out)
+            with staged_output(out / "gguf", True, [plan.model_dir]) as tmp:
+                gguf_into(tmp)
+        steps.insert(0 if gguf_first else len(steps),
+                     Step("gguf", [plan.model_dir] + ([imatrix] if imatrix else []), dict(gg),
+                          [out / "gguf" if mode == RUN else out], do_gguf,
                           expected_bytes=int(sum(n * v.bpw / 8 for v in variants))))
 
     variants_for_bench: list[Path] = []
-    g = cfg["gptq"]
     if g["enabled"]:
+        settings = gptq_settings(g, device)
+        dirs = [out / ("gptq" if f == "gptq" else "gptq-ct") for f in settings.formats]
+
         def do_gptq():
-            from .gptq import GPTQSettings, calibration_size, quantize, write
-            n_samples, seqlen = calibration_size(g["calib_samples"], g["calib_seqlen"], device)
-            s = GPTQSettings(bits=g["bits"], group_size=g["group_size"], sym=g["sym"], act_order=g["desc_act"],
-                             damp=g["damp"], calib=Path(g["calib"]) if g["calib"] else None,
-                             n_samples=n_samples, seqlen=seqlen)
-            model, result = quantize(model_dir, s, device, progress=progress)
-            write(model, result, s, model_dir, out, force=True)
-        steps.append(Step("gptq", [model_dir] + ([Path(g["calib"])] if g["calib"] else []), dict(g),
-                          [out / "gptq", out / "gptq-ct"], do_gptq, expected_bytes=int(2 * n * (g["bits"] / 8 + 0.1))))
-        variants_for_bench.append(out / "gptq-ct")
+            from .gptq import quantize, write
+            if progress and settings.method == "gptq" and not (g["calib_samples"] and g["calib_seqlen"]):
+                print(f"GPTQ calibration on {device}: {settings.n_samples} samples x {settings.seqlen} tokens "
+                      "(128 x 2048 on a GPU, 32 x 512 on a CPU, where a 135M model takes ~5 min; "
+                      "--calib-samples / --calib-seqlen to change)", file=sys.stderr)
+            model, result = quantize(plan.model_dir, settings, device, progress=progress)
+            plan.results["gptq"] = write(model, result, settings, plan.model_dir, out, force=keep or force)
+        steps.append(Step("gptq", [plan.model_dir] + ([Path(g["calib"])] if g["calib"] else []), dict(g), dirs,
+                          do_gptq, expected_bytes=int(2 * n * (g["bits"] / 8 + 0.1))))
+        if "compressed-tensors" in settings.formats:
+            variants_for_bench.append(out / "gptq-ct")
 
-    for mode, frac in (("int8", 1.1), ("nf4", 0.6)):
-        if cfg["bnb"][mode]:
-            def do_bnb(mode=mode):
+    for mode_, frac in (("int8", 1.1), ("nf4", 0.6)):
+        if mode_ in bnb_modes:
+            def do_bnb(m=mode_):
                 from . import bnb
-                bnb.export(model_dir, out / mode, mode, device=device, force=True)
-            steps.append(Step(mode, [model_dir], {"mode": mode}, [out / mode], do_bnb, expected_bytes=int(n * frac)))
-            variants_for_bench.append(out / mode)
+                plan.results[m] = bnb.export(plan.model_dir, out / m, m, device=device, force=keep or force)
+            steps.append(Step(mode_, [plan.model_dir], {"mode": mode_}, [out / mode_], do_bnb,
+                              expected_bytes=int(n * frac)))
+            variants_for_bench.append(out / mode_)
 
-    b = cfg["bench"]
     if b["enabled"]:
         def do_bench():
             from .bench import suite, vram
             ggufs = sorted((out / "gguf").glob("*.gguf")) if types else []
             gpus = vram.parse_gpus(b["gpus"] or None, [], None)
-            with staged_output(out / "report", True, [model_dir]) as tmp:
-                suite.run(model_dir, ggufs + variants_for_bench, tmp, text=Path(b["text"]) if b["text"] else None,
-                          ctx=b["ctx"], device=device, limit_chunks=b["limit_chunks"] or None, gpus=gpus,
-                          progress=progress, name=_model_name(base) + (" + " + ", ".join(
-                              Path(a).name for a in inp["lora"] + ([inp["residual"]] if inp["residual"] else []))
-                              if merged else ""))
-        inputs = [model_dir] + ([out / "gguf"] if types else []) + variants_for_bench + \
+            with staged_output(out / "report", True, [plan.model_dir]) as tmp:
+                suite.run(plan.model_dir, ggufs + variants_for_bench, tmp,
+                          text=Path(b["text"]) if b["text"] else None, ctx=b["ctx"], device=device,
+                          limit_chunks=b["limit_chunks"] or None, gpus=gpus, progress=progress,
+                          name=_model_name(base) + (" + " + ", ".join(Path(a).name for a in _merged_in(inp))
+                                                    if merged else ""))
+        inputs = [plan.model_dir] + ([out / "gguf"] if types else []) + variants_for_bench + \
             ([Path(b["text"])] if b["text"] else [])
         steps.append(Step("bench", inputs, dict(b), [out / "report"], do_bench, expected_bytes=1 << 20))
-    return Plan(steps, out, model_dir)
+    return plan
+
+
+def execute(plan: Plan, after: Callable[[Step], None] | None = None) -> None:
+    """Every step in order, without a manifest (`quantkit export`); the temporary copies go at the end,
+    whatever happens."""
+    try:
+        for s in plan.steps:
+            s.run()
+            if after is not None:
+                after(s)
+    finally:
+        for t in plan.temporary:
+            shutil.rmtree(t, ignore_errors=True)
+
+
+def source(cfg: Pipeline, device: str = "cpu"):
+    """The model [input] describes: the base, or the base with its adapters and residual merged in as
+    each tensor is read (merge.MergedModel)."""
+    from .merge import open_model
+    inp = cfg["input"]
+    return open_model(Path(inp["base"]), inp["lora"], inp["lora_weights"], inp["residual"] or None,
+                      inp["residual_scale"], device=device, ignore_base_name=inp["ignore_base_name"])
+
+
+def gptq_settings(g: dict, device: str):
+    """gptq.GPTQSettings from a [gptq] section; calibration sizes of 0 take the device's defaults."""
+    from .gptq import GPTQSettings, calibration_size
+    n_samples, seqlen = calibration_size(g["calib_samples"], g["calib_seqlen"], device)
+    return GPTQSettings(bits=g["bits"], group_size=g["group_size"], sym=g["sym"], act_order=g["desc_act"],
+                        static_groups=g["static_groups"], damp=g["damp"], method=g["method"],
+                        calib=Path(g["calib"]) if g["calib"] else None, n_samples=n_samples, seed=0, seqlen=seqlen,
+                        formats=gptq_formats(g))
 
 
 def _merged_in(inp: dict) -> list[Path]:
@@ -137,21 +207,24 @@ def _merged_in(inp: dict) -> list[Path]:
     return [*map(Path, inp["lora"])] + ([Path(inp["residual"])] if inp["residual"] else [])
 
 
-def check_inputs(cfg: Pipeline, base: HFModel, device: str = "cpu") -> None:
+def check_inputs(cfg: Pipeline, base: HFModel, device: str = "cpu", *, mode: str = RUN, force: bool = False,
+                 check_gguf: bool = True) -> None:
     """Everything that can be checked before a step runs, so a mistake costs seconds, not the
     minutes of the steps before it: adapters and residual against the base, the GGUF plan and the
-    tokenizer, GPTQ's shapes and calibration text, the evaluation text, the GPU names, and OUT.
-    (NaN/Inf in the weights shows only when they are read: the step reading them stops.)"""
-    inp, out = cfg["input"], Path(cfg["output"]["dir"])
-    src = inside_input(out, [base.path, *_merged_in(inp)])
-    if src is not None:
-        raise cfg.error("output", "dir", f"the output directory {out} is inside the input {src}: "
-                        "choose a directory of its own")
+    tokenizer, the libraries the steps need, GPTQ's shapes and calibration text, the evaluation text,
+    the GPU names, and OUT. (NaN/Inf in the weights shows only when they are read: the step reading
+    them stops.)"""
+    inp, out, g = cfg["input"], Path(cfg["output"]["dir"]), cfg["gptq"]
+    bnb_modes = [m for m in ("int8", "nf4") if cfg["bnb"][m]]
+    inputs = [base.path, *_merged_in(inp)]
+    if mode == RUN:
+        src = inside_input(out, inputs)
+        if src is not None:
+            raise cfg.error("output", "dir", f"the output directory {out} is inside the input {src}: "
+                            "choose a directory of its own")
     if inp["lora"] or inp["residual"]:
-        from .merge import open_model
-        open_model(base.path, inp["lora"], inp["lora_weights"], inp["residual"] or None, inp["residual_scale"],
-                   ignore_base_name=inp["ignore_base_name"])
-    if cfg["gguf"]["types"]:
+        source(cfg)
+    if cfg["gguf"]["types"] and check_gguf:
         from .export import check
         from .plan import parse_variants
         try:
@@ -160,14 +233,18 @@ def check_inputs(cfg: Pipeline, base: HFModel, device: str = "cpu") -> None:
             raise cfg.error("gguf", "types", str(e)) from None
         imatrix = cfg["gguf"]["imatrix"]
         check(base, variants, Path(imatrix) if imatrix not in ("", "auto") else None)
-    g = cfg["gptq"]
+    if g["enabled"] or bnb_modes:
+        needed = ["transformers"] + (["bitsandbytes"] if bnb_modes else [])
+        missing = [m for m in needed if importlib.util.find_spec(m) is None]
+        if missing:
+            raise UnsupportedError(f"GPTQ / INT8 / NF4 need {' and '.join(missing)}: pip install 'quantkit[quant]'")
     if g["enabled"]:
-        from .gptq import GPTQSettings, check_shapes
-        check_shapes(base, GPTQSettings(bits=g["bits"], group_size=g["group_size"]))
+        from .gptq import check_shapes
+        settings = gptq_settings(g, device)
+        check_shapes(base, settings)
         if g["calib"]:
-            from .gptq import calibration_size
             from .layerwise import text_tokens
-            text_tokens(base.path, Path(g["calib"]), *calibration_size(g["calib_samples"], g["calib_seqlen"], device))
+            text_tokens(base.path, settings.calib, settings.n_samples, settings.seqlen)
     b = cfg["bench"]
     if b["enabled"]:
         from .bench import suite, vram
@@ -177,7 +254,13 @@ def check_inputs(cfg: Pipeline, base: HFModel, device: str = "cpu") -> None:
         except ValueError as e:
             raise cfg.error("bench", "gpus", str(e)) from None
         suite.load_text(base.path, Path(b["text"]) if b["text"] else None, b["ctx"], b["limit_chunks"] or None)
-    check_creatable(out)
+    if mode == RUN:
+        check_creatable(out)
+    elif g["enabled"] or bnb_modes:            # the GGUF pass checks its own place
+        check_out_dir(out, *inputs)
+        dirs = [("gptq" if f == "gptq" else "gptq-ct") for f in gptq_formats(g)] if g["enabled"] else []
+        for d in dirs + bnb_modes:
+            check_output_dir(out / d, force, inputs)
 
 
 # what a killed step leaves in OUT: staging directories and half-written files under hidden names

@@ -330,8 +330,8 @@ def test_output_places_are_checked_before_the_work(tiny_model, tmp_path):
 def test_flags_that_would_be_ignored_are_refused(tiny_model, tmp_path):
     out = tmp_path / "out"
     for cmd, words in [
-            (["export", str(tiny_model), "--weight", "2", "--gguf", "q8_0"], ["1 --weight values for 0 --lora"]),
-            (["export", str(tiny_model), "--scale", "2", "--gguf", "q8_0"], ["--scale 2", "no --residual"]),
+            (["export", str(tiny_model), "--weight", "2", "--gguf", "q8_0"], ["--weight", "1 values for 0 adapters"]),
+            (["export", str(tiny_model), "--scale", "2", "--gguf", "q8_0"], ["--scale", "residual_scale 2", "no residual"]),
             (["merge", str(tiny_model), "--lora", str(tiny_model), "--scale", "0.5"], ["--scale 0.5"])]:
         _assert_one_line_error(_run([*cmd, "-o", str(out), "-q"]), words, out)
         assert not out.exists(), cmd
@@ -339,7 +339,7 @@ def test_flags_that_would_be_ignored_are_refused(tiny_model, tmp_path):
 
 
 def test_merge_refuses_a_tiny_shard_size_and_files_without_a_tokenizer(tiny_model, tmp_path):
-    from quantkit.bench import synthetic
+    from quantkit.testing import synthetic
     ad = synthetic.write_lora_adapter(tiny_model, tmp_path / "adapter", r=4)
     out = tmp_path / "out"
     merge = ["merge", str(tiny_model), "--lora", str(ad), "-o", str(out), "-q"]
@@ -355,7 +355,7 @@ def test_merge_refuses_a_tiny_shard_size_and_files_without_a_tokenizer(tiny_mode
                                            ({"use_rslora": "false"}, ["use_rslora must be true or false"]),
                                            ([], ["expected a JSON object, not list"])])
 def test_adapter_config_values_of_the_wrong_type(tiny_model, tmp_path, change, words):
-    from quantkit.bench import synthetic
+    from quantkit.testing import synthetic
     ad = synthetic.write_lora_adapter(tiny_model, tmp_path / "adapter", r=4)
     cfg = json.loads((ad / "adapter_config.json").read_text())
     (ad / "adapter_config.json").write_text(json.dumps({**cfg, **change} if isinstance(change, dict) else change))
@@ -424,7 +424,7 @@ def test_sigterm_leaves_no_partial_output(command, smollm2_dir, tmp_path):
     import signal
     import time
 
-    from quantkit.bench import synthetic
+    from quantkit.testing import synthetic
     ad = synthetic.write_lora_adapter(smollm2_dir, tmp_path / "adapter", r=8)
     out = tmp_path / "out"
     args = {"merge": ["merge", str(smollm2_dir), "--lora", str(ad), "-o", str(out)],
@@ -462,7 +462,7 @@ def test_what_a_killed_run_left_is_swept_by_the_next(tiny_model, tmp_path):
     import time
 
     from quantkit import outputs
-    from quantkit.bench import synthetic
+    from quantkit.testing import synthetic
     dead = subprocess.Popen(["true"])
     dead.wait()
     out = tmp_path / "out"
@@ -497,7 +497,7 @@ def test_an_adapter_that_overflows_a_finite_base_is_named(tiny_model, tmp_path):
     # the base is finite; the merged sum is not: the message names what was merged in, not the base
     from safetensors.torch import load_file, save_file
 
-    from quantkit.bench import synthetic
+    from quantkit.testing import synthetic
     ad = synthetic.write_lora_adapter(tiny_model, tmp_path / "adapter", r=4)
     f = ad / "adapter_model.safetensors"
     t = load_file(f)

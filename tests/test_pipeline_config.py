@@ -50,7 +50,7 @@ def test_key_lines_by_hand():
     ('[input]\nbase = "m"\n[gguf]\ntypes = ["q4_k_m", 8]\n', ["line 4", "types", "a string items", "8"]),
     ('[input]\nbase = "m"\nlora = ["a", "b"]\nlora_weights = [1.0]\n', ["line 4", "1 values for 2 adapters"]),
     ('[input]\nbase = "m"\n[gptq]\nbits = 3\n', ["line 4", "bits must be 2, 4 or 8"]),
-    ('[input]\nbase = "m"\n[gptq]\ncalib_seqlen = 0\n', ["line 4", "calib_seqlen must be positive"]),
+    ('[input]\nbase = "m"\n[gptq]\ncalib_seqlen = -1\n', ["line 4", "calib_seqlen must be 0 (by device) or positive"]),
     ('[output]\ndir = "o"\n', ["[input] base is required"]),
     ('[input]\nbase = "m"\n[gguf\n', ["not valid TOML", "line 3"]),
     ('input = 3\n', ["line 1", "'input' must be a [section]"]),
