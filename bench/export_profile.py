@@ -92,33 +92,30 @@ def write_rate(work: Path, nbytes: int = 1 << 30) -> dict:
 
 def kernel_rates(dev: torch.device, chunk_sizes: list[int], values: int) -> dict:
     """Mvalues/s of quantize_rows per type and kernel chunk size (registry.CHUNK_VALUES for the device)."""
+    from quantkit.kernels import backends
     from quantkit.kernels import registry as qreg
     x = (torch.randn(values // 4096, 4096, generator=torch.Generator().manual_seed(0)) * 0.02).to(dev)
     out: dict = {}
     saved = dict(qreg.CHUNK_VALUES)
     # on a GPU, Q8_0 and the K-quants also without the whole-block kernels (the torch code around the
     # compiled searches), to see what the blocks are worth there
-    variants = [(q, "1") for q in ("q8_0", "q4_k", "q5_k", "q6_k", "q5_0", "bf16")]
+    variants = [(q, True) for q in ("q8_0", "q4_k", "q5_k", "q6_k", "q5_0", "bf16")]
     if dev.type == "cuda":
-        variants += [(q, "0") for q in ("q8_0", "q4_k", "q5_k", "q6_k")]
-    blocks_env = os.environ.get("QUANTKIT_GPU_BLOCKS")
+        variants += [(q, False) for q in ("q8_0", "q4_k", "q5_k", "q6_k")]
     try:
         for qtype, blocks in variants:
-            os.environ["QUANTKIT_GPU_BLOCKS"] = blocks
             qt = qreg.get(qtype)
-            key = qtype if blocks == "1" else f"{qtype} (no whole-block kernel)"
+            key = qtype if blocks else f"{qtype} (no whole-block kernel)"
             out[key] = {}
-            for cv in chunk_sizes:
-                qreg.CHUNK_VALUES[dev.type] = cv
-                sec = _timed(lambda: qreg.quantize_rows(x, qt), dev, 2 if dev.type == "cpu" else 5)
-                out[key][str(cv)] = round(x.numel() / sec / 1e6, 1)
+            on = backends.enabled() if blocks else {b for b in backends.enabled() if not b.endswith("-blocks")}
+            with backends.only(*on):
+                for cv in chunk_sizes:
+                    qreg.CHUNK_VALUES[dev.type] = cv
+                    sec = _timed(lambda: qreg.quantize_rows(x, qt), dev, 2 if dev.type == "cpu" else 5)
+                    out[key][str(cv)] = round(x.numel() / sec / 1e6, 1)
     finally:
         qreg.CHUNK_VALUES.clear()
         qreg.CHUNK_VALUES.update(saved)
-        if blocks_env is None:
-            os.environ.pop("QUANTKIT_GPU_BLOCKS", None)
-        else:
-            os.environ["QUANTKIT_GPU_BLOCKS"] = blocks_env
     return out
 
 

@@ -5,8 +5,8 @@ numba's default math is IEEE float32 with no FMA contraction and no reassociatio
 expression written out the same way rounds the same way. What needs care is done here: bit casts
 (nearest_int's trick, the fp16 conversion), roundf, and a NaN coding as x86 codes it.
 
-numba is optional: `available()` is False where it is missing or QUANTKIT_NUMBA=0, and the torch
-kernels run instead.
+numba is optional: `available()` is False where it is missing, and the torch kernels run instead
+(QUANTKIT_KERNELS=torch, see backends.py, runs them where it is installed).
 
 The kernels are cached on disk (cache=True: compiling them takes ~10 s). numba keys each cache on
 the kernel's own file only, so after editing this file or searches_cpu.py in a source checkout,
@@ -15,13 +15,10 @@ caches, with each install.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
 try:
-    if os.environ.get("QUANTKIT_NUMBA", "1") == "0":
-        raise ImportError("QUANTKIT_NUMBA=0")
     import numba
     import numba.extending
     from numba import prange  # noqa: F401  (re-exported for the kernel modules)

@@ -34,7 +34,7 @@ import gguf
 import torch
 from torch import Tensor
 
-from . import _ops, kquants_cpu, searches_cuda
+from . import _ops, backends, kquants_cpu, searches_cuda
 from ._ops import div, f32, nearest_int, seq_sum
 from .registry import QuantType, register
 from .searches import GROUP_MAX_EPS, make_qkx2_quants, make_qp_quants, make_qx_quants_rmse1
@@ -153,17 +153,24 @@ def _unpack_nibbles_k(qs: Tensor) -> Tensor:
     return torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(-1, QK_K)
 
 
-def _quantize_k_with_min_any(x: Tensor, qw: Tensor | None, nmax: int, pack) -> Tensor:
-    """Q4_K (nmax 15) or Q5_K (31) bytes: a compiled kernel for x's device (numba on the CPU,
-    whole blocks in CUDA) where there is one, else the torch code above, packed by `pack`."""
-    search = k_search(nmax, qw is not None)
-    if x.device.type == "cpu" and kquants_cpu.available():
-        return kquants_cpu.quantize_k_with_min(x, qw, search)
-    if searches_cuda.available(x.device, "k_with_min_blocks"):
-        return searches_cuda.quantize_k_with_min(x, qw, search)
+def _quantize_k_with_min_torch(x: Tensor, qw: Tensor | None, search: KSearch, pack) -> Tensor:
     d, dmin, ls, lm, L = _quantize_k_with_min(x, search) if qw is None else \
         _quantize_k_with_min_weighted(x, qw, search)
     return pack(_ops.le_bytes(d, 2), _ops.le_bytes(dmin, 2), _pack_scales_k4(ls, lm), L)
+
+
+# Q4_K (search.nmax 15) or Q5_K (31) blocks; the compiled ones know the packing from nmax
+_quantize_k_with_min_blocks = backends.kernel("k_with_min_blocks", [
+    backends.Impl("numba-blocks", lambda x, *a: x.device.type == "cpu" and kquants_cpu.available(),
+                  lambda x, qw, search, pack: kquants_cpu.quantize_k_with_min(x, qw, search)),
+    backends.Impl("cuda-blocks", lambda x, *a: searches_cuda.available(x.device, "k_with_min_blocks"),
+                  lambda x, qw, search, pack: searches_cuda.quantize_k_with_min(x, qw, search)),
+    backends.Impl("torch", backends.anywhere, _quantize_k_with_min_torch)])
+
+
+def _quantize_k_with_min_any(x: Tensor, qw: Tensor | None, nmax: int, pack) -> Tensor:
+    """Q4_K (nmax 15) or Q5_K (31) bytes, packed by `pack` where the torch code runs."""
+    return _quantize_k_with_min_blocks(x, qw, k_search(nmax, qw is not None), pack)
 
 
 def _pack_q4_k(d: Tensor, dmin: Tensor, scales: Tensor, L: Tensor) -> Tensor:
@@ -206,11 +213,7 @@ def dequantize_q5_k(b: Tensor) -> Tensor:
     return _dequantize_k_with_min(b, q)
 
 
-def quantize_q6_k(x: Tensor, qw: Tensor | None = None) -> Tensor:
-    if x.device.type == "cpu" and kquants_cpu.available():
-        return kquants_cpu.quantize_q6_k(x, qw)
-    if searches_cuda.available(x.device, "q6_k_blocks"):
-        return searches_cuda.quantize_q6_k(x, qw)
+def _quantize_q6_k(x: Tensor, qw: Tensor | None = None) -> Tensor:
     n = x.shape[0]
     xt = x.reshape(n * 16, 16).T.contiguous()  # [16, sub-blocks]
     scales, l_search = make_qx_quants_rmse1(xt, 32, None if qw is None else qw.reshape(n * 16, 16).T.contiguous())
@@ -241,6 +244,18 @@ def quantize_q6_k(x: Tensor, qw: Tensor | None = None) -> Tensor:
                      _ops.le_bytes(d_bits, 2)], dim=1)
     # a super-block whose scales are all ~0 is written as all-zero bytes (memset)
     return torch.where(all_zero[:, None], torch.zeros_like(out), out)
+
+
+_quantize_q6_k_blocks = backends.kernel("q6_k_blocks", [
+    backends.Impl("numba-blocks", lambda x, qw: x.device.type == "cpu" and kquants_cpu.available(),
+                  kquants_cpu.quantize_q6_k),
+    backends.Impl("cuda-blocks", lambda x, qw: searches_cuda.available(x.device, "q6_k_blocks"),
+                  searches_cuda.quantize_q6_k),
+    backends.Impl("torch", backends.anywhere, _quantize_q6_k)])
+
+
+def quantize_q6_k(x: Tensor, qw: Tensor | None = None) -> Tensor:
+    return _quantize_q6_k_blocks(x, qw)
 
 
 def dequantize_q6_k(b: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ import gguf
 import torch
 from torch import Tensor
 
-from . import _ops, legacy_cpu, searches_cuda
+from . import _ops, backends, legacy_cpu, searches_cuda
 from ._ops import f32
 from .registry import QuantType, register
 from .searches import make_qkx2_quants, make_qx_quants_rmse1
@@ -26,11 +26,7 @@ from .searches import make_qkx2_quants, make_qx_quants_rmse1
 QK = 32
 
 
-def quantize_q8_0(x: Tensor) -> Tensor:
-    if x.device.type == "cpu" and legacy_cpu.available():
-        return legacy_cpu.quantize_q8_0(x)
-    if searches_cuda.available(x.device, "q8_0_blocks"):
-        return searches_cuda.quantize_q8_0(x)
+def _quantize_q8_0(x: Tensor) -> Tensor:
     amax = x.abs().amax(dim=1)
     d = _ops.div(amax, 127.0)  # amax / ((1 << 7) - 1)
     id_ = torch.where(d != 0, _ops.div(1.0, d), torch.zeros_like(d))
@@ -41,6 +37,12 @@ def quantize_q8_0(x: Tensor) -> Tensor:
     r = _ops.round_away(x * id_[:, None])
     qs = torch.where((r >= -2.0 ** 31) & (r < 2.0 ** 31), r, torch.zeros_like(r)).to(torch.int32) & 0xFF
     return torch.cat([_ops.le_bytes(d_bits, 2), qs.to(torch.uint8)], dim=1)
+
+
+quantize_q8_0 = backends.kernel("q8_0_blocks", [
+    backends.Impl("numba-blocks", lambda x: x.device.type == "cpu" and legacy_cpu.available(), legacy_cpu.quantize_q8_0),
+    backends.Impl("cuda-blocks", lambda x: searches_cuda.available(x.device, "q8_0_blocks"), searches_cuda.quantize_q8_0),
+    backends.Impl("torch", backends.anywhere, _quantize_q8_0)])
 
 
 def dequantize_q8_0(b: Tensor) -> Tensor:

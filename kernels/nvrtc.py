@@ -92,7 +92,7 @@ def _check_cu(result: int, what: str, lib: ctypes.CDLL | None = None) -> None:
         msg = ctypes.c_char_p()
         (lib or _driver()).cuGetErrorString(result, ctypes.byref(msg))
         raise NvrtcError(f"{what}: {msg.value.decode() if msg.value else f'CUDA error {result}'} "
-                         "(QUANTKIT_NVRTC=0 uses the torch searches instead)")
+                         "(QUANTKIT_KERNELS=numba,torch uses the torch searches instead)")
 
 
 def compile_cubin(source: str, arch: str, options: list[str], name: str = "quantkit.cu") -> bytes:

@@ -5,29 +5,26 @@ _ops), with the blocks laid out position-major: x[i, b] is value i of block b.
 
 Each has compiled versions with the same bytes, since these loops are where the K-quants spend
 their time: searches_cpu (numba) for CPU tensors, searches_cuda (searches.cu through NVRTC) for
-CUDA ones. The torch code here is the reference form and the fallback where neither is available.
+CUDA ones. The torch code here is the reference form and the fallback; which one runs is the
+backends table's choice (backends.py), registered at the end of this module.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from . import searches_cpu, searches_cuda
+from . import backends, searches_cpu, searches_cuda
 from ._ops import div, f32, nearest_int, seq_sum
 
 GROUP_MAX_EPS = f32(1e-15)
 
 
-def make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
+def _make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
     """make_qkx2_quants (use_mad=false) for many sub-blocks at once.
 
     x, w: float32 [n, N], position-major (one column per sub-block, n values each).
     Returns (scale [N], the_min [N], L [n, N]); L holds small integers as float32.
     """
-    if x.device.type == "cpu" and searches_cpu.available():
-        return searches_cpu.make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep)
-    if searches_cuda.available(x.device, f"qkx2_search_{x.shape[0]}"):
-        return searches_cuda.make_qkx2_quants(x, w, nmax, rmin, rdelta, nstep)
     min_ = x.amin(0)
     max_ = x.amax(0)
     sum_w = seq_sum(w, from_zero=False)
@@ -92,16 +89,12 @@ def make_qkx2_quants(x: Tensor, w: Tensor, nmax: int, rmin: float, rdelta: float
     return torch.where(flat, zero, scale), -min_, L
 
 
-def make_qx_quants_rmse1(x: Tensor, nmax: int, qw: Tensor | None = None):
+def _make_qx_quants_rmse1(x: Tensor, nmax: int, qw: Tensor | None = None):
     """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) for many sub-blocks at once: the weights
     are qw (an importance matrix) when given, else x*x.
 
     x, qw: float32 [n, N], position-major. Returns (scale [N], L [n, N]) with L as float32.
     """
-    if x.device.type == "cpu" and searches_cpu.available():
-        return searches_cpu.make_qx_quants_rmse1(x, nmax, qw)
-    if searches_cuda.available(x.device, f"qx_rmse1_search_{x.shape[0]}"):
-        return searches_cuda.make_qx_quants_rmse1(x, nmax, qw)
     ax = x.abs()
     # `if (ax > amax) { amax = ax; max = x[i]; }`: the first value of largest magnitude
     idx = ax.argmax(0, keepdim=True)
@@ -143,16 +136,12 @@ def make_qx_quants_rmse1(x: Tensor, nmax: int, qw: Tensor | None = None):
     return torch.where(all_zero, torch.zeros_like(scale), scale), L
 
 
-def make_qp_quants(x: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
+def _make_qp_quants(x: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
     """make_qp_quants(n, nmax, x, L, quant_weights=w) for many rows at once: the super-block
     scale of n sub-block scales (or mins) x >= 0, weighted by w, and their integer codes.
 
     x, w: float32 [n, N], position-major. Returns (scale [N], L [n, N] int32, as the uint8 stores hold them).
     """
-    if x.device.type == "cpu" and searches_cpu.available():
-        return searches_cpu.make_qp_quants(x, w, nmax)
-    if searches_cuda.available(x.device, f"qp_search_{x.shape[0]}"):
-        return searches_cuda.make_qp_quants(x, w, nmax)
     n = x.shape[0]
     zero = torch.zeros_like(x[0])
     max_ = zero
@@ -199,3 +188,24 @@ def make_qp_quants(x: Tensor, w: Tensor, nmax: int) -> tuple[Tensor, Tensor]:
             suml2 = torch.where(take, sl2, suml2)
     scale = torch.where(suml2 > 0, div(sumlx, suml2), zero)
     return torch.where(all_zero, zero, scale), torch.where(all_zero[None], torch.zeros_like(L), L)
+
+
+def on_cpu_with_numba(x, *args) -> bool:
+    return x.device.type == "cpu" and searches_cpu.available()
+
+
+def _on_gpu(search: str):
+    # a compiled search exists for this number of values per sub-block
+    return lambda x, *args: searches_cuda.available(x.device, f"{search}_{x.shape[0]}")
+
+
+def _search(name: str, cuda_kernel: str, torch_version):
+    return backends.kernel(name, [
+        backends.Impl("numba-searches", on_cpu_with_numba, getattr(searches_cpu, name)),
+        backends.Impl("cuda-searches", _on_gpu(cuda_kernel), getattr(searches_cuda, name)),
+        backends.Impl("torch", backends.anywhere, torch_version)])
+
+
+make_qkx2_quants = _search("make_qkx2_quants", "qkx2_search", _make_qkx2_quants)
+make_qx_quants_rmse1 = _search("make_qx_quants_rmse1", "qx_rmse1_search", _make_qx_quants_rmse1)
+make_qp_quants = _search("make_qp_quants", "qp_search", _make_qp_quants)

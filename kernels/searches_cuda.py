@@ -7,11 +7,11 @@ tests run searches.cu compiled for the host against ggml, and the CUDA tests com
 bytes with the CPU's).
 
 `available(device)` compiles on first use and is False where the compilation or loading fails
-(a warning says why, once) or QUANTKIT_NVRTC=0; the torch searches run then.
+(a warning says why, once); the torch searches run then. Which of these kernels run at all is
+backends.py's choice (QUANTKIT_KERNELS): without cuda-searches and cuda-blocks nothing compiles.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from importlib import resources
 
@@ -21,8 +21,8 @@ from . import nvrtc
 
 SOURCE = resources.files(__package__).joinpath("searches.cu")
 SEARCH_KERNELS = ("qkx2_search_32", "qx_rmse1_search_16", "qx_rmse1_search_32", "qp_search_8")
-# whole blocks: QUANTKIT_GPU_BLOCKS=0 turns them off (the torch code then runs around the compiled
-# searches: same bytes, ~130 launches a chunk where these take one)
+# whole blocks (backend cuda-blocks; without it the torch code runs around the compiled searches:
+# same bytes, ~130 launches a chunk where these take one)
 BLOCK_KERNELS = ("q8_0_blocks", "k_with_min_blocks", "q6_k_blocks")
 KERNELS = SEARCH_KERNELS + BLOCK_KERNELS
 # --fmad=false: no multiply-add contraction (C's float32 semantics); IEEE division and denormals
@@ -41,24 +41,19 @@ def _device(device: torch.device) -> torch.device:
 def _kernels(device: torch.device) -> dict | str:
     device = _device(device)
     if device.index not in _loaded:
-        if os.environ.get("QUANTKIT_NVRTC", "1") == "0":
-            _loaded[device.index] = "QUANTKIT_NVRTC=0"
-        else:
-            try:
-                arch = "".join(map(str, torch.cuda.get_device_capability(device)))
-                _loaded[device.index] = nvrtc.load(nvrtc.cached_cubin(SOURCE.read_text(), arch, NVRTC_OPTIONS,
-                                                                      "searches.cu"), list(KERNELS), device)
-            except Exception as e:  # noqa: BLE001 - any failure means: use the torch searches
-                _loaded[device.index] = str(e)
-                warnings.warn(f"quantkit: the GPU scale searches are not available ({e}); using the slower torch "
-                              "ones (same bytes)", RuntimeWarning, stacklevel=4)
+        try:
+            arch = "".join(map(str, torch.cuda.get_device_capability(device)))
+            _loaded[device.index] = nvrtc.load(nvrtc.cached_cubin(SOURCE.read_text(), arch, NVRTC_OPTIONS,
+                                                                  "searches.cu"), list(KERNELS), device)
+        except Exception as e:  # noqa: BLE001 - any failure means: use the torch searches
+            _loaded[device.index] = str(e)
+            warnings.warn(f"quantkit: the GPU scale searches are not available ({e}); using the slower torch "
+                          "ones (same bytes)", RuntimeWarning, stacklevel=4)
     return _loaded[device.index]
 
 
 def available(device: torch.device, kernel: str | None = None) -> bool:
     """Whether the compiled kernels run on `device` (and include `kernel`, e.g. "qx_rmse1_search_16")."""
-    if kernel in BLOCK_KERNELS and os.environ.get("QUANTKIT_GPU_BLOCKS", "1") == "0":
-        return False
     return device.type == "cuda" and isinstance(_kernels(device), dict) and (kernel is None or kernel in KERNELS)
 
 

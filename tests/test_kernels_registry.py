@@ -175,18 +175,16 @@ def test_cuda_searched_bytes_equal_cpu_bytes_at_the_edges_and_with_an_imatrix(na
     # the CPU bytes are checked against ggml in test_kernels_vs_ggml.py, on these cases too. blocks:
     # the whole-block kernels (the default); compiled: the torch code around the compiled searches;
     # torch: all torch
-    from quantkit.kernels import searches_cuda
-    if search == "torch":
-        monkeypatch.setattr(searches_cuda, "available", lambda device, kernel=None: False)
-    elif search == "compiled":
-        monkeypatch.setenv("QUANTKIT_GPU_BLOCKS", "0")
+    from quantkit.kernels import backends
+    on = {"torch": (), "compiled": ("numba", "cuda-searches"), "blocks": ("numba", "cuda")}[search]
     qtype = registry.get(name)
     g = torch.Generator().manual_seed(11)
     x = _hard_rows(g)
     imatrix = torch.rand(1024, generator=g) ** 4
     for im in (None, imatrix):
         cpu = registry.quantize_rows(x, qtype, im)
-        cuda = registry.quantize_rows(x.cuda(), qtype, None if im is None else im.cuda())
+        with backends.only(*on):
+            cuda = registry.quantize_rows(x.cuda(), qtype, None if im is None else im.cuda())
         assert torch.equal(cpu, cuda.cpu()), f"{name}, imatrix={im is not None}, {search} searches"
 
 
@@ -200,3 +198,22 @@ def test_the_gpu_block_kernels_refuse_shapes_they_would_read_past():
         searches_cuda.quantize_q6_k(torch.zeros(2, 256), torch.zeros(256))
     with pytest.raises(ValueError, match=r"\[n, 32\]"):
         searches_cuda.quantize_q8_0(torch.zeros(64))
+
+
+def test_the_kernel_backend_is_picked_through_the_registry(monkeypatch):
+    from quantkit.errors import UnsupportedError
+    from quantkit.kernels import backends, searches_cpu
+    x = torch.randn(4, 256)
+    numba = "numba-blocks" if searches_cpu.available() else "torch"
+    assert backends.choose("q8_0_blocks", x).backend == numba                  # the default: all on
+    monkeypatch.setenv("QUANTKIT_KERNELS", "torch")
+    assert backends.choose("q8_0_blocks", x).backend == "torch"
+    assert registry.quantize_rows(x, registry.get("q4_k")).shape == (4, 144)    # the torch K-quants run
+    monkeypatch.setenv("QUANTKIT_KERNELS", "numba")                             # both numba backends
+    assert backends.choose("k_with_min_blocks", x, None, None, None).backend == numba
+    with backends.only("numba-searches"):                                       # wins over the variable
+        assert backends.choose("k_with_min_blocks", x, None, None, None).backend == "torch"
+    monkeypatch.setenv("QUANTKIT_KERNELS", "numbaa")
+    with pytest.raises(UnsupportedError, match="unknown kernel backend 'numbaa'"):
+        registry.quantize_rows(x, registry.get("q8_0"))
+
