@@ -43,7 +43,7 @@ demo: install
 # kernels/_numba.py or searches_cpu.py reaches the kernels that inline them
 test: install-test
 	rm -f kernels/__pycache__/*.nbi kernels/__pycache__/*.nbc
-	$(BIN)/ruff check quantkit kernels converters bench tests
+	$(BIN)/ruff check quantkit kernels converters bench testing tools tests
 	QUANTKIT_LLAMACPP_SRC=$(SRC) $(BIN)/pytest -q
 
 bench: install-test

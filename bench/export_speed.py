@@ -36,9 +36,9 @@ def prepare_input(name: str, work: Path, layers: int | None = None) -> Path:
     if name == "smollm2":
         cmd = [sys.executable, "-m", "quantkit", "default-model"]
         return Path(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip())
-    from quantkit.bench.synthetic import preset_tokenizer, tokenizer_dir
+    from quantkit.testing.synthetic import preset_tokenizer, tokenizer_dir
     tok = tokenizer_dir(preset_tokenizer(name))
-    cmd = [sys.executable, "-m", "quantkit.bench.synthetic", "checkpoint", name, str(work / name), "--tokenizer", str(tok)]
+    cmd = [sys.executable, "-m", "quantkit.testing.synthetic", "checkpoint", name, str(work / name), "--tokenizer", str(tok)]
     subprocess.run(cmd + (["--layers", str(layers)] if layers else []), check=True, stdout=subprocess.DEVNULL)
     return work / name
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
     variants = [v.strip() for v in a.types.split(",") if v.strip()]
 
     from quantkit.bench.gguf_diff import compare
-    from quantkit.bench.llamacpp_ref import llamacpp_src
+    from quantkit.testing.llamacpp_ref import llamacpp_src
 
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
         work = Path(tmp)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
             for v in variants:
                 # llama_model_quantize is llama-quantize's whole job; nthread 0 = every core
                 ref[f"quantize_{v}"] = run([sys.executable, "-c",
-                                            "import sys; from pathlib import Path; from quantkit.bench.llamacpp_ref import llama_quantize; "
+                                            "import sys; from pathlib import Path; from quantkit.testing.llamacpp_ref import llama_quantize; "
                                             "llama_quantize(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3])",
                                             str(work / "ref-bf16.gguf"), str(work / f"ref-{v}.gguf"), v])
                 steps = ", ".join(f"{k} {r['seconds']} s" for k, r in ref.items())

@@ -57,12 +57,12 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     py = sys.executable
-    from quantkit.bench.synthetic import preset_tokenizer, tokenizer_dir
+    from quantkit.testing.synthetic import preset_tokenizer, tokenizer_dir
     tok = tokenizer_dir(preset_tokenizer(a.preset))
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
         work = Path(tmp)
         base = work / "base"
-        cmd = [py, "-m", "quantkit.bench.synthetic", "checkpoint", a.preset, str(base), "--tokenizer", str(tok)]
+        cmd = [py, "-m", "quantkit.testing.synthetic", "checkpoint", a.preset, str(base), "--tokenizer", str(tok)]
         subprocess.run(cmd + (["--layers", str(a.layers)] if a.layers else []), check=True, stdout=subprocess.DEVNULL)
         out = work / "out"
         out.mkdir()

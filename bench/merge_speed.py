@@ -73,9 +73,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(dir=a.work) as tmp:
         work = Path(tmp)
         base, adapter = work / "base", work / "adapter"
-        cmd = [py, "-m", "quantkit.bench.synthetic", "checkpoint", a.preset, str(base)]
+        cmd = [py, "-m", "quantkit.testing.synthetic", "checkpoint", a.preset, str(base)]
         subprocess.run(cmd + (["--layers", str(a.layers)] if a.layers else []), check=True, stdout=subprocess.DEVNULL)
-        subprocess.run([py, "-m", "quantkit.bench.synthetic", "adapter", str(base), str(adapter), "--r", str(a.r)],
+        subprocess.run([py, "-m", "quantkit.testing.synthetic", "adapter", str(base), str(adapter), "--r", str(a.r)],
                        check=True, stdout=subprocess.DEVNULL)
         qk = Path(py).with_name("quantkit")
         ours = run([str(qk), "merge", str(base), "--lora", str(adapter), "-o", str(work / "ours"), "-q",

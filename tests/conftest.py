@@ -45,7 +45,7 @@ def tiny_model(smollm2_dir, tmp_path_factory) -> Path:
     import json
     import shutil
 
-    from quantkit.bench import synthetic
+    from quantkit.testing import synthetic
 
     cfg = json.loads((smollm2_dir / "config.json").read_text())
     cfg.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,

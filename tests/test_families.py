@@ -18,7 +18,8 @@ import torch
 from click.testing import CliRunner
 
 from quantkit import families
-from quantkit.bench import gguf_diff, llamacpp_ref, synthetic
+from quantkit.bench import gguf_diff
+from quantkit.testing import llamacpp_ref, synthetic
 from quantkit.cli import main
 from quantkit.families.base import TINY
 from quantkit.families.llama import LLAMA31_8B, Llama

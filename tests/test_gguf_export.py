@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from quantkit import families
-from quantkit.bench import gguf_diff, llamacpp_ref, synthetic
+from quantkit.bench import gguf_diff
+from quantkit.testing import llamacpp_ref, synthetic
 from quantkit.export import export_gguf
 from quantkit.plan import VARIANTS
 

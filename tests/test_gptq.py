@@ -283,7 +283,7 @@ def test_gptq_refuses_a_layer_it_cannot_pack(smollm2_dir, tmp_path):
     """60-wide layers: 60 input columns do not fill int32 words of eight 4-bit codes."""
     import shutil
 
-    from quantkit.bench import synthetic
+    from quantkit.testing import synthetic
     cfg = json.loads((smollm2_dir / "config.json").read_text())
     cfg.update(hidden_size=60, intermediate_size=120, num_attention_heads=4, num_key_value_heads=2, head_dim=15,
                num_hidden_layers=1)

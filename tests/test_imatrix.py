@@ -14,7 +14,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from quantkit.bench import gguf_diff, llamacpp_ref
+from quantkit.bench import gguf_diff
+from quantkit.testing import llamacpp_ref
 from quantkit.cli import main
 from quantkit.imatrix import collect, linear_names, load, write
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from quantkit.bench import ggml_ref, host_searches
-from quantkit.kernels import kquants, kquants_cpu, legacy, legacy_cpu, registry, searches_cpu
+from quantkit.testing import ggml_ref, host_searches
+from quantkit.kernels import backends, kquants, legacy, registry, searches_cpu
 
 if not ggml_ref.available():
     pytest.skip("llama-cpp-python (ggml shared libraries) is not installed", allow_module_level=True)
@@ -38,19 +38,20 @@ def cuda_source_on_host(tmp_path_factory):
 # installed: Q8_0 and the K-quants whole in legacy_cpu / kquants_cpu, the scale searches of Q5_0/Q5_1
 # with an imatrix in searches_cpu), torch (the CPU's without numba, and the GPU's without NVRTC) and
 # searches.cu (the GPU's: whole blocks and searches), here compiled for the host and run through the
-# GPU's wrappers (searches_cuda) in place of numba's
+# GPU's wrappers (searches_cuda) as the backends host-searches and host-blocks
 @pytest.fixture(autouse=True, params=["numba", "torch", "cuda-source"])
 def search_backend(request, monkeypatch):
     if request.param == "numba":
         if not searches_cpu.available():
             pytest.skip("numba is not installed")
+        chosen = ("numba-searches", "numba-blocks")
     elif request.param == "torch":
-        monkeypatch.setattr(searches_cpu, "available", lambda: False)
-        monkeypatch.setattr(kquants_cpu, "available", lambda: False)
-        monkeypatch.setattr(legacy_cpu, "available", lambda: False)
+        chosen = ()
     else:
         request.getfixturevalue("cuda_source_on_host").install(monkeypatch.setattr)
-    return request.param
+        chosen = ("host-searches", "host-blocks")
+    with backends.only(*chosen):
+        yield request.param
 
 
 def _rng(*key) -> np.random.Generator:
@@ -145,14 +146,15 @@ def test_the_gpus_nan_bits_leave_the_bytes_ggmls(qname, with_imatrix, search_bac
             return out
         return run
 
-    monkeypatch.setattr(kquants_cpu, "available", lambda: False)    # the torch code a GPU runs after the searches
     for module in (kquants, legacy):             # where the quantizers call the searches
         for name in ("make_qkx2_quants", "make_qx_quants_rmse1", "make_qp_quants"):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, with_gpu_nans(getattr(module, name)))
     rng = _rng("gpu-nan", qname)
     x = rng.standard_normal((8, _cols())) * 1e15
-    _assert_bytes_match(x, qname, rng.random(_cols()) ** 4 if with_imatrix else None)
+    # the torch code a GPU runs around the searches: no whole-block kernel
+    with backends.only(*(b for b in backends.enabled() if not b.endswith("-blocks"))):
+        _assert_bytes_match(x, qname, rng.random(_cols()) ** 4 if with_imatrix else None)
     if qname == "q6_k" and not with_imatrix:
         assert sum(replaced) > 0                  # the case this test is about does occur
 

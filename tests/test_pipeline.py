@@ -103,7 +103,7 @@ def test_config_typo_names_the_line(pipeline_file):
 def test_with_an_adapter_the_merge_step_feeds_the_exports(pipeline_file, tiny_model, tmp_path, monkeypatch):
     import shutil
 
-    from quantkit.bench import synthetic
+    from quantkit.testing import synthetic
     # a folder name with a size and a fine-tune part, which gguf-py's naming heuristics split
     base = shutil.copytree(tiny_model, tmp_path / "Tiny-Llama-Instruct")
     ad = synthetic.write_lora_adapter(base, tmp_path / "adapter", r=4)

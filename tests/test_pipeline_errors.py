@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from quantkit.bench import synthetic
+from quantkit.testing import synthetic
 from quantkit.cli import main
 
 EVAL_TEXT = Path(__import__("quantkit").__file__).parent / "data" / "wiki.test.raw"

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from quantkit.bench import synthetic
+from quantkit.testing import synthetic
 
 pytest.importorskip("llama_cpp")
 pytest.importorskip("bitsandbytes")

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from quantkit.bench import gguf_diff, llamacpp_ref
+from quantkit.bench import gguf_diff
+from quantkit.testing import llamacpp_ref
 from quantkit.export import export_gguf
 from quantkit.plan import VARIANTS
 

@@ -4,9 +4,9 @@ Used by the tests (tiny models with the real tokenizers of each family) and by t
 benchmarks (full 8B shapes). Tensors are generated and written one shard at a time, so an 8B
 checkpoint never sits in memory.
 
-    python -m quantkit.bench.synthetic checkpoint llama3-8b /tmp/llama8b --tokenizer tests/fixtures/tokenizers/llama3
-    python -m quantkit.bench.synthetic adapter /tmp/llama8b /tmp/llama8b-lora --r 64   # all projections
-    python -m quantkit.bench.synthetic checkpoint qwen3-8b /tmp/q8b --shapes-only --tokenizer tests/fixtures/tokenizers/qwen3
+    python -m quantkit.testing.synthetic checkpoint llama3-8b /tmp/llama8b --tokenizer tests/fixtures/tokenizers/llama3
+    python -m quantkit.testing.synthetic adapter /tmp/llama8b /tmp/llama8b-lora --r 64   # all projections
+    python -m quantkit.testing.synthetic checkpoint qwen3-8b /tmp/q8b --shapes-only --tokenizer tests/fixtures/tokenizers/qwen3
         # headers only (sparse files, no disk): for `quantkit export /tmp/q8b --gguf q4_k_m --dry-run`
 """
 from __future__ import annotations

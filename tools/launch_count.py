@@ -7,8 +7,8 @@ Counted on the CPU, without a GPU: the count does not depend on the device, and 
 operation is at least one launch over the whole chunk. Results go to
 bench/results/launch_count-<date>.json.
 
-    python -m quantkit.bench.launch_count
-    python -m quantkit.bench.launch_count --rows 4096 --cols 4096 --types q4_k,q6_k
+    python tools/launch_count.py
+    python tools/launch_count.py --rows 4096 --cols 4096 --types q4_k,q6_k
 """
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from unittest import mock
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from quantkit.bench import host_searches
+from quantkit.testing import host_searches
 from quantkit.bench.proc import machine, save_result
-from quantkit.kernels import kquants_cpu, legacy_cpu, registry, searches_cpu
+from quantkit.kernels import backends, registry
 
 
 # operations that allocate or make views: no kernel runs
@@ -67,13 +67,10 @@ def main(argv: list[str] | None = None) -> dict:
             with contextlib.ExitStack() as patches:
                 def setattr(obj, name, value):
                     patches.enter_context(mock.patch.object(obj, name, value))
-                if searches == "torch":
-                    setattr(searches_cpu, "available", lambda: False)
-                else:
+                if searches != "torch":
                     compiled.install(setattr)
-                if searches != "blocks":            # the torch code around the searches
-                    setattr(kquants_cpu, "available", lambda: False)
-                    setattr(legacy_cpu, "available", lambda: False)
+                patches.enter_context(backends.only(*{"torch": [], "compiled": ["host-searches"],
+                                                      "blocks": ["host-searches", "host-blocks"]}[searches]))
                 for q in a.types.split(","):
                     for im in (None, imatrix):
                         if im is not None and registry.get(q).quantize_weighted is None:

@@ -4,8 +4,8 @@
 # tests use as their oracle, from pip's cache) and llama.cpp's converter sources. numba is left out
 # (llvmlite alone is ~40 MB): there the CPU scale searches run in torch, which gives the same bytes.
 #
-#   bash bench/gpu_kit.sh                                   # here, after `make install-test`
-#   device run, carry [".gpu"]: bash bench/gpu_session.sh check profile speed-llama3   # there
+#   bash tools/gpu_kit.sh                                   # here, after `make install-test`
+#   device run, carry [".gpu"]: bash tools/gpu_session.sh check profile speed-llama3   # there
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
-# On the lent GPU machine, from the repository root, with .gpu/ carried (bench/gpu_kit.sh):
+# On the lent GPU machine, from the repository root, with .gpu/ carried (tools/gpu_kit.sh):
 #
-#   bash bench/gpu_session.sh check                 # the CUDA tests: GPU bytes == CPU bytes == ggml (~2 min)
-#   bash bench/gpu_session.sh rates                 # kernel rates, whole blocks against the searches (~1 min)
-#   bash bench/gpu_session.sh profile               # stage rates and top ops on 8B shapes (4 layers)
-#   bash bench/gpu_session.sh speed-llama3          # export_speed on the full Llama-3.1-8B shape (~7 min)
-#   bash bench/gpu_session.sh speed-qwen3           # ... and Qwen3-8B
+#   bash tools/gpu_session.sh check                 # the CUDA tests: GPU bytes == CPU bytes == ggml (~2 min)
+#   bash tools/gpu_session.sh rates                 # kernel rates, whole blocks against the searches (~1 min)
+#   bash tools/gpu_session.sh profile               # stage rates and top ops on 8B shapes (4 layers)
+#   bash tools/gpu_session.sh speed-llama3          # export_speed on the full Llama-3.1-8B shape (~7 min)
+#   bash tools/gpu_session.sh speed-qwen3           # ... and Qwen3-8B
 #
 # A session has 15 device-minutes in all, the machine's start (1-2 min) included, and a call at
 # most 10: the first call should be `check speed-llama3` with timeout_s 590, and nothing else; then
 # `rates` (whether the whole-block kernels beat the torch code around the compiled searches there:
-# QUANTKIT_GPU_BLOCKS=0 picks the latter) with what is left.
+# QUANTKIT_KERNELS=numba,cuda-searches picks the latter) with what is left.
 # Most of speed-*'s time is llama.cpp's flow (convert + three llama-quantize runs, ~280 s on
 # 16 cores); quantkit's export runs first, so its figures come back even if the call is cut.
 # Logs and result JSONs go to $OUT (the device tool brings them back). Steps run in the order given.
@@ -43,8 +43,8 @@ for step in "$@"; do
   # so that the session still measures an export with the right bytes
   if [ "$step" = check ] && grep -Eq '^FAILED [^ ]*\[[^]]*-blocks\]' "$OUT/check.log" &&
      ! grep -Eq '^FAILED [^ ]*\[[^]]*-compiled\]' "$OUT/check.log"; then
-    echo "== the whole-block kernels differ from the CPU's bytes: QUANTKIT_GPU_BLOCKS=0 from here on"
-    export QUANTKIT_GPU_BLOCKS=0
+    echo "== the whole-block kernels differ from the CPU's bytes: QUANTKIT_KERNELS=numba,cuda-searches from here on"
+    export QUANTKIT_KERNELS=numba,cuda-searches
   fi
 done
 cp /tmp/site/quantkit/bench/results/*.json "$OUT/" 2>/dev/null

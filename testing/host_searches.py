@@ -1,11 +1,12 @@
 """kernels/searches.cu, the GPU's scale searches and whole-block kernels, compiled for this CPU with
 the system C++ compiler as NVRTC compiles it for the GPU (no multiply-add contraction), and run
-through searches_cuda's own wrappers (argument order, output dtypes, parameters) in place of the
-numba functions (searches_cpu's searches, legacy_cpu's and kquants_cpu's blocks): what the GPU
-computes, checked and counted without a GPU.
+through searches_cuda's own wrappers (argument order, output dtypes, parameters) on CPU tensors:
+what the GPU computes, checked and counted without a GPU. Installed, it is two more kernel backends,
+host-searches and host-blocks (the CPU twins of cuda-searches and cuda-blocks), picked as any other.
 
     searches = compile_searches(tmp_dir)          # None without a C++ compiler
-    searches.install(monkeypatch.setattr)         # tests: the numba kernels now run searches.cu
+    searches.install(monkeypatch.setattr)         # adds the backends host-searches, host-blocks
+    with backends.only("host-searches", "host-blocks"): ...
 
 Used by tests/test_kernels_vs_ggml.py (every ggml byte test runs with it) and launch_count.py.
 """
@@ -19,11 +20,9 @@ from pathlib import Path
 
 import torch
 
-from quantkit.kernels import kquants_cpu, legacy_cpu, searches_cpu, searches_cuda
+from quantkit.kernels import backends, searches_cuda
 
 CXX_FLAGS = ["-x", "c++", "-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC"]
-SEARCHES = ("make_qkx2_quants", "make_qx_quants_rmse1", "make_qp_quants")
-BLOCKS = ((legacy_cpu, "quantize_q8_0"), (kquants_cpu, "quantize_k_with_min"), (kquants_cpu, "quantize_q6_k"))
 
 
 @dataclass
@@ -40,19 +39,22 @@ class HostSearches:
         return launch
 
     def install(self, setattr) -> None:
-        """Route the numba kernels (searches and whole blocks) through searches_cuda's wrappers onto
-        this build, as a GPU with NVRTC runs them. `setattr` is pytest's monkeypatch.setattr or
-        one that undoes itself (see launch_count)."""
+        """Add the backends host-searches and host-blocks: each CUDA implementation of a kernel, run
+        on CPU tensors through this build, first in the kernel's list. `setattr` is pytest's
+        monkeypatch.setattr or one that undoes itself (see launch_count)."""
         kernels = {name: self.kernel(name) for name in searches_cuda.KERNELS}
         setattr(searches_cuda, "_kernels", lambda device: kernels)
         setattr(searches_cuda, "_params_on", lambda device, *values: torch.tensor(values, dtype=torch.float32))
-        setattr(searches_cpu, "available", lambda: True)
-        for name in SEARCHES:
-            setattr(searches_cpu, name, getattr(searches_cuda, name))
-        setattr(kquants_cpu, "available", lambda: True)
-        setattr(legacy_cpu, "available", lambda: True)
-        for module, name in BLOCKS:
-            setattr(module, name, getattr(searches_cuda, name))
+        table = {}
+        for name, impls in backends.IMPLEMENTATIONS.items():
+            host = [backends.Impl(i.backend.replace("cuda-", "host-"), _on_cpu, i.run)
+                    for i in impls if i.backend.startswith("cuda-")]
+            table[name] = host + impls
+        setattr(backends, "IMPLEMENTATIONS", table)
+
+
+def _on_cpu(x, *args) -> bool:
+    return x.device.type == "cpu"
 
 
 def compile_searches(out_dir: Path) -> HostSearches | None:
