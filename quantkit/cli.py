@@ -131,7 +131,9 @@ FLAGS = [
      dict(is_flag=True, default=None, help="Merge adapters whose base_model_name_or_path names another model.")),
     (("-o", "--out"), "output", "dir", dict(type=click.Path(path_type=Path), help="Output directory OUT.")),
     (("--device",), "output", "device", dict(help="auto, cpu or cuda[:N]: where to work.")),
-    (("--gguf",), "gguf", "types", dict(callback=_comma_list, help="GGUF types, e.g. q4_k_m,q5_k_m,q8_0 (none: no GGUF).")),
+    (("--gguf",), "gguf", "types", dict(callback=_comma_list, help="GGUF types, e.g. q4_k_m,q5_k_m,q8_0 (none: no GGUF; "
+                                                                "export's default: these three unless only "
+                                                                "--gptq/--int8/--nf4 are asked for).")),
     (("--ollama/--no-ollama",), "gguf", "ollama", dict(default=None, help="An Ollama Modelfile beside each GGUF.")),
     (("--imatrix",), "gguf", "imatrix", dict(help='Importance matrix for the K-quants: a file (`quantkit imatrix`), '
                                                   'or "auto" to make one.')),
@@ -179,15 +181,19 @@ def _flag_name(decls: tuple[str, ...]) -> str:
     return decls[-1].split("/")[0]
 
 
-def flag_options(*names: str):
-    """FLAGS as click options (parameter `section__key`), all of them or those named (e.g. "--lora")."""
+def flag_options(*names: str, no_default: tuple[str, ...] = ()):
+    """FLAGS as click options (parameter `section__key`), all of them or those named (e.g. "--lora"),
+    their help ending with the schema's default (but for the flags in no_default)."""
     def decorate(fn):
         from .pipeline_config import SCHEMA
         for decls, section, key, kw in reversed(FLAGS):
             if names and _flag_name(decls) not in names:
                 continue
             default = SCHEMA[section][key].default
-            if default not in (None, "", [], 0) and not isinstance(default, bool) and "[default" not in kw["help"]:
+            if isinstance(default, list):
+                default = ",".join(default)
+            if default not in (None, "", 0) and not isinstance(default, bool) and "[default" not in kw["help"] \
+                    and _flag_name(decls) not in no_default:
                 kw = {**kw, "help": f"{kw['help']} [default: {default}]"}
             fn = click.option(*decls, f"{section}__{key}", **kw)(fn)
         return fn
@@ -213,7 +219,7 @@ EXPORT_FLAGS = ("--gguf", "--ollama", "--imatrix", "--name", "--lora", "--weight
 
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
-@flag_options(*EXPORT_FLAGS)
+@flag_options(*EXPORT_FLAGS, no_default=("--out", "--gguf"))
 @click.option("--dry-run", is_flag=True, help="Print the per-tensor type plan and exit without reading weights.")
 @click.option("--force", is_flag=True, help="Replace existing OUT/gptq, OUT/int8 ... directories.")
 @click.option("--stats", type=click.Path(path_type=Path),
@@ -266,7 +272,9 @@ def export(model, dry_run, force, stats, quiet, **flags):
         if cfg["gguf"]["types"]:
             from .export import export_gguf
             from .plan import parse_variants
-            export_gguf(pl.source(cfg, dev), parse_variants(",".join(cfg["gguf"]["types"])), None, dry_run=True)
+            imatrix = cfg["gguf"]["imatrix"]         # the plan knows whether one is given ("auto" too)
+            export_gguf(pl.source(cfg, dev), parse_variants(",".join(cfg["gguf"]["types"])), None, dry_run=True,
+                        imatrix=Path(imatrix) if imatrix else None)
         return
     plan = pl.build(cfg, dev, progress=not quiet, mode=pl.EXPORT, force=force)
 

@@ -148,3 +148,16 @@ def test_an_imatrix_of_another_model_is_refused(smollm2_dir, tiny_model, tmp_pat
         lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
         assert r.exit_code == 2 and len(lines) == 1 and fragment in lines[0] and str(bad) in lines[0], r.stderr
         assert not out.exists() or not list(out.glob("*.gguf"))
+
+
+def test_the_dry_run_with_an_imatrix_plans_what_llama_quantize_writes(smollm2_dir, imatrix_file, exports):
+    # Q4_0 with an importance matrix guards the first ffn_down layers with Q4_1: the plan must know
+    import re
+    _, ref, _ = exports
+    r = CliRunner().invoke(main, ["export", str(smollm2_dir), "--gguf", "q4_0", "--imatrix", str(imatrix_file[1]),
+                                  "--dry-run"])
+    assert r.exit_code == 0, r.output
+    types = dict((t[0], t[1]) for t in gguf_diff.tensors(ref["q4_0"]))
+    assert "Q4_1" in types.values()
+    for name, qtype in types.items():
+        assert re.search(rf"^{re.escape(name)}\s+\S+\s+{qtype}\b", r.output, re.M), (name, qtype)

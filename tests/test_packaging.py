@@ -51,12 +51,18 @@ def test_every_command_has_help_with_an_example(command):
 
 
 def test_run_from_the_checkout_our_kernels_folder_never_passes_for_the_pypi_package():
-    # python -c / -m put the working directory on sys.path: from the repository root, kernels/ is
-    # importable as the top-level `kernels` that transformers and bitsandbytes probe. transformers must
-    # still see no such package, and importing quantkit must leave sys.path alone.
+    # python -c / -m put the working directory on sys.path: from the repository root, kernels/ is found
+    # as the top-level `kernels`, a PyPI package transformers depends on and imports. Importing it there
+    # must give that package (or, where it is not installed, nothing of ours), and importing quantkit
+    # must leave sys.path alone.
     code = ("import sys; before = list(sys.path); import quantkit, quantkit.kernels; assert sys.path == before; "
-            "from transformers.utils.import_utils import is_kernels_available; print(is_kernels_available()); "
-            "import kernels; print(sorted(k for k in vars(kernels) if not k.startswith('__')))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split("\n")[:2] == ["False", "[]"], r.stdout
+            "import kernels; print(kernels.__file__); print(hasattr(kernels, 'get_kernel'), "
+            "hasattr(kernels, 'quantize_rows'))")
+    elsewhere = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO.parent)
+    here = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert here.returncode == 0, here.stderr
+    if elsewhere.returncode == 0:                   # the PyPI package is installed: the same one from here
+        assert here.stdout == elsewhere.stdout and str(REPO / "kernels") not in here.stdout, (here.stdout,
+                                                                                              elsewhere.stdout)
+    else:
+        assert here.stdout.splitlines()[1] == "False False", here.stdout
