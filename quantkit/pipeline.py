@@ -65,7 +65,7 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True, mode: str = RUN,
     steps = plan.steps
     merged = bool(inp["lora"] or inp["residual"])
     types, bnb_modes = gg["types"], [m for m in ("int8", "nf4") if cfg["bnb"][m]]
-    keep = mode == RUN                                 # run: its own outputs, replaced; export: force decides
+    replace = mode == RUN or force                     # run replaces its own outputs; export needs --force
     needs_dir = g["enabled"] or bnb_modes or b["enabled"] or (types and gg["imatrix"] == "auto")
 
     if merged and (mode == RUN or needs_dir):
@@ -138,7 +138,7 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True, mode: str = RUN,
                       "(128 x 2048 on a GPU, 32 x 512 on a CPU, where a 135M model takes ~5 min; "
                       "--calib-samples / --calib-seqlen to change)", file=sys.stderr)
             model, result = quantize(plan.model_dir, settings, device, progress=progress)
-            plan.results["gptq"] = write(model, result, settings, plan.model_dir, out, force=keep or force)
+            plan.results["gptq"] = write(model, result, settings, plan.model_dir, out, force=replace)
         steps.append(Step("gptq", [plan.model_dir] + ([Path(g["calib"])] if g["calib"] else []), dict(g), dirs,
                           do_gptq, expected_bytes=int(2 * n * (g["bits"] / 8 + 0.1))))
         if "compressed-tensors" in settings.formats:
@@ -148,7 +148,7 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True, mode: str = RUN,
         if mode_ in bnb_modes:
             def do_bnb(m=mode_):
                 from . import bnb
-                plan.results[m] = bnb.export(plan.model_dir, out / m, m, device=device, force=keep or force)
+                plan.results[m] = bnb.export(plan.model_dir, out / m, m, device=device, force=replace)
             steps.append(Step(mode_, [plan.model_dir], {"mode": mode_}, [out / mode_], do_bnb,
                               expected_bytes=int(n * frac)))
             variants_for_bench.append(out / mode_)
