@@ -1,7 +1,8 @@
 """The family registry: a family is one module, and everything that walks a model reads it.
 
 A toy family (a Llama under another HF architecture name) is registered here as a new family module
-would be, and gets the dry-run plan, the GGUF export, merging and GPTQ without touching anything else.
+would be, and gets the dry-run plan, the GGUF export, merging and GPTQ without touching anything else;
+merging and GPTQ are checked on Qwen2 (q/k/v biases) too, whose files test_gguf_export.py checks.
 Each is checked against a reference that is not ours: llama.cpp's converter and llama-quantize on the
 same weights saved as a LlamaForCausalLM; peft's merge_and_unload; transformers loading the GPTQ
 checkpoint through compressed-tensors. The README's support table is the registry's.
@@ -51,6 +52,18 @@ def toy(tmp_path_factory):
         yield model, as_llama, root
     finally:
         families.unregister("toy")
+
+
+@pytest.fixture(scope="module", params=["toy", "qwen2"])
+def tiny(request, toy, tmp_path_factory):
+    """A 2-layer checkpoint of the toy family, and of the real families the toy does not stand for
+    (Qwen2: q/k/v biases, no q/k permute)."""
+    if request.param == "toy":
+        return toy[0]
+    fam = families.FAMILIES[request.param]
+    preset = next(p for p in fam.presets if p.endswith("-tiny"))
+    cfg = synthetic.preset_config(preset, num_hidden_layers=2, max_window_layers=2)
+    return synthetic.write_checkpoint(tmp_path_factory.mktemp(request.param) / preset, cfg, FIX / fam.fixture.tokenizer)
 
 
 def run_cli(*args) -> tuple[int, str]:
@@ -116,10 +129,10 @@ def test_toy_family_dry_run_and_export_equal_llama_cpp(toy, tmp_path):
         assert gguf_diff.file_difference(ours, ref) is None, v
 
 
-def test_toy_family_merge_equals_peft(toy, tmp_path):
+def test_merge_of_a_new_family_equals_peft(tiny, tmp_path):
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
-    model, _, _ = toy
+    model = tiny
     adapter = synthetic.write_lora_adapter(model, tmp_path / "lora", r=8, alpha=16, dtype=torch.float32)
     code, out = run_cli("merge", model, "--lora", adapter, "-q", "-o", tmp_path / "merged")
     assert code == 0, out
@@ -137,23 +150,24 @@ def test_toy_family_merge_equals_peft(toy, tmp_path):
         assert int(ulps.max()) <= 1, name
 
 
-def test_toy_family_gptq_loads_in_transformers(toy, tmp_path):
+def test_gptq_of_a_new_family_loads_in_transformers(tiny, tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("compressed_tensors")
-    model, _, _ = toy
+    model = tiny
+    cfg = json.loads((model / "config.json").read_text())
     calib = tmp_path / "calib.txt"
     calib.write_text((ROOT / "docs" / "kernels.md").read_text())       # any English that is not WikiText
     code, out = run_cli("export", model, "--gptq", "--gptq-format", "compressed-tensors", "--group-size", 64,
                         "--calib", calib, "--calib-samples", 4, "--calib-seqlen", 64, "-q", "-o", tmp_path / "out")
     assert code == 0, out
     qdir = tmp_path / "out" / "gptq-ct"
-    assert json.loads((qdir / "config.json").read_text())["architectures"] == ["ToyLlamaForCausalLM"]
+    assert json.loads((qdir / "config.json").read_text())["architectures"] == cfg["architectures"]
     q = transformers.AutoModelForCausalLM.from_pretrained(qdir, device_map="cpu")
     with torch.no_grad():
         q(torch.tensor([[128000, 791, 4062, 14198]]))      # runs, and compressed-tensors decompresses its weights
     base = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    hp = families.hparams_from_config(json.loads((model / "config.json").read_text()))
-    names = ToyLlama().linear_names(hp)
+    hp = families.hparams_from_config(cfg)
+    names = families.family_for(cfg["architectures"][0]).linear_names(hp)
     assert len(names) == 7 * hp.n_layer
     for name in names:
         w, wq = base.get_submodule(name).weight, q.get_submodule(name).weight.float()

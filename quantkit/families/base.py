@@ -43,6 +43,7 @@ class HParams:
     rope_theta: float
     rope: dict            # rope scaling parameters ({} when none)
     tied: bool
+    head_dim_given: bool = False    # config.json names head_dim (else it is hidden_size / heads)
 
     @property
     def n_gqa(self) -> int:
@@ -85,7 +86,7 @@ def hparams_from_config(c: dict, path: Path | None = None) -> HParams:
         head_dim=optional("head_dim") or need("hidden_size") // n_head,
         n_vocab=need("vocab_size"), n_ctx=need("max_position_embeddings"),
         rms_eps=need("rms_norm_eps", float), rope_theta=float(theta), rope=rope,
-        tied=bool(c.get("tie_word_embeddings", False)),
+        tied=bool(c.get("tie_word_embeddings", False)), head_dim_given=c.get("head_dim") is not None,
     )
 
 
@@ -132,6 +133,9 @@ class Family:
     tokenizer: ClassVar[str] = "byte-level BPE"
     pre_tokenizers: ClassVar[tuple[str, ...]] = ()   # llama.cpp pre-tokenizer names seen for this family
     rope_types: ClassVar[tuple[str, ...]] = ("", "linear", "yarn")
+    # whether transformers' config class fills in head_dim when config.json leaves it out: the
+    # converter reads the completed config and writes key_length / value_length only where it is set
+    config_has_head_dim: ClassVar[bool] = True
     # where the decoder layers, embeddings and rotary tables live in the transformers model; the layer
     # path is also the prefix of the layers' tensor names in the checkpoint
     decoder_layers: ClassVar[str] = "model.layers"
@@ -211,9 +215,10 @@ class Family:
         kv += [
             (K.Rope.FREQ_BASE.format(arch=a), hp.rope_theta, T.FLOAT32),
             (K.Attention.LAYERNORM_RMS_EPS.format(arch=a), hp.rms_eps, T.FLOAT32),
-            (K.Attention.KEY_LENGTH.format(arch=a), hp.head_dim, T.UINT32),
-            (K.Attention.VALUE_LENGTH.format(arch=a), hp.head_dim, T.UINT32),
         ]
+        if self.config_has_head_dim or hp.head_dim_given:
+            kv += [(K.Attention.KEY_LENGTH.format(arch=a), hp.head_dim, T.UINT32),
+                   (K.Attention.VALUE_LENGTH.format(arch=a), hp.head_dim, T.UINT32)]
         return kv
 
     def tokenizer_kv(self, tokenizer_config: dict) -> list[KV]:
