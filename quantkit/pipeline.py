@@ -59,7 +59,7 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True, mode: str = RUN,
     # export: the GGUF pass comes first (it checks its own inputs before any work), unless it needs an
     # importance matrix made first
     gguf_first = mode == EXPORT and bool(gg["types"]) and gg["imatrix"] != "auto"
-    check_inputs(cfg, base_model, device, mode=mode, force=force, check_gguf=not gguf_first)
+    src = check_inputs(cfg, base_model, device, mode=mode, force=force, check_gguf=not gguf_first)
     n = base_model.n_params()
     plan = Plan([], out, base)
     steps = plan.steps
@@ -75,7 +75,7 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True, mode: str = RUN,
 
         def do_merge():
             from .merge import write_merged
-            write_merged(source(cfg, device), plan.model_dir, progress=progress, force=True)
+            write_merged(src, plan.model_dir, progress=progress, force=True)
         steps.append(Step("merge", [base, *_merged_in(inp)],
                           {"lora_weights": inp["lora_weights"], "residual_scale": inp["residual_scale"]},
                           [plan.model_dir], do_merge, expected_bytes=2 * n))
@@ -108,8 +108,7 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True, mode: str = RUN,
             from .ollama import write_modelfiles
             # run reads OUT/merged and names the files after the base, as export --lora does (merged
             # would give "Merged"); export reads the base with the adapters merged on the fly
-            src = plan.model_dir if mode == RUN else source(cfg, device)
-            res = export_gguf(src, variants, dest, name=gg["name"] or None,
+            res = export_gguf(plan.model_dir if mode == RUN else src, variants, dest, name=gg["name"] or None,
                               name_from=base if merged and mode == RUN else None, device=device,
                               progress=progress, imatrix=imatrix)
             if gg["ollama"]:
@@ -132,10 +131,11 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True, mode: str = RUN,
         dirs = [out / ("gptq" if f == "gptq" else "gptq-ct") for f in settings.formats]
 
         def do_gptq():
-            from .gptq import quantize, write
+            from .gptq import CALIBRATION, quantize, write
             if progress and settings.method == "gptq" and not (g["calib_samples"] and g["calib_seqlen"]):
+                (gn, gs), (cn, cs) = CALIBRATION["cuda"], CALIBRATION["cpu"]
                 print(f"GPTQ calibration on {device}: {settings.n_samples} samples x {settings.seqlen} tokens "
-                      "(128 x 2048 on a GPU, 32 x 512 on a CPU, where a 135M model takes ~5 min; "
+                      f"({gn} x {gs} on a GPU, {cn} x {cs} on a CPU, where a 135M model takes ~5 min; "
                       "--calib-samples / --calib-seqlen to change)", file=sys.stderr)
             model, result = quantize(plan.model_dir, settings, device, progress=progress)
             plan.results["gptq"] = write(model, result, settings, plan.model_dir, out, force=replace)
@@ -208,12 +208,12 @@ def _merged_in(inp: dict) -> list[Path]:
 
 
 def check_inputs(cfg: Pipeline, base: HFModel, device: str = "cpu", *, mode: str = RUN, force: bool = False,
-                 check_gguf: bool = True) -> None:
+                 check_gguf: bool = True) -> HFModel:
     """Everything that can be checked before a step runs, so a mistake costs seconds, not the
     minutes of the steps before it: adapters and residual against the base, the GGUF plan and the
     tokenizer, the libraries the steps need, GPTQ's shapes and calibration text, the evaluation text,
     the GPU names, and OUT. (NaN/Inf in the weights shows only when they are read: the step reading
-    them stops.)"""
+    them stops.) Returns the model [input] describes (source()), opened once for every step."""
     inp, out, g = cfg["input"], Path(cfg["output"]["dir"]), cfg["gptq"]
     bnb_modes = [m for m in ("int8", "nf4") if cfg["bnb"][m]]
     inputs = [base.path, *_merged_in(inp)]
@@ -222,8 +222,7 @@ def check_inputs(cfg: Pipeline, base: HFModel, device: str = "cpu", *, mode: str
         if src is not None:
             raise cfg.error("output", "dir", f"the output directory {out} is inside the input {src}: "
                             "choose a directory of its own")
-    if inp["lora"] or inp["residual"]:
-        source(cfg)
+    src = source(cfg, device) if inp["lora"] or inp["residual"] else base
     if cfg["gguf"]["types"] and check_gguf:
         from .export import check
         from .plan import parse_variants
@@ -261,6 +260,7 @@ def check_inputs(cfg: Pipeline, base: HFModel, device: str = "cpu", *, mode: str
         dirs = [("gptq" if f == "gptq" else "gptq-ct") for f in gptq_formats(g)] if g["enabled"] else []
         for d in dirs + bnb_modes:
             check_output_dir(out / d, force, inputs)
+    return src
 
 
 # what a killed step leaves in OUT: staging directories and half-written files under hidden names
