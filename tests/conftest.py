@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
+
+
+SESSION_PREFIX = "session-"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_module_dirs(tmp_path_factory):
+    """Each module's temporary folders go when the module ends (the suite writes several GB of
+    checkpoints and GGUFs; kept, they fill a small CI disk). Session-scoped fixtures name theirs
+    with SESSION_PREFIX to outlive the module. A failed test keeps its own `tmp_path` (pyproject:
+    tmp_path_retention_policy = "failed"), but a module-scoped folder goes either way."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(base.iterdir())
+    yield
+    for d in set(base.iterdir()) - before:
+        if not d.name.startswith(SESSION_PREFIX) and d.is_dir():
+            shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -43,14 +61,13 @@ def tiny_model(smollm2_dir, tmp_path_factory) -> Path:
     """A 2-layer, 64-wide random Llama with SmolLM2's real tokenizer and chat template: small
     enough to export in a second, real enough for every check of the input."""
     import json
-    import shutil
 
     from quantkit.testing import synthetic
 
     cfg = json.loads((smollm2_dir / "config.json").read_text())
     cfg.update(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
                head_dim=16, num_hidden_layers=2)
-    dest = synthetic.write_checkpoint(tmp_path_factory.mktemp("tiny") / "tiny-llama", cfg)
+    dest = synthetic.write_checkpoint(tmp_path_factory.mktemp(SESSION_PREFIX + "tiny") / "tiny-llama", cfg)
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         shutil.copyfile(smollm2_dir / f, dest / f)
     return dest

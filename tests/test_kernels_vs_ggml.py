@@ -28,7 +28,7 @@ ALL = QUANTIZED + FLOATS
 def cuda_source_on_host(tmp_path_factory):
     """kernels/searches.cu, the GPU's scale searches, compiled for this CPU as NVRTC compiles it
     for the GPU (no multiply-add contraction)."""
-    searches = host_searches.compile_searches(tmp_path_factory.mktemp("searches_cu"))
+    searches = host_searches.compile_searches(tmp_path_factory.mktemp("session-searches_cu"))
     if searches is None:
         pytest.skip("no C++ compiler to build kernels/searches.cu for the host")
     return searches
