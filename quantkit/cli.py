@@ -368,8 +368,8 @@ def merge(base, out_dir, dtype, shard_size, files_from, device, force, quiet, **
     if not loras and residual is None:
         raise click.UsageError("nothing to merge: give --lora and/or --residual")
     shard_bytes = parse_size(shard_size)
-    if files_from is not None and not (Path(files_from) / "tokenizer.json").is_file():
-        raise InputError("--files-from: no tokenizer.json here; give the model directory whose tokenizer, chat "
+    if files_from is not None and not any((Path(files_from) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise InputError("--files-from: no tokenizer.json or tokenizer.model here; give the model directory whose tokenizer, chat "
                          "template and generation config the merged model should carry", files_from)
     src = open_model(base, loras, weights, residual, scale, dtype=dtype, device=_resolve_device(device),
                      ignore_base_name=bool(flags["input__ignore_base_name"]))

@@ -11,9 +11,17 @@ around the probe strings. Any template that puts fixed text between turns decomp
     {{ end }}
 
 (written without the line breaks). That covers Llama 3.x (its "Cutting Knowledge Date" system
-header included), ChatML, SmolLM2's default system prompt and Qwen3. The decomposition is checked
-against a longer conversation. A template that does not fit gets no TEMPLATE line, and a comment
-says why. The BOS token that llama.cpp adds itself (add_bos_token) is left out.
+header included), ChatML, SmolLM2's default system prompt and Qwen3. Mistral's [INST] templates put
+the system prompt inside the last user turn instead:
+
+    PREFIX{{ range $i, $_ := .Messages }}
+      user:      USER_PRE{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}{{ $.System }}SYS_SEP{{ end }}{{ .Content }}USER_POST
+      assistant: {{ .Content }}ASSISTANT_POST
+    {{ end }}
+
+(Ollama's own Mistral template has that shape). The decomposition is checked against a longer
+conversation. A template that does not fit either gets no TEMPLATE line, and a comment says why.
+The BOS token that llama.cpp adds itself (add_bos_token) is left out.
 """
 from __future__ import annotations
 
@@ -114,8 +122,18 @@ class OllamaTemplate:
     user_pre: str
     user_post: str              # end of the user turn + the generation prompt
     assistant_post: str
+    # Mistral's shape: the system prompt opens the last user turn (then sys_pre is unused, sys_post
+    # separates it from the turn's text, default_system is the text before the first turn)
+    system_in_last_turn: bool = False
 
     def text(self) -> str:
+        if self.system_in_last_turn:
+            return (self.default_system + "{{ range $i, $_ := .Messages }}"
+                    + '{{ if eq .Role "user" }}' + self.user_pre
+                    + "{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}{{ $.System }}" + self.sys_post
+                    + "{{ end }}{{ .Content }}" + self.user_post
+                    + '{{ else if eq .Role "assistant" }}{{ .Content }}' + self.assistant_post
+                    + "{{ end }}{{ end }}")
         return ("{{ if .System }}" + self.sys_pre + "{{ .System }}" + self.sys_post
                 + "{{ else }}" + self.default_system + "{{ end }}"
                 + "{{ range .Messages }}"
@@ -125,6 +143,15 @@ class OllamaTemplate:
 
     def render(self, system: str | None, turns: list[str]) -> str:
         """What Ollama renders for a system prompt and alternating user/assistant turns."""
+        if self.system_in_last_turn:
+            out = self.default_system
+            for i, t in enumerate(turns):
+                if i % 2:
+                    out += t + self.assistant_post
+                else:
+                    last = system and i == len(turns) - 1
+                    out += self.user_pre + (system + self.sys_post if last else "") + t + self.user_post
+            return out
         out = self.sys_pre + system + self.sys_post if system else self.default_system
         for i, t in enumerate(turns):
             out += self.user_pre + t + self.user_post if i % 2 == 0 else t + self.assistant_post
@@ -132,6 +159,17 @@ class OllamaTemplate:
 
 
 def derive_template(chat: ChatTemplate) -> OllamaTemplate:
+    """The Ollama template of the first shape above that reproduces the HF template, or a TemplateError."""
+    try:
+        return _derive(chat, system_in_last_turn=False)
+    except TemplateError as first:
+        try:
+            return _derive(chat, system_in_last_turn=True)
+        except TemplateError:
+            raise first from None
+
+
+def _derive(chat: ChatTemplate, system_in_last_turn: bool) -> OllamaTemplate:
     def render(msgs, gen=True):
         text = chat.render([{"role": r, "content": c} for r, c in msgs], gen)
         if chat.add_bos and chat.bos_token and text.startswith(chat.bos_token):
@@ -148,6 +186,8 @@ def derive_template(chat: ChatTemplate) -> OllamaTemplate:
             pos = i + len(p)
         return parts + [text[pos:]]
 
+    if system_in_last_turn:
+        return _derive_system_in_last_turn(render, between)
     sys_pre, sys_to_user, sys_tail = between(render([("system", _SYS), ("user", _U1)]), _SYS, _U1)
     default_to_user, tail = between(render([("user", _U1)]), _U1)
     hist = render([("system", _SYS), ("user", _U1), ("assistant", _A1), ("user", _U2)])
@@ -158,11 +198,29 @@ def derive_template(chat: ChatTemplate) -> OllamaTemplate:
     cut = len(user_pre)
     t = OllamaTemplate(sys_pre, sys_to_user[:len(sys_to_user) - cut], default_to_user[:len(default_to_user) - cut],
                        user_pre, tail, asst_to_user[:len(asst_to_user) - cut])
-    # a longer conversation, without a system prompt, must come out the same
+    return _checked(t, render, with_system=False)
+
+
+def _derive_system_in_last_turn(render, between) -> OllamaTemplate:
+    pre, tail = between(render([("user", _U1)]), _U1)
+    pre2, sep, tail2 = between(render([("system", _SYS), ("user", _U1)]), _SYS, _U1)
+    h_pre, user_to_asst, asst_to_user, h_sep, h_tail = between(
+        render([("system", _SYS), ("user", _U1), ("assistant", _A1), ("user", _U2)]), _U1, _A1, _SYS, _U2)
+    if not (pre == pre2 == h_pre and tail == tail2 == h_tail == user_to_asst and sep == h_sep):
+        raise TemplateError("turns are not rendered the same way in every position of a conversation")
+    user_pre = _common_suffix(pre, asst_to_user)
+    t = OllamaTemplate("", sep, pre[:len(pre) - len(user_pre)], user_pre, tail,
+                       asst_to_user[:len(asst_to_user) - len(user_pre)], system_in_last_turn=True)
+    return _checked(t, render, with_system=True)
+
+
+def _checked(t: OllamaTemplate, render, with_system: bool) -> OllamaTemplate:
+    # a longer conversation must come out the same
     turns = [_U1, _A1, _U2, _A1 + "X", _U2 + "Y"]
-    expect = render([("user" if i % 2 == 0 else "assistant", c) for i, c in enumerate(turns)])
-    if t.render(None, turns) != expect:
-        raise TemplateError("a five-turn conversation renders differently from the HF template")
+    msgs = [("user" if i % 2 == 0 else "assistant", c) for i, c in enumerate(turns)]
+    for system in ([None, _SYS] if with_system else [None]):
+        if t.render(system, turns) != render(([("system", system)] if system else []) + msgs):
+            raise TemplateError("a five-turn conversation renders differently from the HF template")
     return t
 
 

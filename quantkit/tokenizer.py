@@ -1,11 +1,15 @@
-"""HF tokenizer → GGUF vocabulary, the way convert_hf_to_gguf.py builds it for BPE ("gpt2") vocabs.
+"""HF tokenizer → GGUF vocabulary, the way convert_hf_to_gguf.py builds it.
 
-Uses the `tokenizers` library directly (no transformers import on the export path) and gguf-py's
-SpecialVocab for merges, special-token ids, add_bos/add_eos and the chat template.
+Two kinds, chosen as the converter chooses for the Llama, Mistral and Qwen families: a SentencePiece
+`tokenizer.model` if the folder has one (Mistral v0.x, Llama 2, TinyLlama: tokenizer.ggml.model
+"llama", read with the `sentencepiece` wheel), else a byte-level BPE `tokenizer.json` (Llama 3, Qwen,
+SmolLM: "gpt2", read with the `tokenizers` library; no transformers import on the export path).
+gguf-py's SpecialVocab gives merges, special-token ids, add_bos/add_eos and the chat template.
 """
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -48,14 +52,15 @@ class Vocab:
     tokens: list[str]
     token_types: list[int]
     special: gguf.SpecialVocab  # merges, special ids, add_bos/add_eos, chat template
-    check_hash: str
+    check_hash: str | None     # the pre-tokenizer hash (BPE only)
+    scores: list[float] | None = None   # SentencePiece only
 
 
-def load_vocab(model_dir: Path, vocab_size: int) -> Vocab:
-    path = model_dir / "tokenizer.json"
-    if not path.exists():
-        raise InputError("missing tokenizer.json (needed for the GGUF vocabulary)", model_dir)
-    for f in (path, model_dir / "tokenizer_config.json", model_dir / "special_tokens_map.json"):
+def _json_files(model_dir: Path) -> dict[str, dict]:
+    """The tokenizer's JSON files that exist, parsed; one line naming the file if one is not a JSON object."""
+    out = {}
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
+        f = model_dir / name
         if not f.exists():
             continue
         try:
@@ -64,12 +69,30 @@ def load_vocab(model_dir: Path, vocab_size: int) -> Vocab:
             raise InputError(f"not valid JSON ({e})", f) from None
         if not isinstance(data, dict):
             raise InputError(f"expected a JSON object, not {type(data).__name__}", f)
-        if f == path:
-            spec = data
-    kind = (spec.get("model") or {}).get("type")
+        out[name] = data
+    return out
+
+
+def load_vocab(model_dir: Path, vocab_size: int) -> Vocab:
+    """The GGUF vocabulary of a model folder, padded to the config's vocab_size."""
+    files = _json_files(model_dir)
+    if (model_dir / "tokenizer.model").exists():
+        return _sentencepiece_vocab(model_dir, vocab_size, files)
+    path = model_dir / "tokenizer.json"
+    if "tokenizer.json" not in files:
+        raise InputError("missing tokenizer.json or tokenizer.model (needed for the GGUF vocabulary)", model_dir)
+    spec = files["tokenizer.json"]
+    model = spec.get("model") or {}
+    kind = model.get("type")
+    if kind == "BPE" and model.get("byte_fallback"):
+        # a SentencePiece vocabulary saved as tokenizer.json alone: the converter reads it with its
+        # LlamaHfVocab, which quantkit does not reproduce
+        raise UnsupportedError("a SentencePiece-style tokenizer.json (byte fallback) without its tokenizer.model "
+                               "is not supported: copy tokenizer.model from the base model into the folder", path)
     if kind != "BPE":
         raise UnsupportedError(f"tokenizer model {kind!r} is not supported "
-                               "(only byte-level BPE tokenizers: Llama 3, Qwen, SmolLM)", path)
+                               "(byte-level BPE tokenizer.json: Llama 3, Qwen, SmolLM; "
+                               "or a SentencePiece tokenizer.model: Mistral, Llama 2)", path)
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:
@@ -109,11 +132,80 @@ def load_vocab(model_dir: Path, vocab_size: int) -> Vocab:
             types.append(gguf.TokenType.NORMAL)
         tokens.append(token)
 
-    special = gguf.SpecialVocab(model_dir, load_merges=True)
+    special = _special_vocab(model_dir, load_merges=True)
     if not special.merges:
         raise InputError("tokenizer.json has no BPE merges", path)
     _bytelevel_defaults(special, spec)
     return Vocab("gpt2", pre, tokens, types, special, check_hash)
+
+
+def _sentencepiece_vocab(model_dir: Path, vocab_size: int, files: dict[str, dict]) -> Vocab:
+    """convert_hf_to_gguf.py's SentencePiece vocabulary: each piece with its score and type; then
+    added_tokens.json (user-defined, score -1000) and tokenizer_config.json's added_tokens_decoder
+    (control if marked special or shaped like a special token, else user-defined with its "▁" as
+    spaces; score -1000) override their ids; ids the tokenizer lacks up to the config's vocab_size
+    are unused "[PAD<id>]" pieces."""
+    path = model_dir / "tokenizer.model"
+    try:
+        from sentencepiece import SentencePieceProcessor
+    except ImportError:
+        raise UnsupportedError("reading a SentencePiece tokenizer.model needs the sentencepiece package "
+                               "(pip install sentencepiece)", path) from None
+    sp = SentencePieceProcessor()
+    try:
+        sp.LoadFromSerializedProto(path.read_bytes())
+    except Exception as e:  # sentencepiece raises RuntimeError (or a protobuf parse error) on a bad file
+        raise InputError(f"not a SentencePiece model ({str(e).splitlines()[0] if str(e) else type(e).__name__})",
+                         path) from None
+    n = sp.vocab_size()
+    if n > vocab_size:
+        raise InputError(f"tokenizer has {n} pieces but config.json's vocab_size is {vocab_size}", path)
+    T = gguf.TokenType
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [T.UNUSED] * vocab_size
+    for i in range(n):
+        tokens[i] = sp.IdToPiece(i)
+        scores[i] = sp.GetScore(i)
+        types[i] = (T.UNKNOWN if sp.IsUnknown(i) else T.CONTROL if sp.IsControl(i) else
+                    T.UNUSED if sp.IsUnused(i) else T.BYTE if sp.IsByte(i) else T.NORMAL)
+
+    def check_id(i, source: str) -> int:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab_size:
+            raise InputError(f"added token id {i!r} is outside config.json's vocab_size {vocab_size}",
+                             model_dir / source)
+        return i
+
+    for text, i in files.get("added_tokens.json", {}).items():
+        i = check_id(i, "added_tokens.json")
+        tokens[i], scores[i], types[i] = text, -1000.0, T.USER_DEFINED
+    decoder = files.get("tokenizer_config.json", {}).get("added_tokens_decoder", {})
+    for key, entry in decoder.items():
+        i = check_id(int(key) if str(key).isdigit() else key, "tokenizer_config.json")
+        text = entry.get("content") if isinstance(entry, dict) else None
+        if not isinstance(text, str):
+            raise InputError(f"added_tokens_decoder[{key!r}] has no content", model_dir / "tokenizer_config.json")
+        if entry.get("special") or _looks_special(text):
+            types[i] = T.CONTROL
+        else:
+            text = text.replace("\u2581", " ")   # llama.cpp wants user-defined pieces pre-normalized
+            types[i] = T.USER_DEFINED
+        tokens[i], scores[i] = text, -1000.0
+
+    special = _special_vocab(model_dir, n_vocab=vocab_size)
+    return Vocab("llama", "default", tokens, types, special, None, scores)
+
+
+def _special_vocab(model_dir: Path, **kw) -> gguf.SpecialVocab:
+    # gguf-py logs what it skips (a pair template's separator, a missing merges file) as warnings
+    # meant for the converter's console; the export's output stays one progress bar
+    log = logging.getLogger("gguf.vocab")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return gguf.SpecialVocab(model_dir, **kw)
+    finally:
+        log.setLevel(level)
 
 
 def _bytelevel_defaults(special: gguf.SpecialVocab, spec: dict) -> None:
@@ -137,5 +229,7 @@ def add_vocab(writer: gguf.GGUFWriter, vocab: Vocab) -> None:
     writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
     writer.add_token_types(vocab.token_types)
     vocab.special.add_to_gguf(writer, quiet=True)

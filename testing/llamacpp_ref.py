@@ -18,6 +18,16 @@ FTYPES = {"q8_0": 7, "q6_k": 18, "q5_k_m": 17, "q5_k_s": 16, "q4_k_m": 15, "q4_k
           "q4_0": 2, "bf16": 32, "f16": 1}
 
 
+def vocab_test_vectors(inp: Path) -> list[tuple[str, list[int]]]:
+    """llama.cpp's tokenizer test vectors (models/ggml-vocab-*.gguf.inp / .out): the inputs, separated by
+    a line `__ggml_vocab_test__`, and the expected ids of each (no BOS)."""
+    inp = Path(inp)
+    texts = inp.read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
+    ids = [[int(x) for x in line.split()]
+           for line in inp.with_suffix(".out").read_text(encoding="utf-8").split("\n")]
+    return list(zip(texts, ids))
+
+
 def llamacpp_src() -> Path | None:
     env = os.environ.get("QUANTKIT_LLAMACPP_SRC")
     for cand in ([Path(env)] if env else []) + [REPO / ".cache" / "llama.cpp-src"]:

@@ -36,6 +36,10 @@ def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype
     return t.to(dtype)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json")
+
+
 def preset_tokenizer(preset: str) -> str:
     """The tokenizer fixture of the family a preset belongs to (llama3-8b -> "llama3")."""
     return next(f.fixture.tokenizer for f in FAMILIES.values() if preset in f.presets and f.fixture)
@@ -47,8 +51,8 @@ def tokenizer_dir(family: str) -> Path:
     session sets it to the checkout's)."""
     root = Path(os.environ.get("QUANTKIT_TOKENIZERS")
                 or Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizers")
-    if not (root / family / "tokenizer.json").is_file():
-        raise SystemExit(f"{root / family}: no tokenizer.json for the synthetic {family} checkpoint; run from a "
+    if not any((root / family / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        raise SystemExit(f"{root / family}: no tokenizer.json or tokenizer.model for the synthetic {family} checkpoint; run from a "
                          "source checkout or set QUANTKIT_TOKENIZERS to tests/fixtures/tokenizers")
     return root / family
 
@@ -92,7 +96,7 @@ def write_checkpoint(dest: Path, cfg: dict, tokenizer_dir: Path | None = None, *
                                  torch.float32: "float32"}[dtype])
     (dest / "config.json").write_text(json.dumps(cfg, indent=2))
     if tokenizer_dir is not None:
-        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        for f in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / f).exists():
                 shutil.copyfile(Path(tokenizer_dir) / f, dest / f)
     gen_cfg = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],

@@ -344,7 +344,7 @@ def test_merge_refuses_a_tiny_shard_size_and_files_without_a_tokenizer(tiny_mode
     out = tmp_path / "out"
     merge = ["merge", str(tiny_model), "--lora", str(ad), "-o", str(out), "-q"]
     _assert_one_line_error(_run([*merge, "--shard-size", "10"]), ["'10' is 10 bytes", "at least 1MB"], out)
-    _assert_one_line_error(_run([*merge, "--files-from", str(ad)]), ["adapter", "--files-from", "no tokenizer.json"],
+    _assert_one_line_error(_run([*merge, "--files-from", str(ad)]), ["adapter", "--files-from", "no tokenizer.json or tokenizer.model"],
                            out)
     assert not out.exists()
 

@@ -54,10 +54,10 @@ def toy(tmp_path_factory):
         families.unregister("toy")
 
 
-@pytest.fixture(scope="module", params=["toy", "qwen2"])
+@pytest.fixture(scope="module", params=["toy", "qwen2", "mistral"])
 def tiny(request, toy, tmp_path_factory):
     """A 2-layer checkpoint of the toy family, and of the real families the toy does not stand for
-    (Qwen2: q/k/v biases, no q/k permute)."""
+    (Qwen2: q/k/v biases, no q/k permute; Mistral: a SentencePiece tokenizer)."""
     if request.param == "toy":
         return toy[0]
     fam = families.FAMILIES[request.param]
@@ -164,7 +164,7 @@ def test_gptq_of_a_new_family_loads_in_transformers(tiny, tmp_path):
     assert json.loads((qdir / "config.json").read_text())["architectures"] == cfg["architectures"]
     q = transformers.AutoModelForCausalLM.from_pretrained(qdir, device_map="cpu")
     with torch.no_grad():
-        q(torch.tensor([[128000, 791, 4062, 14198]]))      # runs, and compressed-tensors decompresses its weights
+        q(torch.tensor([[1, 791, 4062, 14198]]))      # runs, and compressed-tensors decompresses its weights
     base = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     hp = families.hparams_from_config(cfg)
     names = families.family_for(cfg["architectures"][0]).linear_names(hp)

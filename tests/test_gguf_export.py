@@ -1,7 +1,7 @@
 """Whole-file checks: our one-pass export vs llama.cpp's convert_hf_to_gguf.py + llama_model_quantize.
 
-Tiny Llama-3 and Qwen3 models (real configs shrunk to 256 wide so the K-quant path is used, the
-real tokenizers of each family) are exported by both flows; every tensor must have the same name,
+Tiny models of every family (real configs shrunk to 256 wide so the K-quant path is used, the
+real tokenizers of each family: byte-level BPE and SentencePiece) are exported by both flows; every tensor must have the same name,
 type, shape and bytes, and the metadata must be equal. llama.cpp then loads our files and must
 tokenize llama.cpp's own tokenizer test vectors as expected.
 """
@@ -16,6 +16,7 @@ from quantkit import families
 from quantkit.bench import gguf_diff
 from quantkit.testing import llamacpp_ref, synthetic
 from quantkit.export import export_gguf
+from quantkit.hfmodel import HFModel
 from quantkit.plan import VARIANTS
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -70,25 +71,51 @@ def test_metadata_equals_converter(exported, variant):
     assert not diff, f"{family}: metadata differs: {diff}"
 
 
+@pytest.fixture(scope="module")
+def with_imatrix(exported):
+    """The same model with an importance matrix (quantkit's, from a few random token rows): every
+    quantized type ours, and llama_model_quantize's with that imatrix."""
+    import torch
+
+    from quantkit.imatrix import collect, write
+
+    family, ours, ref = exported
+    root = ours.files["q8_0"].parent.parent
+    model = root / f"{family}-tiny"
+    vocab = families.hparams_of(HFModel(model)).n_vocab
+    tokens = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
+    path = write(collect(model, tokens=tokens, progress=False), root / "imatrix.gguf")
+    ours_im = export_gguf(model, [VARIANTS[v] for v in QUANTIZED], root / "ours-imatrix", progress=False,
+                          chunk_values=CHUNK_VALUES, imatrix=path)
+    weights, overrides = llamacpp_ref.read_imatrix(path), llamacpp_ref.imatrix_overrides(str(path))
+    refs = {v: llamacpp_ref.llama_quantize(ref["bf16"], root / f"ref-imatrix-{v}.gguf", v, imatrix=weights,
+                                           kv_overrides=overrides) for v in QUANTIZED}
+    return family, ours_im, refs
+
+
+@pytest.mark.parametrize("variant", QUANTIZED)
+def test_file_with_an_imatrix_is_byte_identical_to_llama_quantize(with_imatrix, exported, variant):
+    family, ours, ref = with_imatrix
+    diff = gguf_diff.file_difference(ours.files[variant], ref[variant])
+    assert diff is None, f"{family} {variant} with an imatrix: {diff}"
+    if variant == "q4_k_m":     # and the imatrix was used: the K-quants differ from the plain file's
+        assert not gguf_diff.compare(ours.files[variant], exported[1].files[variant])["identical_tensors"]
+
+
 def tiny_preset(fam) -> str:
     return next(p for p in fam.presets if p.endswith("-tiny"))
-
-
-def _vectors(name: str) -> list[tuple[str, list[int]]]:
-    inp = (FIX / f"{name}.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")[:-1]
-    out = [[int(x) for x in line.split()] for line in (FIX / f"{name}.out").read_text(encoding="utf-8").split("\n")]
-    return list(zip(inp, out))
 
 
 @pytest.mark.parametrize("variant", ["q8_0", "q4_k_m"])
 def test_llama_cpp_loads_export_and_tokenizes_test_vectors(exported, variant):
     family, ours, _ = exported
-    vectors = _vectors(FAMILIES[family].fixture.vectors)
-    assert len(vectors) == 46
     llm = llama_cpp.Llama(model_path=str(ours.files[variant]), n_ctx=64, verbose=False)
-    bad = [(text, ids) for text, ids in vectors
-           if llm.tokenize(text.encode(), add_bos=False, special=False) != ids]
-    assert not bad, f"{len(bad)} of {len(vectors)} test vectors tokenize differently, e.g. {bad[0]!r}"
+    if FAMILIES[family].fixture.vectors:   # (Mistral's vocabulary has none: tests/test_sentencepiece.py)
+        vectors = llamacpp_ref.vocab_test_vectors(FIX / f"{FAMILIES[family].fixture.vectors}.inp")
+        assert len(vectors) == 46
+        bad = [(text, ids) for text, ids in vectors
+               if llm.tokenize(text.encode(), add_bos=False, special=False) != ids]
+        assert not bad, f"{len(bad)} of {len(vectors)} test vectors tokenize differently, e.g. {bad[0]!r}"
     # and the model runs: one forward pass gives finite logits
     toks = llm.tokenize(b"Hello world", add_bos=True)
     llm.eval(toks)

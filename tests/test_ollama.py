@@ -1,8 +1,9 @@
 """Ollama Modelfiles: the derived TEMPLATE renders conversations exactly as the HF chat template does.
 
-The reference is transformers' apply_chat_template on the real Llama 3.1, Qwen3 and SmolLM2
-tokenizer configs. Ollama itself is not installable here, so the TEMPLATE is executed by a small
-evaluator of the Go text/template subset it uses (if / else if / else / range / eq / fields), with
+The reference is transformers' apply_chat_template on the real Llama 3.1, Qwen3, SmolLM2 and Mistral
+([INST], the system prompt in the last user turn) tokenizer configs. Ollama itself is not installable here, so the TEMPLATE is executed by a small
+evaluator of the Go text/template subset it uses (if / else if / else / range, fields, variables,
+eq / and / len / slice), with
 the values Ollama passes: .System (the system messages) and .Messages (every message, system ones
 included, as Ollama's collate() leaves them).
 """
@@ -64,31 +65,65 @@ def _parse(tokens: list[str], pos: int, stop: tuple[str, ...]):
     return nodes, pos
 
 
-def _value(expr: str, dot: dict):
-    if expr == "true":
-        return True
-    m = re.fullmatch(r'eq (\.\w+) "([^"]*)"', expr)
-    if m:
-        return _value(m.group(1), dot) == m.group(2)
-    assert re.fullmatch(r"\.\w+", expr), f"unsupported template expression {expr!r}"
-    return dot[expr[1:]]
+def _value(expr: str, dot: dict, env: dict | None = None):
+    """A pipeline of Go's text/template: fields (.X, $.X), variables ($i), string and integer
+    literals, and the functions eq / and / len / slice, with parentheses."""
+    env = env or {}
+    words = re.findall(r'"[^"]*"|\(|\)|[^\s()]+', expr)
+
+    def term(i):
+        w = words[i]
+        if w == "(":
+            v, i = call(i + 1)
+            assert words[i] == ")", expr
+            return v, i + 1
+        if w.startswith('"'):
+            return w[1:-1], i + 1
+        if re.fullmatch(r"\d+", w):
+            return int(w), i + 1
+        if w == "true":
+            return True, i + 1
+        if w.startswith("$."):
+            return env["$"][w[2:]], i + 1
+        if w.startswith("$"):
+            return env[w], i + 1
+        assert re.fullmatch(r"\.\w+", w), f"unsupported template expression {expr!r}"
+        return dot[w[1:]], i + 1
+
+    funcs = {"eq": lambda a, b: a == b, "and": lambda a, b: b if a else a, "len": len, "slice": lambda a, i: a[i:]}
+
+    def call(i):
+        if words[i] in funcs:
+            f, args, i = funcs[words[i]], [], i + 1
+            while i < len(words) and words[i] != ")":
+                v, i = term(i)
+                args.append(v)
+            return f(*args), i
+        return term(i)
+
+    v, i = call(0)
+    assert i == len(words), f"unsupported template expression {expr!r}"
+    return v
 
 
-def _exec(nodes, dot: dict) -> str:
+def _exec(nodes, dot: dict, env: dict | None = None) -> str:
+    env = env if env is not None else {"$": dot}
     out = []
     for node in nodes:
         if node[0] == "text":
             out.append(node[1])
         elif node[0] == "value":
-            out.append(str(_value(node[1], dot)))
+            out.append(str(_value(node[1], dot, env)))
         elif node[0] == "if":
             for cond, body in node[1]:
-                if _value(cond, dot):
-                    out.append(_exec(body, dot))
+                if _value(cond, dot, env):
+                    out.append(_exec(body, dot, env))
                     break
         elif node[0] == "range":
-            for item in _value(node[1], dot):
-                out.append(_exec(node[2], item))
+            m = re.fullmatch(r"(\$\w+), (\$\w+) := (.+)", node[1])     # range $i, $_ := .Messages
+            items = _value(m.group(3) if m else node[1], dot, env)
+            for i, item in enumerate(items):
+                out.append(_exec(node[2], item, {**env, **({m.group(1): i, m.group(2): item} if m else {})}))
     return "".join(out)
 
 
@@ -106,11 +141,19 @@ def test_go_template_evaluator_on_ollamas_documented_example():
          '{{ else if eq .Role "assistant" }}{{ .Content }}<|im_end|>\n{{ end }}{{ end }}')
     msgs = [{"Role": "system", "Content": "S"}, {"Role": "user", "Content": "U"}]
     assert go_template(t, "S", msgs) == "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nU<|im_end|>\n<|im_start|>assistant\n"
+    # Ollama's Mistral template: the system prompt in the last message only
+    t = ('{{- range $index, $_ := .Messages }}{{- if eq .Role "user" }}'
+         '{{- if and (eq (len (slice $.Messages $index)) 1) $.System }}[INST] {{ $.System }}\n\n{{ .Content }}[/INST]'
+         '{{- else }}[INST] {{ .Content }}[/INST]{{- end }}{{- else if eq .Role "assistant" }} {{ .Content }}</s>'
+         '{{- end }}{{- end }}')
+    msgs = [{"Role": "system", "Content": "S"}, {"Role": "user", "Content": "U"}, {"Role": "assistant", "Content": "A"},
+            {"Role": "user", "Content": "V"}]
+    assert go_template(t.replace("{{- ", "{{ "), "S", msgs) == "[INST] U[/INST] A</s>[INST] S\n\nV[/INST]"
 
 
 # --- the real templates --------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=["llama3", "qwen3", "smollm2"])
+@pytest.fixture(scope="module", params=["llama3", "qwen3", "smollm2", "mistral-v3"])
 def model_dir(request, smollm2_dir):
     return smollm2_dir if request.param == "smollm2" else FIX / request.param
 

@@ -6,11 +6,9 @@
 Adding a family is one module here (and its fixtures and tests): subclass `Family`, set its data,
 override the hooks its converter needs, decorate it with `@register`, and import it below.
 """
-from .base import (BY_HF_NAME, FAMILIES, Family, HParams, SourceTensor, TestFixture, family_for, family_of,
+from .base import (BPE, BY_HF_NAME, FAMILIES, Family, HParams, SourceTensor, TestFixture, family_for, family_of,
                    hparams_from_config, hparams_of, presets, register, unregister)
-from . import llama, qwen  # noqa: F401,E402  (each registers itself)
-
-
+from . import llama, mistral, qwen  # noqa: F401,E402  (each registers itself)
 
 def support_table() -> str:
     """The support table, from the registry: `quantkit families` prints it, the README holds it."""
@@ -20,7 +18,8 @@ def support_table() -> str:
     lines = ["| family | HF architectures | GGUF arch | tokenizer (llama.cpp pre-tokenizers) | GGUF types "
              "| merge | GPTQ | imatrix |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for f in FAMILIES.values():
-        pre = f"{f.tokenizer} ({', '.join(f.pre_tokenizers)})" if f.pre_tokenizers else f.tokenizer
+        pre = " or ".join(f"{t} ({', '.join(f.pre_tokenizers)})" if t == BPE and f.pre_tokenizers else t
+                          for t in f.tokenizers)
         lines.append(f"| {f.name} | {', '.join(f.hf_names)} | {f.gguf_name} | {pre} | {types} | yes "
                      f"| {'yes' if f.gptq_groups else 'no'} | yes |")
     return "\n".join(lines)

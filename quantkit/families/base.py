@@ -109,12 +109,14 @@ class SourceTensor:
 @dataclass(frozen=True)
 class TestFixture:
     """What the tests need to check a family against llama.cpp: the real tokenizer in
-    tests/fixtures/tokenizers/<tokenizer>, llama.cpp's tokenizer test vectors for it, and whether the
-    tiny checkpoint ties its embeddings."""
+    tests/fixtures/tokenizers/<tokenizer>, llama.cpp's tokenizer test vectors for it (None where
+    llama.cpp has none for that vocabulary), and whether the tiny checkpoint ties its embeddings."""
     tokenizer: str
-    vectors: str
+    vectors: str | None
     tied: bool
 
+
+BPE, SPM = "byte-level BPE", "SentencePiece"
 
 # A decoder layer's linears as most families name them, grouped in the order data flows through them
 # (the GPTQ groups: q/k/v read the same normed input, gate/up likewise).
@@ -130,8 +132,10 @@ class Family:
     name: ClassVar[str]                         # short name: llama, qwen3
     hf_names: ClassVar[tuple[str, ...]]         # config.json "architectures" it serves
     gguf_arch: ClassVar[gguf.MODEL_ARCH]
-    tokenizer: ClassVar[str] = "byte-level BPE"
-    pre_tokenizers: ClassVar[tuple[str, ...]] = ()   # llama.cpp pre-tokenizer names seen for this family
+    # the tokenizer kinds of its checkpoints (quantkit.tokenizer reads each), and the llama.cpp
+    # pre-tokenizer names seen for its byte-level BPE ones
+    tokenizers: ClassVar[tuple[str, ...]] = (BPE,)
+    pre_tokenizers: ClassVar[tuple[str, ...]] = ()
     rope_types: ClassVar[tuple[str, ...]] = ("", "linear", "yarn")
     # whether transformers' config class fills in head_dim when config.json leaves it out: the
     # converter reads the completed config and writes key_length / value_length only where it is set

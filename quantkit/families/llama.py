@@ -2,7 +2,8 @@
 
 On the way to GGUF the q and k rows of each head are permuted into llama.cpp's RoPE order, and a
 llama3 rope scaling adds the `rope_freqs` tensor. The converter writes `llama.vocab_size` and
-`rope.dimension_count`, and `tokenizer.ggml.add_space_prefix` from tokenizer_config.json.
+`rope.dimension_count`, and `tokenizer.ggml.add_space_prefix` from tokenizer_config.json. Llama 2 era
+checkpoints (and Mistral, which the converter treats as Llama) bring a SentencePiece tokenizer.model.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import math
 import gguf
 import torch
 
-from .base import TINY, Family, HParams, SourceTensor, TestFixture, register
+from .base import BPE, SPM, TINY, Family, HParams, SourceTensor, TestFixture, register
 
 # config.json of meta-llama/Llama-3.1-8B-Instruct, as published
 LLAMA31_8B = {
@@ -69,6 +70,7 @@ class Llama(Family):
     name = "llama"
     hf_names = ("LlamaForCausalLM",)
     gguf_arch = gguf.MODEL_ARCH.LLAMA
+    tokenizers = (BPE, SPM)     # Llama 3 and SmolLM; Llama 2 and TinyLlama
     pre_tokenizers = ("llama-bpe", "smollm")
     rope_types = ("", "linear", "yarn", "llama3")
     presets = {"llama3-8b": LLAMA31_8B, "llama3-tiny": {**LLAMA31_8B, **TINY}}
