@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import os
 import shutil
 from pathlib import Path
@@ -51,7 +52,7 @@ def tokenizer_dir(family: str) -> Path:
     session sets it to the checkout's)."""
     root = Path(os.environ.get("QUANTKIT_TOKENIZERS")
                 or Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "tokenizers")
-    if not any((root / family / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+    if not any((root / family / f).is_file() for f in ("tokenizer.json", "tokenizer.json.xz", "tokenizer.model")):
         raise SystemExit(f"{root / family}: no tokenizer.json or tokenizer.model for the synthetic {family} checkpoint; run from a "
                          "source checkout or set QUANTKIT_TOKENIZERS to tests/fixtures/tokenizers")
     return root / family
@@ -99,6 +100,9 @@ def write_checkpoint(dest: Path, cfg: dict, tokenizer_dir: Path | None = None, *
         for f in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / f).exists():
                 shutil.copyfile(Path(tokenizer_dir) / f, dest / f)
+            elif (Path(tokenizer_dir) / f"{f}.xz").exists():    # a large fixture, stored compressed
+                with lzma.open(Path(tokenizer_dir) / f"{f}.xz") as src, open(dest / f, "wb") as out:
+                    shutil.copyfileobj(src, out)
     gen_cfg = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
                "do_sample": True, "temperature": 0.6, "top_p": 0.9}
     (dest / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))

@@ -1,10 +1,12 @@
-"""SentencePiece vocabularies (Llama 2, Mistral v0.1 / v0.3): what llama.cpp reads from our GGUF.
+"""The vocabularies of the Llama 2 and Mistral checkpoints: what llama.cpp reads from our GGUF.
 
-The references: llama.cpp's own SPM test vectors (Llama 2's vocabulary), the `sentencepiece` library
-on the tokenizer.model itself (what transformers' slow LlamaTokenizer wrapped; transformers 5 converts
-it to a tokenizer.json that handles leading spaces differently, so it is not the reference here) on
-WikiText-2, edge strings and a chat prompt, and convert_hf_to_gguf.py on added tokens and padding.
-The byte-identity of whole Mistral files of every type is in test_gguf_export.py.
+SentencePiece (Llama 2, Mistral 7B v0.1 / v0.3): the references are llama.cpp's own SPM test vectors
+(Llama 2's vocabulary), the `sentencepiece` library on the tokenizer.model itself (what transformers'
+slow LlamaTokenizer wrapped; transformers 5 converts it to a tokenizer.json that handles leading
+spaces differently, so it is not the reference here) on WikiText-2, edge strings and a chat prompt,
+and convert_hf_to_gguf.py on added tokens and padding. Tekken (Mistral Nemo, Small 3): a byte-level
+BPE tokenizer.json, against transformers and the converter. The byte-identity of whole Mistral files
+of every type is in test_gguf_export.py.
 """
 from __future__ import annotations
 
@@ -138,6 +140,58 @@ def test_added_tokens_and_padding_equal_the_converter(tmp_path):
     meta = values(ours)
     assert meta["tokenizer.ggml.tokens"][32000:32006] == ["<|im_start|>", "<|im_end|>", "<|tool|>", " custom",
                                                           "[MASK]", "[PAD32005]"]
+
+
+# --- Tekken (Mistral Nemo, Small 3): byte-level BPE, pre-tokenizer "tekken" -------------------------
+
+@pytest.fixture(scope="module")
+def nemo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nemo")
+    # Nemo's own head_dim (128, not hidden / heads) kept
+    model = checkpoint(root / "nemo", "mistral-nemo-12b", "tekken", **{**NARROW, "hidden_size": 256, "head_dim": 128})
+    return model, export_gguf(model, [VARIANTS["bf16"], VARIANTS["q8_0"]], root / "out", progress=False).files
+
+
+# llama_model_quantize logs a piece of a multi-byte token, which llama-cpp-python's log callback fails to decode
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_tekken_export_equals_the_converter(nemo, tmp_path):
+    if llamacpp_ref.llamacpp_src() is None:
+        pytest.skip("llama.cpp sources (convert_hf_to_gguf.py) not unpacked: run `make install-test`")
+    model, ours = nemo
+    ref = llamacpp_ref.convert_hf_to_gguf(model, tmp_path / "ref.gguf", "bf16")
+    assert not gguf_diff.metadata_differences(ours["bf16"], ref)
+    assert gguf_diff.compare(ours["bf16"], ref, same_order=False)["identical_tensors"]
+    q8 = llamacpp_ref.llama_quantize(ref, tmp_path / "ref-q8_0.gguf", "q8_0")
+    assert gguf_diff.file_difference(ours["q8_0"], q8) is None
+    meta = values(ours["bf16"])
+    assert (meta["tokenizer.ggml.model"], meta["tokenizer.ggml.pre"]) == ("gpt2", "tekken")
+    assert meta["llama.attention.key_length"] == 128
+
+
+def test_tekken_tokenizes_as_transformers(nemo):
+    transformers = pytest.importorskip("transformers")
+    model, ours = nemo
+    hf = transformers.AutoTokenizer.from_pretrained(model)
+    llm = vocab_only(ours["bf16"])
+    lines = [line for line in WIKI.read_text(encoding="utf-8").split("\n") if line.strip()]
+    plain = [e for e in EDGE if not re.search(r"\[INST\]|</?s>", e)]      # transformers splits special tokens out
+    bad = [t for t in lines + plain if llm.tokenize(t.encode(), add_bos=True, special=False) != hf(t).input_ids]
+    assert not bad, f"{len(bad)} strings tokenize differently, e.g. {bad[0]!r}"
+    for t in ["[INST]", "</s>", "<s> hi", "a[INST]b[/INST]c</s>"]:
+        assert llm.tokenize(t.encode(), add_bos=True, special=True) == hf(t).input_ids, t
+    msgs = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi there"},
+            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": " What is 2+2?\n"}]
+    prompt = hf.apply_chat_template(msgs, tokenize=False)
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == hf(prompt, add_special_tokens=False).input_ids
+
+
+def test_tekken_modelfile_has_the_inst_template(nemo, tmp_path):
+    from quantkit.ollama import modelfile
+
+    model, _ = nemo
+    text = modelfile("nemo.gguf", model)
+    assert "[INST]{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}" in text
+    assert re.findall(r'^PARAMETER stop "(.*)"$', text, flags=re.M)[-1] == "</s>"
 
 
 # --- bad input -----------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
-"""Build the SentencePiece tokenizer fixtures in tests/fixtures/tokenizers/ (run once; the output is committed).
+"""Build the Mistral and Llama 2 tokenizer fixtures in tests/fixtures/tokenizers/ (run once; the output is committed).
 
     pip download --no-deps mistral-common -d /tmp/mc && unzip -q /tmp/mc/*.whl -d /tmp/mc
     pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36 -d /tmp/sd && tar -xzf /tmp/sd/*.tar.gz -C /tmp/sd
-    pip install protobuf transformers sentencepiece
-    python tools/make_sentencepiece_fixtures.py /tmp/mc/mistral_common/data \\
+    pip install --target /tmp/mcdeps mistral-common protobuf      # transformers' Tekken converter needs them
+    PYTHONPATH=/tmp/mcdeps python tools/make_tokenizer_fixtures.py /tmp/mc/mistral_common/data \\
         /tmp/sd/llama_cpp_python-0.3.36/vendor/llama.cpp/models
 
 - mistral-v3/: Mistral 7B v0.3's tokenizer.model (mistral-common's `mistral_instruct_tokenizer_240323.model.v3`,
@@ -15,10 +15,15 @@
 - llama-spm/: Llama 2's tokenizer.model rebuilt from llama.cpp's `models/ggml-vocab-llama-spm.gguf`
   (pieces, scores and types; Llama 2's normalizer: identity, dummy prefix, byte fallback), checked here to
   give llama.cpp's expected ids for its own test vectors, which are copied beside it.
+- tekken/: Mistral Nemo's Tekken BPE (mistral-common's `tekken_240718.json`, 131072 tokens) as transformers'
+  `convert_tekken_tokenizer` writes it, with the BOS template of the published Mistral-Nemo tokenizer.json
+  (then it hashes as llama.cpp's `tekken` pre-tokenizer), xz-compressed (17 MB → 1.7 MB); the Nemo
+  [INST] chat template.
 """
 from __future__ import annotations
 
 import json
+import lzma
 import shutil
 import sys
 from pathlib import Path
@@ -110,7 +115,30 @@ def llama_spm(data: Path, models: Path) -> None:
     print(f"llama-spm: {len(inp) - len(bad)}/{len(inp)} test vectors as sentencepiece tokenizes them", bad[:3])
 
 
+def tekken(data: Path, models: Path) -> None:
+    from transformers.integrations.mistral.tokenizer import convert_tekken_tokenizer
+
+    d = OUT / "tekken"
+    d.mkdir(parents=True, exist_ok=True)
+    tmp = d / "_hf"
+    convert_tekken_tokenizer(str(data / "tekken_240718.json")).save_pretrained(tmp)
+    spec = json.loads((tmp / "tokenizer.json").read_text(encoding="utf-8"))
+    shutil.rmtree(tmp)
+    bos = {"SpecialToken": {"id": "<s>", "type_id": 0}}
+    spec["post_processor"] = {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                              "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                              "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    with lzma.open(d / "tokenizer.json.xz", "wt", encoding="utf-8", preset=9) as f:
+        json.dump(spec, f, ensure_ascii=False)
+    template = (models / "templates" / "mistralai-Mistral-Nemo-Instruct-2407.jinja").read_text()
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+         "clean_up_tokenization_spaces": False, "model_max_length": 1000000000000000019884624838656,
+         "tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template}, indent=2) + "\n")
+
+
 if __name__ == "__main__":
     data, models = Path(sys.argv[1]), Path(sys.argv[2])
     mistral(data, models)
     llama_spm(data, models)
+    tekken(data, models)
