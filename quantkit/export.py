@@ -168,8 +168,8 @@ def prepare(model: HFModel, variants: list[Variant], imatrix: bool = False):
 
 def check(model: HFModel, variants: list[Variant], imatrix: Path | None = None) -> None:
     """Everything `export_gguf` would refuse, without reading weights (NaN/Inf shows only when read)."""
-    _, hp, _, plans = prepare(model, variants, imatrix is not None)
-    load_vocab(model.path, hp.n_vocab)
+    family, hp, _, plans = prepare(model, variants, imatrix is not None)
+    load_vocab(model.path, hp.n_vocab, family.sentencepiece_only)
     if imatrix is not None:
         load_imatrix(imatrix, plans)
 
@@ -191,7 +191,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
 
     weights, imatrix_note = load_imatrix(imatrix, plans) if imatrix is not None else ({}, None)
     imatrix_kv = _imatrix_kv(str(imatrix), imatrix_note) if imatrix_note else {}
-    vocab = load_vocab(model.path, hp.n_vocab)
+    vocab = load_vocab(model.path, hp.n_vocab, family.sentencepiece_only)
     meta = build_metadata(model, family, hp, sources, vocab, name, name_from)
     out_dir = Path(out_dir)
     refuse_inputs(out_dir, model.input_paths())

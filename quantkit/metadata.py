@@ -64,5 +64,7 @@ def build_metadata(model: HFModel, family: Family, hp: HParams, tensors: list[So
     for key, val, vtype in family.tokenizer_kv(tok_cfg):
         w.add_key_value(key, val, vtype)
     add_vocab(w, vocab)
+    for key, val, vtype in family.vocab_kv(vocab.model):
+        w.add_key_value(key, val, vtype)
     stem = gguf.naming_convention(meta.name, meta.basename, meta.finetune, meta.version, meta.size_label, None)
     return ModelMetadata(w.kv, stem, total)

@@ -74,11 +74,16 @@ def _json_files(model_dir: Path) -> dict[str, dict]:
     return out
 
 
-def load_vocab(model_dir: Path, vocab_size: int) -> Vocab:
-    """The GGUF vocabulary of a model folder, padded to the config's vocab_size."""
+def load_vocab(model_dir: Path, vocab_size: int, sentencepiece_only: bool = False) -> Vocab:
+    """The GGUF vocabulary of a model folder, padded to the config's vocab_size. `sentencepiece_only`:
+    the family's converter reads nothing but a tokenizer.model (Gemma 2)."""
     files = _json_files(model_dir)
     if (model_dir / "tokenizer.model").exists():
         return _sentencepiece_vocab(model_dir, vocab_size, files)
+    if sentencepiece_only:
+        raise UnsupportedError("missing tokenizer.model: this family's vocabulary is read from its SentencePiece "
+                               "model only (transformers 5 saves tokenizer.json alone: copy tokenizer.model from "
+                               "the base model)", model_dir)
     path = model_dir / "tokenizer.json"
     if "tokenizer.json" not in files:
         raise InputError("missing tokenizer.json or tokenizer.model (needed for the GGUF vocabulary)", model_dir)

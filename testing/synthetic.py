@@ -28,9 +28,10 @@ def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     return list(family_for(cfg["architectures"][0]).tensor_shapes(hparams_from_config(cfg)).items())
 
 
-def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
-    if len(shape) == 1:  # norms: around 1, like trained RMSNorm gains
-        return (1.0 + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
+def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype,
+                  norm_shift: float = 0.0) -> torch.Tensor:
+    if len(shape) == 1:  # norms: gains around 1, like trained RMSNorm gains (stored as gain - norm_shift)
+        return (1.0 - norm_shift + 0.1 * torch.randn(shape, generator=gen)).to(dtype)
     # heavier tails than a Gaussian (a few outliers per row), as trained weights have
     t = torch.randn(shape, generator=gen) * 0.02
     t += 0.05 * torch.randn(shape, generator=gen).pow_(3).clamp_(-10, 10) * 0.02
@@ -85,7 +86,8 @@ def write_checkpoint(dest: Path, cfg: dict, tokenizer_dir: Path | None = None, *
             total += _write_header_only(dest / fname, shard, dtype)
             weight_map.update({name: fname for name, _ in shard})
             continue
-        tensors = {name: random_tensor(name, shape, gen, dtype) for name, shape in shard}
+        shift = family_for(cfg["architectures"][0]).norm_shift
+        tensors = {name: random_tensor(name, shape, gen, dtype, shift) for name, shape in shard}
         total += sum(t.numel() * t.element_size() for t in tensors.values())
         save_file(tensors, str(dest / fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in tensors})

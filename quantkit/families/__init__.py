@@ -8,7 +8,7 @@ override the hooks its converter needs, decorate it with `@register`, and import
 """
 from .base import (BPE, BY_HF_NAME, FAMILIES, Family, HParams, SourceTensor, TestFixture, family_for, family_of,
                    hparams_from_config, hparams_of, presets, register, unregister)
-from . import llama, mistral, qwen  # noqa: F401,E402  (each registers itself)
+from . import gemma, llama, mistral, qwen  # noqa: F401,E402  (each registers itself)
 
 def support_table() -> str:
     """The support table, from the registry: `quantkit families` prints it, the README holds it."""

@@ -11,7 +11,7 @@ so a name llama.cpp expects is never spelled here by hand.
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -44,6 +44,8 @@ class HParams:
     rope: dict            # rope scaling parameters ({} when none)
     tied: bool
     head_dim_given: bool = False    # config.json names head_dim (else it is hidden_size / heads)
+    # config.json as the family's converter reads it (Family.complete_config): for keys of its own
+    config: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def n_gqa(self) -> int:
@@ -55,7 +57,11 @@ class HParams:
 
 
 def hparams_from_config(c: dict, path: Path | None = None) -> HParams:
-    """HParams of a config.json dict; an InputError naming `path` for a missing or mistyped value."""
+    """HParams of a config.json dict (completed by its family, when config.json names one); an
+    InputError naming `path` for a missing or mistyped value."""
+    arch = (c.get("architectures") or [None])[0]
+    if arch in BY_HF_NAME:
+        c = BY_HF_NAME[arch].complete_config(c, path)
     def typed(key: str, value: Any, kind: type) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int,) if kind is int else (int, float)) or not value > 0:
             raise InputError(f"{key!r} must be a positive {'integer' if kind is int else 'number'}, not {value!r}", path)
@@ -86,7 +92,7 @@ def hparams_from_config(c: dict, path: Path | None = None) -> HParams:
         head_dim=optional("head_dim") or need("hidden_size") // n_head,
         n_vocab=need("vocab_size"), n_ctx=need("max_position_embeddings"),
         rms_eps=need("rms_norm_eps", float), rope_theta=float(theta), rope=rope,
-        tied=bool(c.get("tie_word_embeddings", False)), head_dim_given=c.get("head_dim") is not None,
+        tied=bool(c.get("tie_word_embeddings", False)), head_dim_given=c.get("head_dim") is not None, config=c,
     )
 
 
@@ -140,6 +146,8 @@ class Family:
     # whether transformers' config class fills in head_dim when config.json leaves it out: the
     # converter reads the completed config and writes key_length / value_length only where it is set
     config_has_head_dim: ClassVar[bool] = True
+    # RMSNorm weights are stored as (gain - norm_shift): Gemma's are gain - 1
+    norm_shift: ClassVar[float] = 0.0
     # where the decoder layers, embeddings and rotary tables live in the transformers model; the layer
     # path is also the prefix of the layers' tensor names in the checkpoint
     decoder_layers: ClassVar[str] = "model.layers"
@@ -150,6 +158,10 @@ class Family:
     gptq_groups: ClassVar[tuple[tuple[str, ...], ...]] = (ATTENTION[:3], ATTENTION[3:], MLP[:2], MLP[2:])
     presets: ClassVar[dict[str, dict]] = {}     # synthetic checkpoints: published configs, and shrunk
     fixture: ClassVar[TestFixture | None] = None
+
+    @property
+    def sentencepiece_only(self) -> bool:
+        return BPE not in self.tokenizers
 
     @property
     def gguf_name(self) -> str:
@@ -184,9 +196,14 @@ class Family:
         return [f"{self.layer_prefix(i)}{m}" for i in range(hp.n_layer) for g in self.gptq_groups for m in g]
 
     # -- hooks -----------------------------------------------------------------------------------
+    def complete_config(self, c: dict, path: Path | None = None) -> dict:
+        """config.json as the converter sees it: it reads transformers' config object, whose class
+        fills in defaults (and, for multimodal checkpoints, holds the text model's config apart)."""
+        return c
+
     def transform(self, hf_name: str, hp: HParams) -> tuple[Callable[[torch.Tensor], torch.Tensor] | None, int]:
-        """What happens to a tensor on its way to GGUF, applied to row chunks that are multiples of
-        the returned granule: (None, 1) for most."""
+        """What happens to a tensor on its way to GGUF, applied to float32 row chunks that are
+        multiples of the returned granule: (None, 1) for most."""
         return None, 1
 
     def generated_tensors(self, hp: HParams) -> list[SourceTensor]:
@@ -227,6 +244,11 @@ class Family:
 
     def tokenizer_kv(self, tokenizer_config: dict) -> list[KV]:
         """Keys the family's converter writes from tokenizer_config.json before the vocabulary."""
+        return []
+
+    def vocab_kv(self, vocab_model: str) -> list[KV]:
+        """Keys the family's converter writes after the vocabulary (`vocab_model`: "llama" for a
+        SentencePiece vocabulary, "gpt2" for a byte-level BPE one)."""
         return []
 
     # -- the GGUF tensor list ---------------------------------------------------------------------
