@@ -19,8 +19,10 @@ the system prompt inside the last user turn instead:
       assistant: {{ .Content }}ASSISTANT_POST
     {{ end }}
 
-(Ollama's own Mistral template has that shape). The decomposition is checked against a longer
-conversation. A template that does not fit either gets no TEMPLATE line, and a comment says why.
+(Ollama's own Mistral template has that shape). A template that refuses a system prompt (Gemma 2's
+raises an error) gets the first shape without its system part: Ollama's system prompt is dropped.
+The decomposition is checked against a longer conversation. A template that does not fit any of
+these gets no TEMPLATE line, and a comment says why.
 The BOS token that llama.cpp adds itself (add_bos_token) is left out.
 """
 from __future__ import annotations
@@ -122,12 +124,18 @@ class OllamaTemplate:
     user_pre: str
     user_post: str              # end of the user turn + the generation prompt
     assistant_post: str
-    # Mistral's shape: the system prompt opens the last user turn (then sys_pre is unused, sys_post
-    # separates it from the turn's text, default_system is the text before the first turn)
-    system_in_last_turn: bool = False
+    # where the system prompt goes: "first" (before the first turn), "last_turn" (Mistral: it opens
+    # the last user turn; then sys_pre is unused, sys_post separates it from the turn's text, and
+    # default_system is the text before the first turn) or "none" (the template refuses one)
+    system: str = "first"
 
     def text(self) -> str:
-        if self.system_in_last_turn:
+        if self.system == "none":
+            return (self.default_system + "{{ range .Messages }}"
+                    + '{{ if eq .Role "user" }}' + self.user_pre + "{{ .Content }}" + self.user_post
+                    + '{{ else if eq .Role "assistant" }}{{ .Content }}' + self.assistant_post
+                    + "{{ end }}{{ end }}")
+        if self.system == "last_turn":
             return (self.default_system + "{{ range $i, $_ := .Messages }}"
                     + '{{ if eq .Role "user" }}' + self.user_pre
                     + "{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}{{ $.System }}" + self.sys_post
@@ -143,7 +151,9 @@ class OllamaTemplate:
 
     def render(self, system: str | None, turns: list[str]) -> str:
         """What Ollama renders for a system prompt and alternating user/assistant turns."""
-        if self.system_in_last_turn:
+        if self.system == "none":
+            system = None
+        if self.system == "last_turn":
             out = self.default_system
             for i, t in enumerate(turns):
                 if i % 2:
@@ -160,16 +170,16 @@ class OllamaTemplate:
 
 def derive_template(chat: ChatTemplate) -> OllamaTemplate:
     """The Ollama template of the first shape above that reproduces the HF template, or a TemplateError."""
-    try:
-        return _derive(chat, system_in_last_turn=False)
-    except TemplateError as first:
+    first = None
+    for system in ("first", "last_turn", "none"):
         try:
-            return _derive(chat, system_in_last_turn=True)
-        except TemplateError:
-            raise first from None
+            return _derive(chat, system)
+        except TemplateError as e:
+            first = first or e
+    raise first
 
 
-def _derive(chat: ChatTemplate, system_in_last_turn: bool) -> OllamaTemplate:
+def _derive(chat: ChatTemplate, system: str) -> OllamaTemplate:
     def render(msgs, gen=True):
         text = chat.render([{"role": r, "content": c} for r, c in msgs], gen)
         if chat.add_bos and chat.bos_token and text.startswith(chat.bos_token):
@@ -186,8 +196,10 @@ def _derive(chat: ChatTemplate, system_in_last_turn: bool) -> OllamaTemplate:
             pos = i + len(p)
         return parts + [text[pos:]]
 
-    if system_in_last_turn:
+    if system == "last_turn":
         return _derive_system_in_last_turn(render, between)
+    if system == "none":
+        return _derive_without_system(render, between)
     sys_pre, sys_to_user, sys_tail = between(render([("system", _SYS), ("user", _U1)]), _SYS, _U1)
     default_to_user, tail = between(render([("user", _U1)]), _U1)
     hist = render([("system", _SYS), ("user", _U1), ("assistant", _A1), ("user", _U2)])
@@ -210,8 +222,20 @@ def _derive_system_in_last_turn(render, between) -> OllamaTemplate:
         raise TemplateError("turns are not rendered the same way in every position of a conversation")
     user_pre = _common_suffix(pre, asst_to_user)
     t = OllamaTemplate("", sep, pre[:len(pre) - len(user_pre)], user_pre, tail,
-                       asst_to_user[:len(asst_to_user) - len(user_pre)], system_in_last_turn=True)
+                       asst_to_user[:len(asst_to_user) - len(user_pre)], system="last_turn")
     return _checked(t, render, with_system=True)
+
+
+def _derive_without_system(render, between) -> OllamaTemplate:
+    pre, tail = between(render([("user", _U1)]), _U1)
+    h_pre, user_to_asst, asst_to_user, h_tail = between(render([("user", _U1), ("assistant", _A1), ("user", _U2)]),
+                                                        _U1, _A1, _U2)
+    if not (pre == h_pre and tail == h_tail == user_to_asst):
+        raise TemplateError("turns are not rendered the same way in every position of a conversation")
+    user_pre = _common_suffix(pre, asst_to_user)
+    t = OllamaTemplate("", "", pre[:len(pre) - len(user_pre)], user_pre, tail,
+                       asst_to_user[:len(asst_to_user) - len(user_pre)], system="none")
+    return _checked(t, render, with_system=False)
 
 
 def _checked(t: OllamaTemplate, render, with_system: bool) -> OllamaTemplate:
