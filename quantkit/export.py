@@ -169,7 +169,7 @@ def prepare(model: HFModel, variants: list[Variant], imatrix: bool = False):
 def check(model: HFModel, variants: list[Variant], imatrix: Path | None = None) -> None:
     """Everything `export_gguf` would refuse, without reading weights (NaN/Inf shows only when read)."""
     family, hp, _, plans = prepare(model, variants, imatrix is not None)
-    load_vocab(model.path, hp.n_vocab, family.sentencepiece_only)
+    load_vocab(model.path, hp.n_vocab, family.sentencepiece_only, family.added_token_rules)
     if imatrix is not None:
         load_imatrix(imatrix, plans)
 
@@ -191,7 +191,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
 
     weights, imatrix_note = load_imatrix(imatrix, plans) if imatrix is not None else ({}, None)
     imatrix_kv = _imatrix_kv(str(imatrix), imatrix_note) if imatrix_note else {}
-    vocab = load_vocab(model.path, hp.n_vocab, family.sentencepiece_only)
+    vocab = load_vocab(model.path, hp.n_vocab, family.sentencepiece_only, family.added_token_rules)
     meta = build_metadata(model, family, hp, sources, vocab, name, name_from)
     out_dir = Path(out_dir)
     refuse_inputs(out_dir, model.input_paths())

@@ -55,6 +55,8 @@ def build_metadata(model: HFModel, family: Family, hp: HParams, tensors: list[So
         meta.size_label = gguf.size_label(total, total, 0, 0)
 
     w = KeyValues(family.gguf_name)
+    for key, val, vtype in family.tensor_kv(hp):
+        w.add_key_value(key, val, vtype)
     w.add_type(gguf.GGUFType.MODEL)
     meta.set_gguf_meta_model(w)
     for key, val, vtype in family.hparam_kv(hp):

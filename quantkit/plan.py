@@ -20,11 +20,15 @@ from .errors import UnsupportedError
 
 
 def category(gguf_name: str) -> str:
-    # llama-quant.cpp's tensor_get_category, for the tensors of dense Llama / Qwen3 models
+    # llama-quant.cpp's tensor_get_category, for the tensors of dense models
     if gguf_name == "output.weight":
         return "output"
     if gguf_name == "token_embd.weight":
         return "token_embd"
+    if "attn_qkv.weight" in gguf_name:
+        # a fused q/k/v (Phi-3) takes attn_v's rules: llama-quant.cpp's category_is_attn_v (its own
+        # ATTENTION_QKV branch comes after that one and is never reached)
+        return "attn_v"
     for cat in ("attn_v.weight", "attn_k.weight", "attn_q.weight", "attn_output.weight",
                 "ffn_up", "ffn_gate", "ffn_down"):
         if cat in gguf_name:

@@ -74,12 +74,14 @@ def _json_files(model_dir: Path) -> dict[str, dict]:
     return out
 
 
-def load_vocab(model_dir: Path, vocab_size: int, sentencepiece_only: bool = False) -> Vocab:
+def load_vocab(model_dir: Path, vocab_size: int, sentencepiece_only: bool = False,
+               added_tokens: str = "converter") -> Vocab:
     """The GGUF vocabulary of a model folder, padded to the config's vocab_size. `sentencepiece_only`:
-    the family's converter reads nothing but a tokenizer.model (Gemma 2)."""
+    the family's converter reads nothing but a tokenizer.model (Gemma). `added_tokens`: whose rules
+    type the added tokens of a SentencePiece vocabulary ("converter": the shared ones; "phi3": Phi-3's)."""
     files = _json_files(model_dir)
     if (model_dir / "tokenizer.model").exists():
-        return _sentencepiece_vocab(model_dir, vocab_size, files)
+        return _sentencepiece_vocab(model_dir, vocab_size, files, added_tokens)
     if sentencepiece_only:
         raise UnsupportedError("missing tokenizer.model: this family's vocabulary is read from its SentencePiece "
                                "model only (transformers 5 saves tokenizer.json alone: copy tokenizer.model from "
@@ -145,12 +147,13 @@ def load_vocab(model_dir: Path, vocab_size: int, sentencepiece_only: bool = Fals
     return Vocab("gpt2", pre, tokens, types, special, check_hash)
 
 
-def _sentencepiece_vocab(model_dir: Path, vocab_size: int, files: dict[str, dict]) -> Vocab:
+def _sentencepiece_vocab(model_dir: Path, vocab_size: int, files: dict[str, dict], rules: str) -> Vocab:
     """convert_hf_to_gguf.py's SentencePiece vocabulary: each piece with its score and type; then
     added_tokens.json (user-defined, score -1000) and tokenizer_config.json's added_tokens_decoder
     (control if marked special or shaped like a special token, else user-defined with its "▁" as
     spaces; score -1000) override their ids; ids the tokenizer lacks up to the config's vocab_size
-    are unused "[PAD<id>]" pieces."""
+    are unused "[PAD<id>]" pieces. Phi-3's converter ("phi3" rules) types an added token control only
+    if marked special, keeps its "▁", and applies tokenizer.json's added_tokens the same way last."""
     path = model_dir / "tokenizer.model"
     try:
         from sentencepiece import SentencePieceProcessor
@@ -185,16 +188,21 @@ def _sentencepiece_vocab(model_dir: Path, vocab_size: int, files: dict[str, dict
     for text, i in files.get("added_tokens.json", {}).items():
         i = check_id(i, "added_tokens.json")
         tokens[i], scores[i], types[i] = text, -1000.0, T.USER_DEFINED
-    decoder = files.get("tokenizer_config.json", {}).get("added_tokens_decoder", {})
-    for key, entry in decoder.items():
-        i = check_id(int(key) if str(key).isdigit() else key, "tokenizer_config.json")
+    added = [(key, entry, "tokenizer_config.json")
+             for key, entry in files.get("tokenizer_config.json", {}).get("added_tokens_decoder", {}).items()]
+    if rules == "phi3":
+        added += [(a.get("id") if isinstance(a, dict) else None, a, "tokenizer.json")
+                  for a in files.get("tokenizer.json", {}).get("added_tokens", [])]
+    for key, entry, source in added:
+        i = check_id(int(key) if str(key).isdigit() else key, source)
         text = entry.get("content") if isinstance(entry, dict) else None
         if not isinstance(text, str):
-            raise InputError(f"added_tokens_decoder[{key!r}] has no content", model_dir / "tokenizer_config.json")
-        if entry.get("special") or _looks_special(text):
+            raise InputError(f"added token {key!r} has no content", model_dir / source)
+        if entry.get("special") or (rules != "phi3" and _looks_special(text)):
             types[i] = T.CONTROL
         else:
-            text = text.replace("\u2581", " ")   # llama.cpp wants user-defined pieces pre-normalized
+            if rules != "phi3":
+                text = text.replace("\u2581", " ")   # llama.cpp wants user-defined pieces pre-normalized
             types[i] = T.USER_DEFINED
         tokens[i], scores[i] = text, -1000.0
 

@@ -133,16 +133,21 @@ def preset_config(preset: str, **overrides) -> dict:
     return {**presets()[preset], **overrides}
 
 
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+def lora_targets(cfg: dict) -> tuple[str, ...]:
+    """Every decoder linear of the config's family, by module name (q_proj, ...; Phi-3's fused qkv_proj
+    and gate_up_proj)."""
+    return tuple(m.split(".")[-1] for g in family_for(cfg["architectures"][0]).gptq_groups for m in g)
 
 
-def write_lora_adapter(base: Path, dest: Path, *, r: int = 64, alpha: int = 128, targets=LORA_TARGETS,
+def write_lora_adapter(base: Path, dest: Path, *, r: int = 64, alpha: int = 128, targets=None,
                        dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
     """A PEFT LoRA adapter for the checkpoint in `base`, laid out as peft's save_pretrained writes it,
-    with random A and B sized so that the update is a few percent of the weights."""
+    with random A and B sized so that the update is a few percent of the weights (default targets:
+    every decoder linear)."""
     import json as _json
 
     cfg = _json.loads((Path(base) / "config.json").read_text())
+    targets = tuple(targets) if targets is not None else lora_targets(cfg)
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, shape in tensor_shapes(cfg):

@@ -54,10 +54,11 @@ def toy(tmp_path_factory):
         families.unregister("toy")
 
 
-@pytest.fixture(scope="module", params=["toy", "qwen2", "mistral", "gemma2", "gemma3"])
+@pytest.fixture(scope="module", params=["toy", "qwen2", "mistral", "gemma2", "gemma3", "phi3"])
 def tiny(request, toy, tmp_path_factory):
     """A 2-layer checkpoint of the toy family, and of the real families the toy does not stand for
-    (Qwen2: q/k/v biases, no q/k permute; Mistral: a SentencePiece tokenizer)."""
+    (Qwen2: q/k/v biases, no q/k permute; Mistral: a SentencePiece tokenizer; Gemma: shifted norms;
+    Phi-3: fused qkv_proj and gate_up_proj, the LoRA targets of the merge)."""
     if request.param == "toy":
         return toy[0]
     fam = families.FAMILIES[request.param]
@@ -170,7 +171,7 @@ def test_gptq_of_a_new_family_loads_in_transformers(tiny, tmp_path):
     base = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     hp = families.hparams_from_config(cfg)
     names = families.family_for(cfg["architectures"][0]).linear_names(hp)
-    assert len(names) == 7 * hp.n_layer
+    assert len(names) == sum(len(g) for g in families.family_for(cfg["architectures"][0]).gptq_groups) * hp.n_layer
     for name in names:
         w, wq = base.get_submodule(name).weight, q.get_submodule(name).weight.float()
         err = ((wq - w).norm() / w.norm()).item()
@@ -198,3 +199,51 @@ def test_run_of_a_new_family_merges_exports_and_reports(tiny, tmp_path):
     assert code == 0, text
     (fly,) = (tmp_path / "fly").glob("*-Q8_0.gguf")
     assert gguf_diff.compare(fly, gguf)["identical_tensors"]
+
+
+# --- what one family brings: Phi-3's LongRoPE, Gemma's SentencePiece-only vocabulary -------------
+
+def _longrope_phi3(dest):
+    rope = {"type": "longrope", "long_factor": [1.0 + i / 8 for i in range(32)],
+            "short_factor": [1.0 + i / 64 for i in range(32)]}
+    cfg = synthetic.preset_config("phi3-tiny", num_hidden_layers=2, max_position_embeddings=131072, rope_scaling=rope)
+    return synthetic.write_checkpoint(dest, cfg, FIX / "phi-3")
+
+
+def test_phi3_longrope_equals_the_converter(tmp_path):
+    if llamacpp_ref.llamacpp_src() is None:
+        pytest.skip("llama.cpp sources (convert_hf_to_gguf.py) not unpacked: run `make install-test`")
+    model = _longrope_phi3(tmp_path / "phi3-128k")
+    code, out = run_cli("export", model, "--gguf", "bf16", "-q", "-o", tmp_path / "ours")
+    assert code == 0, out
+    (ours,) = (tmp_path / "ours").glob("*.gguf")
+    ref = llamacpp_ref.convert_hf_to_gguf(model, tmp_path / "ref.gguf", "bf16")
+    assert not gguf_diff.metadata_differences(ours, ref)
+    assert gguf_diff.compare(ours, ref, same_order=False)["identical_tensors"]
+    names = [t[0] for t in gguf_diff.tensors(ours)]
+    assert "rope_factors_long.weight" in names and "rope_factors_short.weight" in names
+    assert "phi3.rope.scaling.attn_factor" in gguf_diff.metadata(ours)
+
+
+def _one_line_error(code: int, out: str, fragments: list[str], out_dir) -> None:
+    lines = list(dict.fromkeys(line for line in out.splitlines() if line.strip()))   # (stdout holds stderr too)
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("quantkit: error: "), out
+    assert all(f in lines[0] for f in fragments), (fragments, lines[0])
+    assert not out_dir.exists()
+
+
+def test_longrope_factors_of_the_wrong_length_are_refused(tmp_path):
+    model = _longrope_phi3(tmp_path / "m")
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["rope_scaling"]["long_factor"] += [1.0] * 16               # a head of 64 rotates 32 pairs
+    (model / "config.json").write_text(json.dumps(cfg))
+    code, out = run_cli("export", model, "--gguf", "q8_0", "-q", "-o", tmp_path / "out")
+    _one_line_error(code, out, ["config.json", "long_factor", "list of 32 numbers"], tmp_path / "out")
+
+
+def test_gemma_without_its_tokenizer_model_is_refused(tmp_path):
+    cfg = synthetic.preset_config("gemma2-tiny", num_hidden_layers=1)
+    model = synthetic.write_checkpoint(tmp_path / "m", cfg, FIX / "gemma-standin")
+    (model / "tokenizer.model").unlink()
+    code, out = run_cli("export", model, "--gguf", "q8_0", "-q", "-o", tmp_path / "out")
+    _one_line_error(code, out, ["missing tokenizer.model", "copy tokenizer.model"], tmp_path / "out")

@@ -153,7 +153,7 @@ def test_go_template_evaluator_on_ollamas_documented_example():
 
 # --- the real templates --------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", params=["llama3", "qwen3", "smollm2", "mistral-v3", "gemma-standin"])
+@pytest.fixture(scope="module", params=["llama3", "qwen3", "smollm2", "mistral-v3", "gemma-standin", "phi-3"])
 def model_dir(request, smollm2_dir):
     return smollm2_dir if request.param == "smollm2" else FIX / request.param
 

@@ -148,6 +148,8 @@ class Family:
     config_has_head_dim: ClassVar[bool] = True
     # RMSNorm weights are stored as (gain - norm_shift): Gemma's are gain - 1
     norm_shift: ClassVar[float] = 0.0
+    # how the converter types a SentencePiece vocabulary's added tokens (quantkit.tokenizer.load_vocab)
+    added_token_rules: ClassVar[str] = "converter"
     # where the decoder layers, embeddings and rotary tables live in the transformers model; the layer
     # path is also the prefix of the layers' tensor names in the checkpoint
     decoder_layers: ClassVar[str] = "model.layers"
@@ -244,6 +246,11 @@ class Family:
 
     def tokenizer_kv(self, tokenizer_config: dict) -> list[KV]:
         """Keys the family's converter writes from tokenizer_config.json before the vocabulary."""
+        return []
+
+    def tensor_kv(self, hp: HParams) -> list[KV]:
+        """Keys the converter writes while it prepares the tensors, before any other metadata: they
+        follow general.architecture (Phi-3's LongRoPE attention factor)."""
         return []
 
     def vocab_kv(self, vocab_model: str) -> list[KV]:
