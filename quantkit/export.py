@@ -185,6 +185,10 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
     if not isinstance(model, HFModel):
         model = HFModel(model)
     family, hp, sources, plans = prepare(model, variants, imatrix is not None)
+    skipped = family.skipped_tensors(model)
+    if skipped:
+        print(f"note: {len(skipped)} tensors of {model.architecture}'s vision tower and projector are left out: "
+              "the GGUF holds the text model", file=sys.stderr)
     if dry_run:
         print(format_plan(plans, variants))
         return ExportResult({}, plans, time.perf_counter() - t0)

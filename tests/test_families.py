@@ -10,6 +10,7 @@ checkpoint through compressed-tensors. The README's support table is the registr
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 import re
 from pathlib import Path
 
@@ -93,7 +94,11 @@ def test_every_family_template_is_what_transformers_builds():
     transformers = pytest.importorskip("transformers")
     for fam in families.FAMILIES.values():
         tiny = next(p for p in fam.presets if p.endswith("-tiny"))
-        cfg = {**synthetic.preset_config(tiny), "num_hidden_layers": 2, "vocab_size": 512}
+        cfg, small = synthetic.preset_config(tiny), {"num_hidden_layers": 2, "vocab_size": 512, "pad_token_id": 0}
+        if "text_config" in cfg:        # a multimodal checkpoint: its text model's config
+            cfg["text_config"] = {**cfg["text_config"], **small}
+        else:
+            cfg.update(small)
         hp = families.hparams_from_config(cfg)
         config = transformers.AutoConfig.for_model(cfg["model_type"], **{k: v for k, v in cfg.items()
                                                                           if k != "model_type"})
@@ -101,8 +106,10 @@ def test_every_family_template_is_what_transformers_builds():
             model = transformers.AutoModelForCausalLM.from_config(config)
         theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()
                   if not (hp.tied and k == f"{fam.head}.weight")}
+        skipped = fam.skipped_tensors(SimpleNamespace(tensors=theirs))      # a vision tower
+        theirs = {k: v for k, v in theirs.items() if k not in skipped}
         assert fam.tensor_shapes(hp) == theirs, fam.name
-        assert len(fam.layers(model)) == 2 and fam.module(model, fam.embeddings) is model.get_input_embeddings()
+        assert len(fam.layers(model)) == hp.n_layer and fam.module(model, fam.embeddings) is model.get_input_embeddings()
 
 
 def test_toy_family_is_listed(toy):
@@ -247,3 +254,37 @@ def test_gemma_without_its_tokenizer_model_is_refused(tmp_path):
     (model / "tokenizer.model").unlink()
     code, out = run_cli("export", model, "--gguf", "q8_0", "-q", "-o", tmp_path / "out")
     _one_line_error(code, out, ["missing tokenizer.model", "copy tokenizer.model"], tmp_path / "out")
+
+
+def test_gemma3_multimodal_text_tower_as_published_equals_the_converter(tmp_path):
+    """A Gemma 3 multimodal checkpoint in the published layout (language_model.model.*, a vision tower):
+    the text GGUF equals the converter's, and the vision tower is left out with a notice."""
+    if llamacpp_ref.llamacpp_src() is None:
+        pytest.skip("llama.cpp sources (convert_hf_to_gguf.py) not unpacked: run `make install-test`")
+    from safetensors.torch import load_file, save_file
+    cfg = synthetic.preset_config("gemma3-multimodal-tiny")
+    cfg["text_config"] = {**cfg["text_config"], "num_hidden_layers": 2}
+    model = synthetic.write_checkpoint(tmp_path / "gemma3-4b", cfg, FIX / "gemma-standin")
+    t = load_file(model / "model.safetensors")
+    t = {("language_model.model." + k.removeprefix("model.language_model.")
+          if k.startswith("model.language_model.") else k): v for k, v in t.items()}
+    t["vision_tower.vision_model.embeddings.patch_embedding.weight"] = torch.zeros(64, 3, 14, 14, dtype=torch.bfloat16)
+    t["multi_modal_projector.mm_input_projection_weight"] = torch.zeros(64, 256, dtype=torch.bfloat16)
+    save_file(t, str(model / "model.safetensors"), metadata={"format": "pt"})
+    r = CliRunner().invoke(main, ["export", str(model), "--gguf", "bf16", "-q", "-o", str(tmp_path / "ours")])
+    assert r.exit_code == 0, r.output
+    assert "2 tensors of Gemma3ForConditionalGeneration's vision tower and projector are left out" in r.stderr
+    (ours,) = (tmp_path / "ours").glob("*.gguf")
+    ref = llamacpp_ref.convert_hf_to_gguf(model, tmp_path / "ref.gguf", "bf16")
+    assert not gguf_diff.metadata_differences(ours, ref)
+    assert gguf_diff.compare(ours, ref, same_order=False)["identical_tensors"]
+
+
+def test_a_multimodal_gemma3_without_a_text_config_is_refused(tmp_path):
+    model = synthetic.write_checkpoint(tmp_path / "m", synthetic.preset_config("gemma3-multimodal-tiny"),
+                                       FIX / "gemma-standin")
+    cfg = json.loads((model / "config.json").read_text())
+    del cfg["text_config"]
+    (model / "config.json").write_text(json.dumps(cfg))
+    code, out = run_cli("export", model, "--gguf", "q8_0", "-q", "-o", tmp_path / "out")
+    _one_line_error(code, out, ["config.json", "without a text_config"], tmp_path / "out")

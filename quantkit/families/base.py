@@ -261,8 +261,11 @@ class Family:
     # -- the GGUF tensor list ---------------------------------------------------------------------
     def source_tensors(self, model: HFModel, hp: HParams) -> list[SourceTensor]:
         """The GGUF tensors, in llama-quantize's order (non-layer tensors, then by layer; by name),
-        after checking the checkpoint holds exactly the template's tensors with its shapes."""
-        refs = model.tensors
+        after checking the checkpoint holds exactly the template's tensors with its shapes (and
+        those skipped_tensors names)."""
+        skipped = set(self.skipped_tensors(model))
+        actual = self.checkpoint_names(model)        # template name → the checkpoint's
+        refs = {name: model.tensors[a] for name, a in actual.items() if a not in skipped}
         expected = self.tensor_shapes(hp)
         for name, shape in expected.items():
             if name not in refs:
@@ -281,13 +284,25 @@ class Family:
         names = gguf.get_tensor_name_map(self.gguf_arch, hp.n_layer)
         out: list[SourceTensor] = []
         for hf_name, shape in expected.items():
-            gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+            gname = names.get_name(self.mapped_name(hf_name), try_suffixes=(".weight", ".bias"))
             if gname is None:
                 raise UnsupportedError(f"no GGUF name for tensor {hf_name!r}", model.path)
             transform, granule = self.transform(hf_name, hp)
-            out.append(SourceTensor(gname, hf_name, shape, transform, row_granule=granule))
+            out.append(SourceTensor(gname, actual[hf_name], shape, transform, row_granule=granule))
         out += self.generated_tensors(hp)
         return sorted(out, key=lambda t: (t.layer, t.gguf_name))
+
+    def checkpoint_names(self, model: HFModel) -> dict[str, str]:
+        """The checkpoint's tensors by their template names (the names are the same for most)."""
+        return {n: n for n in model.tensors}
+
+    def skipped_tensors(self, model: HFModel) -> list[str]:
+        """Checkpoint tensors the GGUF leaves out on purpose (a multimodal model's vision tower)."""
+        return []
+
+    def mapped_name(self, hf_name: str) -> str:
+        """The name gguf-py's tensor map knows a template tensor by (the name, for most)."""
+        return hf_name
 
     # -- a transformers model, walked layer by layer (GPTQ, imatrix) -------------------------------
     def module(self, model, path: str):

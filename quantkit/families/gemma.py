@@ -157,3 +157,60 @@ class Gemma3(_Gemma):
         if c.get("sliding_window_pattern") != 1:
             kv.append((K.Attention.SLIDING_WINDOW.format(arch=a), c["sliding_window"], T.UINT32))
         return kv
+
+
+# config.json of google/gemma-3-4b-it, as published
+GEMMA3_4B = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "boi_token_index": 255999,
+    "eoi_token_index": 256000, "eos_token_id": [1, 106], "image_token_index": 262144, "initializer_range": 0.02,
+    "mm_tokens_per_image": 256,
+    "text_config": {"hidden_size": 2560, "intermediate_size": 10240, "model_type": "gemma3_text",
+                    "num_hidden_layers": 34, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024},
+    "torch_dtype": "bfloat16",
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                      "patch_size": 14, "vision_use_head": False},
+}
+# the text tower shrunk like gemma3-tiny; a one-layer vision tower of 64 wide
+GEMMA3_4B_TINY = {
+    **GEMMA3_4B, "text_config": {**GEMMA3_4B["text_config"], **GEMMA_TINY, "sliding_window": 64, "rope_scaling": None},
+    "vision_config": {"hidden_size": 64, "image_size": 28, "intermediate_size": 128, "model_type": "siglip_vision_model",
+                      "num_attention_heads": 2, "num_hidden_layers": 1, "patch_size": 14, "vision_use_head": False},
+    "mm_tokens_per_image": 4, "image_token_index": 32765, "boi_token_index": 32764, "eoi_token_index": 32763,
+    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+}
+VISION = ("vision_tower.", "multi_modal_projector.")
+
+
+@register
+class Gemma3Multimodal(Gemma3):
+    """The text tower of Gemma 3's multimodal checkpoints (4B-27B): the same GGUF as Gemma3ForCausalLM.
+    The checkpoint names it `language_model.model.*` (as published, transformers 4) or
+    `model.language_model.*` (saved by transformers 5); the vision tower and projector are left out."""
+    name = "gemma3-multimodal"
+    hf_names = ("Gemma3ForConditionalGeneration",)
+    decoder_layers = "model.language_model.layers"
+    embeddings = "model.language_model.embed_tokens"
+    rotary = "model.language_model.rotary_emb"
+    final_norm = "model.language_model.norm"
+    presets = {"gemma3-4b": GEMMA3_4B, "gemma3-multimodal-tiny": GEMMA3_4B_TINY}
+    fixture = TestFixture(tokenizer="gemma-standin", vectors=None, tied=True)
+
+    def complete_config(self, c, path=None):
+        text = c.get("text_config")
+        if not isinstance(text, dict):
+            raise InputError("a multimodal Gemma 3 config.json without a text_config object: no text model to "
+                             "export", path)
+        return super().complete_config({**c, **text}, path)
+
+    def checkpoint_names(self, model):
+        # transformers 4's layout (language_model.model.X) under transformers 5's names (model.language_model.X)
+        return {("model.language_model." + n[len("language_model.model."):]
+                 if n.startswith("language_model.model.") else n): n for n in model.tensors}
+
+    def skipped_tensors(self, model):
+        return [n for n in model.tensors if n.removeprefix("model.").startswith(VISION)]
+
+    def mapped_name(self, hf_name):
+        return hf_name.replace("language_model.", "")    # as the converter strips it
