@@ -212,17 +212,27 @@ class Family:
         """Tensors GGUF has that the checkpoint does not (llama3 rope factors)."""
         return []
 
+    def kv(self, hp: HParams, *names: str) -> list[KV]:
+        """The named architecture keys (block_count, context_length, ... as below), with hp's values,
+        in the order given: families whose converter writes its own order list theirs."""
+        K, T = gguf.Keys, gguf.GGUFValueType
+        table = {"block_count": (K.LLM.BLOCK_COUNT, hp.n_layer, T.UINT32),
+                 "context_length": (K.LLM.CONTEXT_LENGTH, hp.n_ctx, T.UINT32),
+                 "embedding_length": (K.LLM.EMBEDDING_LENGTH, hp.n_embd, T.UINT32),
+                 "feed_forward_length": (K.LLM.FEED_FORWARD_LENGTH, hp.n_ff, T.UINT32),
+                 "head_count": (K.Attention.HEAD_COUNT, hp.n_head, T.UINT32),
+                 "head_count_kv": (K.Attention.HEAD_COUNT_KV, hp.n_head_kv, T.UINT32),
+                 "rope_freq_base": (K.Rope.FREQ_BASE, hp.rope_theta, T.FLOAT32),
+                 "rms_eps": (K.Attention.LAYERNORM_RMS_EPS, hp.rms_eps, T.FLOAT32),
+                 "key_length": (K.Attention.KEY_LENGTH, hp.head_dim, T.UINT32),
+                 "value_length": (K.Attention.VALUE_LENGTH, hp.head_dim, T.UINT32)}
+        return [(table[n][0].format(arch=self.gguf_name), table[n][1], table[n][2]) for n in names]
+
     def hparam_kv(self, hp: HParams) -> list[KV]:
         """The architecture keys, in the order convert_hf_to_gguf.py writes them."""
         K, a, T = gguf.Keys, self.gguf_name, gguf.GGUFValueType
-        kv: list[KV] = [
-            (K.LLM.BLOCK_COUNT.format(arch=a), hp.n_layer, T.UINT32),
-            (K.LLM.CONTEXT_LENGTH.format(arch=a), hp.n_ctx, T.UINT32),
-            (K.LLM.EMBEDDING_LENGTH.format(arch=a), hp.n_embd, T.UINT32),
-            (K.LLM.FEED_FORWARD_LENGTH.format(arch=a), hp.n_ff, T.UINT32),
-            (K.Attention.HEAD_COUNT.format(arch=a), hp.n_head, T.UINT32),
-            (K.Attention.HEAD_COUNT_KV.format(arch=a), hp.n_head_kv, T.UINT32),
-        ]
+        kv = self.kv(hp, "block_count", "context_length", "embedding_length", "feed_forward_length", "head_count",
+                     "head_count_kv")
         rtype = hp.rope_type
         if rtype not in self.rope_types:
             raise UnsupportedError(f"rope scaling type {rtype!r} is not supported for {self.name} "
@@ -235,13 +245,9 @@ class Family:
                    (K.Rope.SCALING_FACTOR.format(arch=a), hp.rope["factor"], T.FLOAT32),
                    (K.Rope.SCALING_ORIG_CTX_LEN.format(arch=a), hp.rope["original_max_position_embeddings"],
                     T.UINT32)]
-        kv += [
-            (K.Rope.FREQ_BASE.format(arch=a), hp.rope_theta, T.FLOAT32),
-            (K.Attention.LAYERNORM_RMS_EPS.format(arch=a), hp.rms_eps, T.FLOAT32),
-        ]
+        kv += self.kv(hp, "rope_freq_base", "rms_eps")
         if self.config_has_head_dim or hp.head_dim_given:
-            kv += [(K.Attention.KEY_LENGTH.format(arch=a), hp.head_dim, T.UINT32),
-                   (K.Attention.VALUE_LENGTH.format(arch=a), hp.head_dim, T.UINT32)]
+            kv += self.kv(hp, "key_length", "value_length")
         return kv
 
     def tokenizer_kv(self, tokenizer_config: dict) -> list[KV]:

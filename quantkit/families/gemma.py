@@ -95,15 +95,8 @@ class Gemma2(_Gemma):
     def hparam_kv(self, hp):
         # Gemma2Model.set_gguf_parameters: its own keys and order, no RoPE keys
         K, a, T, c = gguf.Keys, self.gguf_name, gguf.GGUFValueType, hp.config
-        return [(K.LLM.CONTEXT_LENGTH.format(arch=a), hp.n_ctx, T.UINT32),
-                (K.LLM.EMBEDDING_LENGTH.format(arch=a), hp.n_embd, T.UINT32),
-                (K.LLM.BLOCK_COUNT.format(arch=a), hp.n_layer, T.UINT32),
-                (K.LLM.FEED_FORWARD_LENGTH.format(arch=a), hp.n_ff, T.UINT32),
-                (K.Attention.HEAD_COUNT.format(arch=a), hp.n_head, T.UINT32),
-                (K.Attention.HEAD_COUNT_KV.format(arch=a), hp.n_head_kv, T.UINT32),
-                (K.Attention.LAYERNORM_RMS_EPS.format(arch=a), hp.rms_eps, T.FLOAT32),
-                (K.Attention.KEY_LENGTH.format(arch=a), hp.head_dim, T.UINT32),
-                (K.Attention.VALUE_LENGTH.format(arch=a), hp.head_dim, T.UINT32),
+        return self.kv(hp, "context_length", "embedding_length", "block_count", "feed_forward_length", "head_count",
+                       "head_count_kv", "rms_eps", "key_length", "value_length") + [
                 (K.LLM.ATTN_LOGIT_SOFTCAPPING.format(arch=a), c["attn_logit_softcapping"], T.FLOAT32),
                 (K.LLM.FINAL_LOGIT_SOFTCAPPING.format(arch=a), c["final_logit_softcapping"], T.FLOAT32),
                 (K.Attention.SLIDING_WINDOW.format(arch=a), c["sliding_window"], T.UINT32)]

@@ -109,14 +109,10 @@ class Phi3(Family):
         # Phi3MiniModel.set_gguf_parameters: its own keys and order
         K, a, T, c = gguf.Keys, self.gguf_name, gguf.GGUFValueType, hp.config
         _, partial = _rope(hp)
-        return [(K.LLM.CONTEXT_LENGTH.format(arch=a), hp.n_ctx, T.UINT32),
-                (K.Rope.SCALING_ORIG_CTX_LEN.format(arch=a), c["original_max_position_embeddings"], T.UINT32),
-                (K.LLM.EMBEDDING_LENGTH.format(arch=a), hp.n_embd, T.UINT32),
-                (K.LLM.FEED_FORWARD_LENGTH.format(arch=a), hp.n_ff, T.UINT32),
-                (K.LLM.BLOCK_COUNT.format(arch=a), hp.n_layer, T.UINT32),
-                (K.Attention.HEAD_COUNT.format(arch=a), hp.n_head, T.UINT32),
-                (K.Attention.HEAD_COUNT_KV.format(arch=a), hp.n_head_kv, T.UINT32),
-                (K.Attention.LAYERNORM_RMS_EPS.format(arch=a), hp.rms_eps, T.FLOAT32),
-                (K.Rope.DIMENSION_COUNT.format(arch=a), int(partial * hp.n_embd) // hp.n_head, T.UINT32),
-                (K.Rope.FREQ_BASE.format(arch=a), hp.rope_theta, T.FLOAT32),
-                (K.Attention.SLIDING_WINDOW.format(arch=a), c.get("sliding_window") or 0, T.UINT32)]
+        return (self.kv(hp, "context_length")
+                + [(K.Rope.SCALING_ORIG_CTX_LEN.format(arch=a), c["original_max_position_embeddings"], T.UINT32)]
+                + self.kv(hp, "embedding_length", "feed_forward_length", "block_count", "head_count", "head_count_kv",
+                          "rms_eps")
+                + [(K.Rope.DIMENSION_COUNT.format(arch=a), int(partial * hp.n_embd) // hp.n_head, T.UINT32)]
+                + self.kv(hp, "rope_freq_base")
+                + [(K.Attention.SLIDING_WINDOW.format(arch=a), c.get("sliding_window") or 0, T.UINT32)])
