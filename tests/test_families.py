@@ -186,7 +186,7 @@ def test_gptq_of_a_new_family_loads_in_transformers(tiny, tmp_path):
 
 
 def test_run_of_a_new_family_merges_exports_and_reports(tiny, tmp_path):
-    """`quantkit run` end to end on each family: the adapter merged, a GGUF with a Modelfile, the report
+    """`quantkit run` end to end on each family: the adapter merged, a GGUF with a Modelfile, NF4, the report
     (transformers' bf16 baseline vs llama.cpp's GGUF); and the GGUF of the merge made on the fly by
     `export --lora` has the same tensors as the merged folder's."""
     pytest.importorskip("transformers")
@@ -194,11 +194,13 @@ def test_run_of_a_new_family_merges_exports_and_reports(tiny, tmp_path):
     model = tiny
     adapter = synthetic.write_lora_adapter(model, tmp_path / "lora", r=8, alpha=16, dtype=torch.float32)
     out = tmp_path / "out"
-    code, text = run_cli("run", "--base", model, "--lora", adapter, "--gguf", "q8_0", "--ollama", "--bench",
+    code, text = run_cli("run", "--base", model, "--lora", adapter, "--gguf", "q8_0", "--ollama", "--nf4", "--bench",
                          "--limit-chunks", 2, "--ctx", 64, "-q", "-o", out)
     assert code == 0, text
+    nf4 = json.loads((out / "nf4" / "config.json").read_text())
+    assert nf4["quantization_config"]["bnb_4bit_quant_type"] == "nf4"
     report = json.loads((out / "report" / "report.json").read_text())
-    assert [v["label"] for v in report["variants"]] == ["Q8_0"] and report["baseline"]["label"] == "BF16"
+    assert [v["label"] for v in report["variants"]] == ["Q8_0", "NF4"] and report["baseline"]["label"] == "BF16"
     assert all(v["kld_mean"] >= 0 and v["same_top"] > 0 for v in report["variants"]) and report["scored_tokens"] > 0
     (gguf,) = (out / "gguf").glob("*-Q8_0.gguf")
     assert gguf.with_suffix(".Modelfile").read_text().startswith(f"FROM ./{gguf.name}")
