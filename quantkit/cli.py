@@ -115,6 +115,14 @@ def _comma_list(ctx, param, value):
     return [] if value.strip().lower() in ("", "none") else [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _layouts(ctx, param, value):
+    # an empty list would silently mean "the default layouts": say which to give instead
+    layouts = _comma_list(ctx, param, value)
+    if layouts == []:
+        raise click.BadParameter("give at least one layout: gptq, compressed-tensors")
+    return layouts
+
+
 # The flags of `export`, `run` and `merge`: each sets one key of the pipeline settings
 # (pipeline_config.SCHEMA, the keys of pipeline.toml), from which `export` and `run` build the same steps;
 # a flag wins over a pipeline file's value. Defaults are the schema's.
@@ -157,7 +165,7 @@ FLAGS = [
     (("--gptq-method",), "gptq", "method", dict(type=click.Choice(["gptq", "rtn"]),
                                                 help="rtn: round-to-nearest in the same format (the baseline GPTQ "
                                                      "should beat).")),
-    (("--gptq-format",), "gptq", "formats", dict(callback=_comma_list,
+    (("--gptq-format",), "gptq", "formats", dict(callback=_layouts,
                                                  help="GPTQ layouts, comma-separated: gptq, compressed-tensors "
                                                       "(default: both; gptq alone with --dynamic-groups).")),
     (("--calib",), "gptq", "calib", dict(type=click.Path(path_type=Path),
