@@ -147,6 +147,14 @@ FLAGS = [
                                                   'or "auto" to make one.')),
     (("--name",), "gguf", "name", dict(help="Model name for general.name and the file names (default: from the "
                                             "model card and folder).")),
+    (("--tensor-type",), "gguf", "tensor_types", dict(multiple=True, help=(
+        "REGEX=TYPE: the type of the tensors whose GGUF name matches, in every quantized file, as llama-quantize's "
+        "flag (repeatable; the first match wins), e.g. --tensor-type 'attn_v=q8_0'."))),
+    (("--output-tensor-type",), "gguf", "output_tensor_type", dict(help="output.weight's type in the quantized files.")),
+    (("--token-embedding-type",), "gguf", "token_embedding_type",
+     dict(help="token_embd.weight's type in the quantized files.")),
+    (("--pure",), "gguf", "pure", dict(is_flag=True, default=None,
+                                       help="No mixture rules: every tensor not overridden gets the file's type.")),
     (("--gptq/--no-gptq",), "gptq", "enabled", dict(default=None, help="GPTQ checkpoints: OUT/gptq (AutoGPTQ v1) and "
                                                                        "OUT/gptq-ct (compressed-tensors).")),
     (("--bits",), "gptq", "bits", dict(type=click.Choice(["2", "4", "8"]), callback=lambda c, p, v: v and int(v),
@@ -219,7 +227,8 @@ def _overrides(flags: dict) -> dict:
     return out
 
 
-EXPORT_FLAGS = ("--gguf", "--ollama", "--imatrix", "--name", "--lora", "--weight", "--residual", "--scale",
+EXPORT_FLAGS = ("--gguf", "--ollama", "--imatrix", "--name", "--tensor-type", "--output-tensor-type",
+                "--token-embedding-type", "--pure", "--lora", "--weight", "--residual", "--scale",
                 "--ignore-base-name", "--gptq", "--bits", "--group-size", "--sym", "--desc-act", "--static-groups",
                 "--damp", "--gptq-method", "--gptq-format", "--calib", "--calib-samples", "--calib-seqlen", "--int8",
                 "--nf4", "--device", "--out")
@@ -282,7 +291,7 @@ def export(model, dry_run, force, stats, quiet, **flags):
             from .plan import parse_variants
             imatrix = cfg["gguf"]["imatrix"]         # the plan knows whether one is given ("auto" too)
             export_gguf(pl.source(cfg, dev), parse_variants(",".join(cfg["gguf"]["types"])), None, dry_run=True,
-                        imatrix=Path(imatrix) if imatrix else None)
+                        imatrix=Path(imatrix) if imatrix else None, overrides=pl.overrides(cfg["gguf"]))
         return
     plan = pl.build(cfg, dev, progress=not quiet, mode=pl.EXPORT, force=force)
 
