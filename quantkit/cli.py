@@ -115,6 +115,14 @@ def _comma_list(ctx, param, value):
     return [] if value.strip().lower() in ("", "none") else [v.strip() for v in value.split(",") if v.strip()]
 
 
+def _layouts(ctx, param, value):
+    # an empty list would silently mean "the default layouts": say which to give instead
+    layouts = _comma_list(ctx, param, value)
+    if layouts == []:
+        raise click.BadParameter("give at least one layout: gptq, compressed-tensors")
+    return layouts
+
+
 # The flags of `export`, `run` and `merge`: each sets one key of the pipeline settings
 # (pipeline_config.SCHEMA, the keys of pipeline.toml), from which `export` and `run` build the same steps;
 # a flag wins over a pipeline file's value. Defaults are the schema's.
@@ -139,6 +147,14 @@ FLAGS = [
                                                   'or "auto" to make one.')),
     (("--name",), "gguf", "name", dict(help="Model name for general.name and the file names (default: from the "
                                             "model card and folder).")),
+    (("--tensor-type",), "gguf", "tensor_types", dict(multiple=True, help=(
+        "REGEX=TYPE: the type of the tensors whose GGUF name matches, in every quantized file, as llama-quantize's "
+        "flag (repeatable; the first match wins), e.g. --tensor-type 'attn_v=q8_0'."))),
+    (("--output-tensor-type",), "gguf", "output_tensor_type", dict(help="output.weight's type in the quantized files.")),
+    (("--token-embedding-type",), "gguf", "token_embedding_type",
+     dict(help="token_embd.weight's type in the quantized files.")),
+    (("--pure",), "gguf", "pure", dict(is_flag=True, default=None,
+                                       help="No mixture rules: every tensor not overridden gets the file's type.")),
     (("--gptq/--no-gptq",), "gptq", "enabled", dict(default=None, help="GPTQ checkpoints: OUT/gptq (AutoGPTQ v1) and "
                                                                        "OUT/gptq-ct (compressed-tensors).")),
     (("--bits",), "gptq", "bits", dict(type=click.Choice(["2", "4", "8"]), callback=lambda c, p, v: v and int(v),
@@ -157,7 +173,7 @@ FLAGS = [
     (("--gptq-method",), "gptq", "method", dict(type=click.Choice(["gptq", "rtn"]),
                                                 help="rtn: round-to-nearest in the same format (the baseline GPTQ "
                                                      "should beat).")),
-    (("--gptq-format",), "gptq", "formats", dict(callback=_comma_list,
+    (("--gptq-format",), "gptq", "formats", dict(callback=_layouts,
                                                  help="GPTQ layouts, comma-separated: gptq, compressed-tensors "
                                                       "(default: both; gptq alone with --dynamic-groups).")),
     (("--calib",), "gptq", "calib", dict(type=click.Path(path_type=Path),
@@ -211,7 +227,8 @@ def _overrides(flags: dict) -> dict:
     return out
 
 
-EXPORT_FLAGS = ("--gguf", "--ollama", "--imatrix", "--name", "--lora", "--weight", "--residual", "--scale",
+EXPORT_FLAGS = ("--gguf", "--ollama", "--imatrix", "--name", "--tensor-type", "--output-tensor-type",
+                "--token-embedding-type", "--pure", "--lora", "--weight", "--residual", "--scale",
                 "--ignore-base-name", "--gptq", "--bits", "--group-size", "--sym", "--desc-act", "--static-groups",
                 "--damp", "--gptq-method", "--gptq-format", "--calib", "--calib-samples", "--calib-seqlen", "--int8",
                 "--nf4", "--device", "--out")
@@ -274,7 +291,7 @@ def export(model, dry_run, force, stats, quiet, **flags):
             from .plan import parse_variants
             imatrix = cfg["gguf"]["imatrix"]         # the plan knows whether one is given ("auto" too)
             export_gguf(pl.source(cfg, dev), parse_variants(",".join(cfg["gguf"]["types"])), None, dry_run=True,
-                        imatrix=Path(imatrix) if imatrix else None)
+                        imatrix=Path(imatrix) if imatrix else None, overrides=pl.overrides(cfg["gguf"]))
         return
     plan = pl.build(cfg, dev, progress=not quiet, mode=pl.EXPORT, force=force)
 

@@ -24,7 +24,7 @@ from .errors import InputError, OutputError
 from .hfmodel import HFModel, row_ranges
 from .metadata import build_metadata
 from .outputs import partial_path, refuse_inputs, sha256_file, sweep_leftovers, write_text_atomic
-from .plan import TensorPlan, Variant, format_plan, make_plan
+from .plan import Overrides, TensorPlan, Variant, format_plan, make_plan
 from .streams import Worker, prefetch, to_device, to_host
 from .tokenizer import load_vocab
 from .transforms import finite_flag
@@ -156,19 +156,20 @@ def _reads(model: HFModel, plans: list[TensorPlan], chunk_values: int, pin: bool
             yield _Chunk(p, i, nbytes, rows), (x.pin_memory() if pin and x is not None else x)
 
 
-def prepare(model: HFModel, variants: list[Variant], imatrix: bool = False):
+def prepare(model: HFModel, variants: list[Variant], imatrix: bool = False, overrides: Overrides = Overrides()):
     """What an export checks and plans before reading a weight: the architecture, the tensors'
     names and shapes against the config, and the per-tensor type plan (some of llama.cpp's rules
     depend on whether an importance matrix is given). (family, hparams, sources, plans)."""
     family = family_of(model)
     hp = hparams_of(model)
     sources = family.source_tensors(model, hp)
-    return family, hp, sources, make_plan(sources, hp, variants, imatrix=imatrix)
+    return family, hp, sources, make_plan(sources, hp, variants, imatrix=imatrix, overrides=overrides)
 
 
-def check(model: HFModel, variants: list[Variant], imatrix: Path | None = None) -> None:
+def check(model: HFModel, variants: list[Variant], imatrix: Path | None = None,
+          overrides: Overrides = Overrides()) -> None:
     """Everything `export_gguf` would refuse, without reading weights (NaN/Inf shows only when read)."""
-    family, hp, _, plans = prepare(model, variants, imatrix is not None)
+    family, hp, _, plans = prepare(model, variants, imatrix is not None, overrides)
     load_vocab(model.path, hp.n_vocab, family.sentencepiece_only, family.added_token_rules)
     if imatrix is not None:
         load_imatrix(imatrix, plans)
@@ -176,7 +177,8 @@ def check(model: HFModel, variants: list[Variant], imatrix: Path | None = None) 
 
 def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: str | Path, *,
                 name: str | None = None, name_from: Path | None = None, device: str = "cpu", progress: bool = True,
-                dry_run: bool = False, chunk_values: int = CHUNK_VALUES, imatrix: Path | None = None) -> ExportResult:
+                dry_run: bool = False, chunk_values: int = CHUNK_VALUES, imatrix: Path | None = None,
+                overrides: Overrides = Overrides()) -> ExportResult:
     """Write one GGUF per variant. `model` is a HF model directory, or a model object such as
     quantkit.merged.MergedModel (a base with adapters merged in as it is read). `name` sets
     general.name; `name_from` is the directory whose card, config and folder name give the general.*
@@ -184,7 +186,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
     t0 = time.perf_counter()
     if not isinstance(model, HFModel):
         model = HFModel(model)
-    family, hp, sources, plans = prepare(model, variants, imatrix is not None)
+    family, hp, sources, plans = prepare(model, variants, imatrix is not None, overrides)
     skipped = family.skipped_tensors(model)
     if skipped:
         print(f"note: {len(skipped)} tensors of {model.architecture}'s vision tower and projector are left out: "
@@ -264,6 +266,9 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
                   "bytes": model.total_bytes(), "parameters": meta.total_params},
         "merge": model.merge_note(),
         **({"imatrix": imatrix_note} if imatrix_note else {}),
+        **({"overrides": {"tensor_types": [f"{p}={t}" for p, t in overrides.tensor_types],
+                          "output_tensor_type": overrides.output, "token_embedding_type": overrides.token_embd,
+                          "pure": overrides.pure}} if overrides else {}),
         "files": {
             v.name: {
                 "path": written[v.name].name, "bytes": written[v.name].stat().st_size,

@@ -110,7 +110,7 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True, mode: str = RUN,
             # would give "Merged"); export reads the base with the adapters merged on the fly
             res = export_gguf(plan.model_dir if mode == RUN else src, variants, dest, name=gg["name"] or None,
                               name_from=base if merged and mode == RUN else None, device=device,
-                              progress=progress, imatrix=imatrix)
+                              progress=progress, imatrix=imatrix, overrides=overrides(gg))
             if gg["ollama"]:
                 write_modelfiles(base, res.files)
             plan.results["gguf"] = res
@@ -192,6 +192,12 @@ def source(cfg: Pipeline, device: str = "cpu"):
                       inp["residual_scale"], device=device, ignore_base_name=inp["ignore_base_name"])
 
 
+def overrides(gg: dict):
+    """The [gguf] section's per-tensor choices (llama-quantize's overrides)."""
+    from .plan import Overrides
+    return Overrides.parse(gg["tensor_types"], gg["output_tensor_type"], gg["token_embedding_type"], gg["pure"])
+
+
 def gptq_settings(g: dict, device: str):
     """gptq.GPTQSettings from a [gptq] section; calibration sizes of 0 take the device's defaults."""
     from .gptq import GPTQSettings, calibration_size
@@ -231,7 +237,7 @@ def check_inputs(cfg: Pipeline, base: HFModel, device: str = "cpu", *, mode: str
         except QuantkitError as e:
             raise cfg.error("gguf", "types", str(e)) from None
         imatrix = cfg["gguf"]["imatrix"]
-        check(base, variants, Path(imatrix) if imatrix not in ("", "auto") else None)
+        check(base, variants, Path(imatrix) if imatrix not in ("", "auto") else None, overrides(cfg["gguf"]))
     if g["enabled"] or bnb_modes:
         needed = ["transformers"] + (["bitsandbytes"] if bnb_modes else [])
         missing = [m for m in needed if importlib.util.find_spec(m) is None]

@@ -56,6 +56,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "imatrix": Key(str, "", 'importance matrix for the K-quants: an imatrix GGUF, or "auto" to make one'),
         "imatrix_samples": Key(int, 64, 'with "auto": calibration samples (text: [gptq] calib, or generated)'),
         "imatrix_seqlen": Key(int, 512, 'with "auto": tokens per sample'),
+        "tensor_types": Key(list, [], 'per-tensor types of the quantized files, "REGEX=TYPE" (llama-quantize '
+                                      '--tensor-type: searched in the GGUF names, the first match wins)'),
+        "output_tensor_type": Key(str, "", "output.weight's type in the quantized files (llama-quantize's flag)"),
+        "token_embedding_type": Key(str, "", "token_embd.weight's type in the quantized files"),
+        "pure": Key(bool, False, "no mixture rules: every tensor not overridden gets the file's type"),
     },
     "gptq": {
         "enabled": Key(bool, False, "GPTQ checkpoints in OUT/gptq (AutoGPTQ v1) and OUT/gptq-ct"),
@@ -219,7 +224,8 @@ def parse(path: Path | None, overrides: dict[tuple[str, str], tuple[Any, str]] |
 
 def _check_lists(s: dict, path: Path, where) -> None:
     for section, key, t in (("input", "lora", str), ("input", "lora_weights", (int, float)),
-                            ("gguf", "types", str), ("bench", "gpus", str), ("gptq", "formats", str)):
+                            ("gguf", "types", str), ("gguf", "tensor_types", str), ("bench", "gpus", str),
+                            ("gptq", "formats", str)):
         for item in s[section][key]:
             if not _fits(item, t):
                 raise InputError(f"{where(section, key)}[{section}] {key} must hold {_type_name(t)} items, "

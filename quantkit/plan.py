@@ -7,6 +7,7 @@ rule that matches picks the type, else the variant's default; then the shape fal
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from math import prod
 from typing import Callable
@@ -133,6 +134,48 @@ def parse_variants(spec: str) -> list[Variant]:
 
 
 @dataclass(frozen=True)
+class Overrides:
+    """llama-quantize's per-tensor choices, for the quantized types: `--tensor-type REGEX=TYPE` (searched
+    in the tensor's name, in the order given, the first match wins), `--output-tensor-type`,
+    `--token-embedding-type` (these two win over a pattern) and `--pure` (no mixture rules: every
+    tensor not named by an override gets the file's type). A tensor an override or --pure decides
+    is not counted in the layer indices the mixture rules use, as in llama-quant.cpp."""
+    tensor_types: tuple[tuple[str, str], ...] = ()
+    output: str = ""
+    token_embd: str = ""
+    pure: bool = False
+
+    @classmethod
+    def parse(cls, tensor_types=(), output: str = "", token_embd: str = "", pure: bool = False) -> Overrides:
+        """From "REGEX=TYPE" strings and type names; an UnsupportedError naming the bad one."""
+        pairs = []
+        for spec in tensor_types:
+            pattern, sep, qtype = str(spec).rpartition("=")
+            if not sep or not pattern:
+                raise UnsupportedError(f"--tensor-type {spec!r}: expected REGEX=TYPE, e.g. attn_v=q8_0")
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise UnsupportedError(f"--tensor-type {spec!r}: not a regular expression ({e})") from None
+            pairs.append((pattern, _type_name(qtype.strip(), f"--tensor-type {spec!r}")))
+        return cls(tuple(pairs), _type_name(output, "--output-tensor-type") if output else "",
+                   _type_name(token_embd, "--token-embedding-type") if token_embd else "", bool(pure))
+
+    def __bool__(self) -> bool:
+        return bool(self.tensor_types or self.output or self.token_embd or self.pure)
+
+    def manual(self, gguf_name: str) -> tuple[str, str] | None:
+        return next(((p, t) for p, t in self.tensor_types if re.search(p, gguf_name)), None)
+
+
+def _type_name(name: str, what: str) -> str:
+    name = name.strip().lower()
+    if name not in qreg.QUANT_TYPES:
+        raise UnsupportedError(f"{what}: unknown type {name!r} (choose from {', '.join(qreg.QUANT_TYPES)})")
+    return name
+
+
+@dataclass(frozen=True)
 class Choice:
     qtype: str
     reason: str
@@ -144,18 +187,29 @@ class TensorPlan:
     choices: dict[str, Choice]    # variant name → type and reason
 
 
-def _choose(v: Variant, c: TensorCtx) -> Choice:
+def _choose(v: Variant, c: TensorCtx, ov: Overrides) -> Choice:
     t = c.tensor
     # 1-D tensors (norms, rope factors) stay F32 in every file, as the converter writes them
     if len(t.shape) < 2 or t.gguf_name.endswith("_norm.weight"):
         return Choice("f32", "1-D / norm: kept in F32")
     if not v.quantized:
         return Choice(v.default, "weight matrix")
+    # llama-quant.cpp's llama_tensor_get_type: the two named tensors' types, then the patterns, then
+    # the mixture (unless --pure), then the shape fallback (not for the named tensors)
+    if ov.token_embd and c.category == "token_embd":
+        return _fits(Choice(ov.token_embd, "override: --token-embedding-type"), c)
+    if ov.output and c.category == "output":
+        return _fits(Choice(ov.output, "override: --output-tensor-type"), c)
     qtype, reason = v.default, "default type"
-    for name, pred, rtype in v.rules:
+    manual = ov.manual(t.gguf_name)
+    if manual:
+        return _fits(Choice(manual[1], f"override: --tensor-type {manual[0]}"), c)
+    for name, pred, rtype in ([] if ov.pure else v.rules):
         if pred(c):
             qtype, reason = rtype, name
             break
+    if ov.pure:
+        reason = "--pure"
     if c.ncols % qreg.get(qtype).block_size != 0:
         fb = FALLBACK.get(qtype, qtype)
         if c.ncols % qreg.get(fb).block_size != 0:
@@ -165,20 +219,38 @@ def _choose(v: Variant, c: TensorCtx) -> Choice:
     return Choice(qtype, reason)
 
 
+def _fits(choice: Choice, c: TensorCtx) -> Choice:
+    # llama.cpp would fall back silently (or, for the two named tensors, write a broken file): refuse
+    block = qreg.get(choice.qtype).block_size
+    if c.ncols % block:
+        raise UnsupportedError(f"{choice.reason.removeprefix('override: ')}: {choice.qtype} needs rows divisible "
+                               f"by {block}; {c.tensor.gguf_name} has {c.ncols} columns")
+    return choice
+
+
 def make_plan(tensors: list[SourceTensor], hp: HParams, variants: list[Variant], *,
-              imatrix: bool = False) -> list[TensorPlan]:
+              imatrix: bool = False, overrides: Overrides = Overrides()) -> list[TensorPlan]:
     cats = [category(t.gguf_name) for t in tensors]
     counts = {"attn_v": cats.count("attn_v"), "ffn_down": hp.n_layer, "ffn_gate": hp.n_layer, "ffn_up": hp.n_layer}
     seen: dict[str, int] = {}
+    matched: set[str] = set()
     plans = []
     for t, cat in zip(tensors, cats):
+        manual = overrides.manual(t.gguf_name) if len(t.shape) > 1 else None
+        if manual:
+            matched.add(manual[0])
         idx = seen.get(cat, 0)
-        seen[cat] = idx + 1
+        if not (manual or overrides.pure):     # llama-quant.cpp counts a tensor when its mixture rules run
+            seen[cat] = idx + 1
         choices = {}
         for v in variants:
             ctx = TensorCtx(t, cat, idx, counts.get(cat, 0), hp, v.default, imatrix)
-            choices[v.name] = _choose(v, ctx)
+            choices[v.name] = _choose(v, ctx, overrides)
         plans.append(TensorPlan(t, choices))
+    unmatched = [p for p, _ in overrides.tensor_types if p not in matched]
+    if unmatched:
+        raise UnsupportedError(f"--tensor-type {unmatched[0]!r} matches no weight matrix of this model "
+                               f"(names look like {tensors[len(tensors) // 2].gguf_name})")
     return plans
 
 

@@ -79,12 +79,16 @@ def imatrix_overrides(path: str) -> list[tuple[str, str | int]]:
 
 
 def llama_quantize(inp: Path, out: Path, variant: str, *, nthread: int = 0, imatrix: dict | None = None,
-                   kv_overrides: list[tuple[str, str | int]] = ()) -> Path:
+                   kv_overrides: list[tuple[str, str | int]] = (), tensor_types: list[tuple[str, str]] = (),
+                   output_tensor_type: str = "", token_embedding_type: str = "", pure: bool = False) -> Path:
     """llama_model_quantize(inp -> out, variant); `imatrix` (tensor name -> float32 per column, as
     read_imatrix gives) goes in params.imatrix and `kv_overrides` (key, str or int) in
-    params.kv_overrides, as llama-quantize --imatrix passes them."""
+    params.kv_overrides, as llama-quantize --imatrix passes them; `tensor_types` ((regex, type name))
+    in params.tt_overrides, the other three in their fields, as llama-quantize's --tensor-type,
+    --output-tensor-type, --token-embedding-type and --pure set them."""
     import ctypes
 
+    import gguf
     import llama_cpp
     import numpy as np
 
@@ -92,6 +96,20 @@ def llama_quantize(inp: Path, out: Path, variant: str, *, nthread: int = 0, imat
     params.ftype = FTYPES[variant]
     params.nthread = nthread
     keep = []
+    if output_tensor_type:
+        params.output_tensor_type = int(gguf.GGMLQuantizationType[output_tensor_type.upper()])
+    if token_embedding_type:
+        params.token_embedding_type = int(gguf.GGMLQuantizationType[token_embedding_type.upper()])
+    params.pure = pure
+    if tensor_types:
+        tts = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (pattern, qtype) in enumerate(tensor_types):
+            keep.append(pattern.encode())
+            tts[i].pattern = keep[-1]
+            tts[i].type = int(gguf.GGMLQuantizationType[qtype.upper()])
+        tts[len(tensor_types)].pattern = None                  # the terminator
+        keep.append(tts)
+        params.tt_overrides = tts
     if imatrix:
         entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
         for i, (name, values) in enumerate(imatrix.items()):

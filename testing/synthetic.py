@@ -105,8 +105,9 @@ def write_checkpoint(dest: Path, cfg: dict, tokenizer_dir: Path | None = None, *
             elif (Path(tokenizer_dir) / f"{f}.xz").exists():    # a large fixture, stored compressed
                 with lzma.open(Path(tokenizer_dir) / f"{f}.xz") as src, open(dest / f, "wb") as out:
                     shutil.copyfileobj(src, out)
-    gen_cfg = {"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
-               "do_sample": True, "temperature": 0.6, "top_p": 0.9}
+    text = cfg.get("text_config") or {}     # a multimodal config may keep its token ids there
+    ids = {k: cfg.get(k, text.get(k)) for k in ("bos_token_id", "eos_token_id")}
+    gen_cfg = {**{k: v for k, v in ids.items() if v is not None}, "do_sample": True, "temperature": 0.6, "top_p": 0.9}
     (dest / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
     return dest
 

@@ -294,7 +294,8 @@ def test_a_missing_optional_library_names_the_extra(tiny_model, tmp_path, monkey
 
 @pytest.mark.parametrize("flag, value", [("--group-size", "0"), ("--group-size", "-5"), ("--damp", "0"),
                                          ("--damp", "nan"), ("--damp", "inf"),
-                                         ("--damp", "-1"), ("--calib-samples", "0"), ("--calib-seqlen", "0")])
+                                         ("--damp", "-1"), ("--calib-samples", "0"), ("--calib-seqlen", "0"),
+                                         ("--gptq-format", ""), ("--gptq-format", "none")])
 def test_gptq_option_values_out_of_range(tiny_model, tmp_path, flag, value):
     result = _run(["export", str(tiny_model), "--gptq", flag, value, "-o", str(tmp_path / "out"), "-q"])
     assert flag in _no_traceback(result) and not (tmp_path / "out").exists()
