@@ -20,7 +20,7 @@ from quantkit.converters.gguf_file import GGUFFile, TensorInfo
 from quantkit.kernels import registry as qreg
 
 from .families import SourceTensor, family_of, hparams_of
-from .errors import InputError, OutputError
+from .errors import InputError, UnsupportedError, OutputError
 from .hfmodel import HFModel, row_ranges
 from .metadata import build_metadata
 from .outputs import partial_path, refuse_inputs, sha256_file, sweep_leftovers, write_text_atomic
@@ -62,8 +62,32 @@ def row_chunks(t: SourceTensor, max_values: int = CHUNK_VALUES) -> Iterator[slic
 
 
 def fetch(model: HFModel, t: SourceTensor, rows: slice) -> torch.Tensor | None:
-    """Rows of one GGUF tensor's source as read (I/O only: see HFModel.fetch), or the generated tensor."""
-    return t.generate() if t.generate is not None else model.fetch(t.hf_name, rows.start, rows.stop)
+    """Rows of one GGUF tensor's source as read (I/O only: see HFModel.fetch), or the generated tensor.
+    For a stack (MoE experts) the rows are whole parts: each is read whole, one after the other."""
+    if t.generate is not None:
+        return t.generate()
+    if t.parts:
+        return torch.stack([model.fetch(p, 0, model.tensors[p].shape[0]) for p in t.parts[rows]])
+    return model.fetch(t.hf_name, rows.start, rows.stop)
+
+
+def finish(model: HFModel, t: SourceTensor, rows: slice, x: torch.Tensor) -> torch.Tensor:
+    """What the model adds to the rows read (a merged adapter's delta), part by part for a stack."""
+    if t.parts:
+        return torch.stack([model.finish(p, 0, x.shape[1], x[i]) for i, p in enumerate(t.parts[rows])])
+    return model.finish(t.hf_name, rows.start, rows.stop, x)
+
+
+def source_nbytes(model: HFModel, t: SourceTensor, rows: slice | None = None) -> int:
+    """Checkpoint bytes behind a GGUF tensor (or some of its rows)."""
+    if t.hf_name is None:
+        return 0
+    if t.parts:
+        return sum(model.tensors[p].nbytes for p in t.parts[rows or slice(None)])
+    ref = model.tensors[t.hf_name]
+    if rows is None:
+        return ref.nbytes
+    return ref.nbytes * (rows.stop - rows.start) // (ref.shape[0] if ref.shape else 1)
 
 
 class _Float32Staging:
@@ -93,6 +117,12 @@ def to_rows(x: torch.Tensor, t: SourceTensor) -> torch.Tensor:
 
 def _not_finite(model: HFModel, t: SourceTensor) -> InputError:
     return InputError(f"tensor {t.hf_name!r} contains NaN or Inf", model.tensors[t.hf_name].shard)
+
+
+def _check_imatrix_support(family, imatrix, model: HFModel) -> None:
+    if imatrix is not None and not family.imatrix:
+        raise UnsupportedError(f"no importance matrix for {model.architecture} yet (its experts' activations are "
+                               "not collected per expert)", imatrix)
 
 
 def load_imatrix(path: Path, plans: list[TensorPlan]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -149,9 +179,8 @@ def _reads(model: HFModel, plans: list[TensorPlan], chunk_values: int, pin: bool
     does I/O only (pinning for a CUDA copy): torch ops in a second thread fight the main thread's
     for the cores (on 2 cores, converting here made the whole export 2x slower)."""
     for i, p in enumerate(plans):
-        ref = model.tensors[p.tensor.hf_name] if p.tensor.hf_name else None
         for rows in row_chunks(p.tensor, chunk_values):
-            nbytes = ref.nbytes * (rows.stop - rows.start) // (ref.shape[0] if ref.shape else 1) if ref else 0
+            nbytes = source_nbytes(model, p.tensor, rows)
             x = fetch(model, p.tensor, rows)
             yield _Chunk(p, i, nbytes, rows), (x.pin_memory() if pin and x is not None else x)
 
@@ -170,6 +199,7 @@ def check(model: HFModel, variants: list[Variant], imatrix: Path | None = None,
           overrides: Overrides = Overrides()) -> None:
     """Everything `export_gguf` would refuse, without reading weights (NaN/Inf shows only when read)."""
     family, hp, _, plans = prepare(model, variants, imatrix is not None, overrides)
+    _check_imatrix_support(family, imatrix, model)
     load_vocab(model.path, hp.n_vocab, family.sentencepiece_only, family.added_token_rules)
     if imatrix is not None:
         load_imatrix(imatrix, plans)
@@ -195,6 +225,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
         print(format_plan(plans, variants))
         return ExportResult({}, plans, time.perf_counter() - t0)
 
+    _check_imatrix_support(family, imatrix, model)
     weights, imatrix_note = load_imatrix(imatrix, plans) if imatrix is not None else ({}, None)
     imatrix_kv = _imatrix_kv(str(imatrix), imatrix_note) if imatrix_note else {}
     vocab = load_vocab(model.path, hp.n_vocab, family.sentencepiece_only, family.added_token_rules)
@@ -215,7 +246,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
         path = out_dir / f"{meta.name}-{v.label}.gguf"
         files[v.name] = GGUFFile(path, {**meta.for_file_type(v.file_type, v.quantized), **imatrix_kv}, infos)
     weights = {k: w.to(dev) for k, w in weights.items()}
-    total = sum(model.tensors[p.tensor.hf_name].nbytes for p in plans if p.tensor.hf_name)
+    total = sum(source_nbytes(model, p.tensor) for p in plans)
     bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress, file=sys.stderr,
                desc="export", dynamic_ncols=True)
 
@@ -240,7 +271,7 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
             for c, x in chunks:
                 t = c.plan.tensor
                 if t.generate is None:      # merged (a MergedModel), then checked by the writer
-                    x = as_float32(model.finish(t.hf_name, c.rows.start, c.rows.stop, x), dev)
+                    x = as_float32(finish(model, t, c.rows, x), dev)
                     c.finite = to_host(finite_flag(x))
                 x = to_rows(x, t)
                 for qtype in dict.fromkeys(c.plan.choices[v.name].qtype for v in variants):

@@ -82,6 +82,9 @@ def check_shapes(model: HFModel, s: GPTQSettings) -> None:
     if s.bits not in (2, 4, 8):
         raise UnsupportedError(f"--bits {s.bits}: GPTQ checkpoints pack 2, 4 or 8 bits")
     family = family_of(model, " for GPTQ")
+    if not family.gptq_groups:
+        raise UnsupportedError(f"GPTQ of {model.architecture} is not supported yet (its experts are not Linear "
+                               "layers in transformers 5)", model.path / "config.json")
     for module in family.linear_names(hparams_of(model)):
         name = f"{module}.weight"
         if name not in model.tensors:

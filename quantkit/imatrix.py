@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from . import layerwise
-from .errors import InputError
+from .errors import InputError, UnsupportedError
 from .families import family_of, hparams_of
 from .hfmodel import HFModel
 from quantkit.converters.gguf_file import GGUFFile, KeyValues, TensorInfo
@@ -64,6 +64,9 @@ def collect(model_dir: Path, *, calib: Path | None = None, n_samples: int = 64, 
     model_dir = Path(model_dir)
     hf = HFModel(model_dir)
     names, family = linear_names(hf), family_of(hf)
+    if not family.imatrix:
+        raise UnsupportedError(f"no importance matrix for {hf.architecture} yet (its experts' activations are "
+                               "not collected per expert)", model_dir / "config.json")
     if tokens is None and calib is not None:        # the user's text is checked before any weight is loaded
         tokens = layerwise.text_tokens(model_dir, calib, n_samples, seqlen)
     model, stored, work = layerwise.load(model_dir, device, progress)

@@ -37,6 +37,22 @@ class ModelMetadata:
         return kv
 
 
+def parameter_counts(tensors: list[SourceTensor]) -> tuple[int, int, int, int]:
+    """(total, shared, per-expert, expert count) as gguf-py's writer counts them for the size label:
+    a stacked expert tensor (`*_exps.*`) adds one expert's worth to the expert parameters."""
+    total = shared = expert = expert_sum = n_expert_tensors = 0
+    for t in tensors:
+        size = prod(t.shape)
+        if "_exps." in t.gguf_name and len(t.shape) >= 3:
+            expert += size // t.shape[0]
+            expert_sum += t.shape[0]
+            n_expert_tensors += 1
+        else:
+            shared += size
+        total += size
+    return total, shared, expert, (expert_sum // n_expert_tensors if n_expert_tensors else 0)
+
+
 def build_metadata(model: HFModel, family: Family, hp: HParams, tensors: list[SourceTensor],
                    vocab: Vocab, name: str | None = None, name_from: Path | None = None) -> ModelMetadata:
     """`name_from`: the directory whose model card, config and folder name give general.name,
@@ -52,7 +68,7 @@ def build_metadata(model: HFModel, family: Family, hp: HParams, tensors: list[So
         # newer converters read transformers' name for it too
         meta.sampling_penalty_repeat = gen["repetition_penalty"]
     if meta.size_label is None and total > 0:
-        meta.size_label = gguf.size_label(total, total, 0, 0)
+        meta.size_label = gguf.size_label(*parameter_counts(tensors))
 
     w = KeyValues(family.gguf_name)
     for key, val, vtype in family.tensor_kv(hp):

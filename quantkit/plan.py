@@ -192,6 +192,9 @@ def _choose(v: Variant, c: TensorCtx, ov: Overrides) -> Choice:
     # 1-D tensors (norms, rope factors) stay F32 in every file, as the converter writes them
     if len(t.shape) < 2 or t.gguf_name.endswith("_norm.weight"):
         return Choice("f32", "1-D / norm: kept in F32")
+    if t.gguf_name.endswith("ffn_gate_inp.weight"):
+        # the converter writes a MoE router in F32 and llama-quantize never quantizes it
+        return Choice("f32", "MoE router: kept in F32")
     if not v.quantized:
         return Choice(v.default, "weight matrix")
     # llama-quant.cpp's llama_tensor_get_type: the two named tensors' types, then the patterns, then
@@ -267,7 +270,7 @@ def format_plan(plans: list[TensorPlan], variants: list[Variant]) -> str:
     for p in plans:
         shape = "x".join(str(d) for d in reversed(p.tensor.shape))
         row = f"{p.tensor.gguf_name:<{w}}  {shape:<14}" + "".join(f"  {p.choices[v.name].qtype.upper():<8}" for v in variants)
-        reasons = {p.choices[v.name].reason for v in variants if p.choices[v.name].reason not in ("default type", "weight matrix", "1-D / norm: kept in F32")}
+        reasons = {p.choices[v.name].reason for v in variants if p.choices[v.name].reason not in ("default type", "weight matrix", "1-D / norm: kept in F32", "MoE router: kept in F32")}
         lines.append(row + ("   # " + "; ".join(sorted(reasons)) if reasons else ""))
     lines.append("-" * len(head))
     lines.append(f"{'tensor data, MB':<{w}}  {'':<14}" + "".join(f"  {variant_nbytes(plans, v) / 1e6:<8,.0f}" for v in variants))

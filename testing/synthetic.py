@@ -136,8 +136,11 @@ def preset_config(preset: str, **overrides) -> dict:
 
 def lora_targets(cfg: dict) -> tuple[str, ...]:
     """Every decoder linear of the config's family, by module name (q_proj, ...; Phi-3's fused qkv_proj
-    and gate_up_proj)."""
-    return tuple(m.split(".")[-1] for g in family_for(cfg["architectures"][0]).gptq_groups for m in g)
+    and gate_up_proj; a MoE's attention projections)."""
+    fam = family_for(cfg["architectures"][0])
+    groups = fam.gptq_groups or ((m for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                               "self_attn.o_proj")),)     # MoE: the attention only
+    return tuple(m.split(".")[-1] for g in groups for m in g)
 
 
 def write_lora_adapter(base: Path, dest: Path, *, r: int = 64, alpha: int = 128, targets=None,

@@ -55,11 +55,11 @@ def toy(tmp_path_factory):
         families.unregister("toy")
 
 
-@pytest.fixture(scope="module", params=["toy", "qwen2", "mistral", "gemma2", "gemma3", "phi3"])
+@pytest.fixture(scope="module", params=["toy", "qwen2", "mistral", "gemma2", "gemma3", "phi3", "qwen3moe"])
 def tiny(request, toy, tmp_path_factory):
     """A 2-layer checkpoint of the toy family, and of the real families the toy does not stand for
     (Qwen2: q/k/v biases, no q/k permute; Mistral: a SentencePiece tokenizer; Gemma: shifted norms;
-    Phi-3: fused qkv_proj and gate_up_proj, the LoRA targets of the merge)."""
+    Phi-3: fused qkv_proj and gate_up_proj, the LoRA targets of the merge; Qwen3-MoE: stacked experts)."""
     if request.param == "toy":
         return toy[0]
     fam = families.FAMILIES[request.param]
@@ -89,7 +89,17 @@ def test_registry_refuses_a_name_registered_twice():
     assert "again" not in families.FAMILIES
 
 
-def test_every_family_template_is_what_transformers_builds():
+def _saved_shapes(model, dest) -> dict:
+    from safetensors import safe_open
+    model.save_pretrained(dest)
+    out = {}
+    for f in sorted(dest.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            out |= {k: tuple(st.get_slice(k).get_shape()) for k in st.keys()}
+    return out
+
+
+def test_every_family_template_is_what_transformers_builds(tmp_path):
     # the template each family gives is what transformers builds from the same config
     transformers = pytest.importorskip("transformers")
     for fam in families.FAMILIES.values():
@@ -106,6 +116,8 @@ def test_every_family_template_is_what_transformers_builds():
             model = transformers.AutoModelForCausalLM.from_config(config)
         theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()
                   if not (hp.tied and k == f"{fam.head}.weight")}
+        if fam.stacked_tensors(hp):     # MoE: transformers 5 fuses the experts in memory, one tensor each on disk
+            theirs = _saved_shapes(transformers.AutoModelForCausalLM.from_config(config), tmp_path / fam.name)
         skipped = fam.skipped_tensors(SimpleNamespace(tensors=theirs))      # a vision tower
         theirs = {k: v for k, v in theirs.items() if k not in skipped}
         assert fam.tensor_shapes(hp) == theirs, fam.name
@@ -145,7 +157,14 @@ def test_merge_of_a_new_family_equals_peft(tiny, tmp_path):
     code, out = run_cli("merge", model, "--lora", adapter, "-q", "-o", tmp_path / "merged")
     assert code == 0, out
     base = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    ref = peft.PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
+    merged = peft.PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    cfg = json.loads((model / "config.json").read_text())
+    if families.family_for(cfg["architectures"][0]).stacked_tensors(families.hparams_from_config(cfg)):
+        from safetensors.torch import load_file      # MoE: the experts as saved, one tensor each
+        merged.save_pretrained(tmp_path / "peft-merged")
+        ref = {k: v for f in (tmp_path / "peft-merged").glob("*.safetensors") for k, v in load_file(f).items()}
+    else:
+        ref = merged.state_dict()
     from safetensors.torch import load_file
     ours = {}
     for f in (tmp_path / "merged").glob("*.safetensors"):
@@ -165,6 +184,10 @@ def test_gptq_of_a_new_family_loads_in_transformers(tiny, tmp_path):
     pytest.importorskip("compressed_tensors")
     model = tiny
     cfg = json.loads((model / "config.json").read_text())
+    if not families.family_for(cfg["architectures"][0]).gptq_groups:
+        code, out = run_cli("export", model, "--gptq", "-q", "-o", tmp_path / "out")     # refused, not half done
+        _one_line_error(code, out, ["GPTQ of", "not supported yet"], tmp_path / "out")
+        return
     calib = tmp_path / "calib.txt"
     calib.write_text((ROOT / "docs" / "kernels.md").read_text())       # any English that is not WikiText
     code, out = run_cli("export", model, "--gptq", "--gptq-format", "compressed-tensors", "--group-size", 64,
@@ -290,3 +313,25 @@ def test_a_multimodal_gemma3_without_a_text_config_is_refused(tmp_path):
     (model / "config.json").write_text(json.dumps(cfg))
     code, out = run_cli("export", model, "--gguf", "q8_0", "-q", "-o", tmp_path / "out")
     _one_line_error(code, out, ["config.json", "without a text_config"], tmp_path / "out")
+
+
+@pytest.mark.parametrize("damage, fragments", [
+    ("missing expert", ["missing tensor 'model.layers.1.mlp.experts.3.up_proj.weight'"]),
+    ("unequal expert", ["model.layers.0.mlp.experts.2.down_proj.weight", "has shape [256, 128]",
+                        "config.json implies [256, 256]"]),
+    ("too many used", ["config.json", "num_experts_per_tok 5 must be between 1 and num_experts 4"]),
+])
+def test_bad_moe_checkpoints_are_refused(tmp_path, damage, fragments):
+    from safetensors.torch import load_file, save_file
+    cfg = synthetic.preset_config("qwen3moe-tiny", num_hidden_layers=2)
+    model = synthetic.write_checkpoint(tmp_path / "m", cfg, FIX / "qwen3")
+    t = load_file(model / "model.safetensors")
+    if damage == "missing expert":
+        del t["model.layers.1.mlp.experts.3.up_proj.weight"]
+    elif damage == "unequal expert":
+        t["model.layers.0.mlp.experts.2.down_proj.weight"] = t["model.layers.0.mlp.experts.2.down_proj.weight"][:, :128].clone()
+    else:
+        (model / "config.json").write_text(json.dumps({**cfg, "num_experts_per_tok": 5}))
+    save_file(t, str(model / "model.safetensors"), metadata={"format": "pt"})
+    code, out = run_cli("export", model, "--gguf", "q8_0", "-q", "-o", tmp_path / "out")
+    _one_line_error(code, out, fragments, tmp_path / "out")

@@ -22,7 +22,7 @@ def support_table() -> str:
         pre = " or ".join(f"{t} ({', '.join(f.pre_tokenizers)})" if t == BPE else t
                           for t in f.tokenizers if t != BPE or f.pre_tokenizers)
         lines.append(f"| {f.name} | {', '.join(f.hf_names)} | {f.gguf_name} | {pre} | {types} | yes "
-                     f"| {'yes' if f.gptq_groups else 'no'} | yes |")
+                     f"| {'yes' if f.gptq_groups else 'no'} | {'yes' if f.imatrix else 'no'} |")
     return "\n".join(lines)
 
 

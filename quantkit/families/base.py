@@ -105,6 +105,9 @@ class SourceTensor:
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None   # applied to whole row chunks
     generate: Callable[[], torch.Tensor] | None = None
     row_granule: int = 1                # row chunks must be multiples of this (whole heads for q/k)
+    # a stack of checkpoint tensors along a new first axis (MoE experts): their names, in order;
+    # shape is then (len(parts), *part shape) and rows are counted along that first axis
+    parts: tuple[str, ...] = ()
 
     @property
     def layer(self) -> int:
@@ -150,6 +153,7 @@ class Family:
     norm_shift: ClassVar[float] = 0.0
     # how the converter types a SentencePiece vocabulary's added tokens (quantkit.tokenizer.load_vocab)
     added_token_rules: ClassVar[str] = "converter"
+    imatrix: ClassVar[bool] = True      # whether `quantkit imatrix` and --imatrix support it
     # where the decoder layers, embeddings and rotary tables live in the transformers model; the layer
     # path is also the prefix of the layers' tensor names in the checkpoint
     decoder_layers: ClassVar[str] = "model.layers"
@@ -289,7 +293,17 @@ class Family:
                                    f"{extra[0]!r}", model.path)
         names = gguf.get_tensor_name_map(self.gguf_arch, hp.n_layer)
         out: list[SourceTensor] = []
+        stacks = self.stacked_tensors(hp)
+        for stacked, parts in stacks.items():
+            gname = names.get_name(self.mapped_name(stacked), try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise UnsupportedError(f"no GGUF name for tensor {stacked!r}", model.path)
+            shape = (len(parts), *expected[parts[0]])
+            out.append(SourceTensor(gname, actual[parts[0]], shape, parts=tuple(actual[p] for p in parts)))
+        in_stacks = {p for parts in stacks.values() for p in parts}
         for hf_name, shape in expected.items():
+            if hf_name in in_stacks:
+                continue
             gname = names.get_name(self.mapped_name(hf_name), try_suffixes=(".weight", ".bias"))
             if gname is None:
                 raise UnsupportedError(f"no GGUF name for tensor {hf_name!r}", model.path)
@@ -297,6 +311,11 @@ class Family:
             out.append(SourceTensor(gname, actual[hf_name], shape, transform, row_granule=granule))
         out += self.generated_tensors(hp)
         return sorted(out, key=lambda t: (t.layer, t.gguf_name))
+
+    def stacked_tensors(self, hp: HParams) -> dict[str, tuple[str, ...]]:
+        """GGUF tensors that stack several checkpoint tensors (a layer's experts), by the template
+        name the tensor map knows the stack by: {name: the stacked template names, in order}."""
+        return {}
 
     def checkpoint_names(self, model: HFModel) -> dict[str, str]:
         """The checkpoint's tensors by their template names (the names are the same for most)."""

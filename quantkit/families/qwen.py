@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gguf
 
+from ..errors import InputError, UnsupportedError
 from .base import TINY, Family, TestFixture, register
 
 # config.json of Qwen/Qwen2.5-7B-Instruct, as published
@@ -70,3 +71,73 @@ class Qwen3(Family):
         items = list(t.items())
         return dict(items[:i] + [("self_attn.q_norm.weight", (hp.head_dim,)),
                                  ("self_attn.k_norm.weight", (hp.head_dim,))] + items[i:])
+
+
+# config.json of Qwen/Qwen3-30B-A3B, as published
+QWEN3_30B_A3B = {
+    "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "attention_bias": False,
+    "attention_dropout": 0.0, "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151645,
+    "head_dim": 128, "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02,
+    "intermediate_size": 6144, "max_position_embeddings": 40960, "max_window_layers": 48, "mlp_only_layers": [],
+    "moe_intermediate_size": 768, "norm_topk_prob": True, "num_attention_heads": 32, "num_experts": 128,
+    "num_experts_per_tok": 8, "num_hidden_layers": 48, "num_key_value_heads": 4, "output_router_logits": False,
+    "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936,
+}
+EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
+
+
+@register
+class Qwen3Moe(Qwen3):
+    """Qwen3-MoE (Qwen3-30B-A3B, 235B-A22B): llama.cpp's `qwen3moe`. Each layer's experts, stored one
+    tensor per expert (as published, and as transformers 5 saves them), are stacked into the 3-D
+    ffn_{gate,up,down}_exps, read expert by expert; the router is ffn_gate_inp."""
+    name = "qwen3moe"
+    hf_names = ("Qwen3MoeForCausalLM",)
+    gguf_arch = gguf.MODEL_ARCH.QWEN3MOE
+    presets = {"qwen3-30b-a3b": QWEN3_30B_A3B,
+               "qwen3moe-tiny": {**QWEN3_30B_A3B, **TINY, "head_dim": 64, "max_window_layers": 8,
+                                 "moe_intermediate_size": 256, "num_experts": 4, "num_experts_per_tok": 2}}
+    gptq_groups = ()        # experts are not Linear modules in transformers 5: no GPTQ yet
+    fixture = TestFixture(tokenizer="qwen3", vectors="ggml-vocab-qwen2.gguf", tied=False)
+    imatrix = False
+
+    def complete_config(self, c, path=None):
+        c = {"decoder_sparse_step": 1, "mlp_only_layers": [], "num_experts_per_tok": 8, **c}
+        if c["decoder_sparse_step"] != 1 or c["mlp_only_layers"]:
+            raise UnsupportedError("dense MLP layers among the expert layers (decoder_sparse_step / mlp_only_layers) "
+                                   "are not supported", path)
+        for key in ("num_experts", "moe_intermediate_size"):
+            if not isinstance(c.get(key), int) or isinstance(c.get(key), bool) or c[key] < 1:
+                raise InputError(f"{key!r} must be a positive integer, not {c.get(key)!r}", path)
+        if not 0 < c["num_experts_per_tok"] <= c["num_experts"]:
+            raise InputError(f"num_experts_per_tok {c['num_experts_per_tok']} must be between 1 and num_experts "
+                             f"{c['num_experts']}", path)
+        return c
+
+    def layer_tensors(self, hp):
+        t = super().layer_tensors(hp)
+        h, f, n = hp.n_embd, hp.config["moe_intermediate_size"], hp.config["num_experts"]
+        i = list(t).index("mlp.gate_proj.weight")
+        items = [kv for kv in t.items() if not kv[0].startswith("mlp.")]
+        experts = [(f"mlp.experts.{e}.{m}.weight", (h, f) if m == "down_proj" else (f, h))
+                   for e in range(n) for m in EXPERT_LINEARS]
+        return dict(items[:i] + [("mlp.gate.weight", (n, h))] + experts + items[i:])
+
+    def stacked_tensors(self, hp):
+        n = hp.config["num_experts"]
+        return {f"{self.layer_prefix(i)}mlp.experts.{m}.weight":
+                tuple(f"{self.layer_prefix(i)}mlp.experts.{e}.{m}.weight" for e in range(n))
+                for i in range(hp.n_layer) for m in EXPERT_LINEARS}
+
+    def hparam_kv(self, hp):
+        # TextModel's keys, the expert counts after the norm epsilon; then Qwen2MoeModel's
+        K, a, T, c = gguf.Keys, self.gguf_name, gguf.GGUFValueType, hp.config
+        kv = []
+        for key, val, vtype in super().hparam_kv(hp):
+            kv.append((key, val, vtype))
+            if key == K.Attention.LAYERNORM_RMS_EPS.format(arch=a):
+                kv += [(K.LLM.EXPERT_COUNT.format(arch=a), c["num_experts"], T.UINT32),
+                       (K.LLM.EXPERT_USED_COUNT.format(arch=a), c["num_experts_per_tok"], T.UINT32)]
+        return kv + [(K.LLM.EXPERT_FEED_FORWARD_LENGTH.format(arch=a), c["moe_intermediate_size"], T.UINT32)]
