@@ -39,7 +39,16 @@ def default_text() -> Path:
 
 def tokenize(model_dir: Path, text: str) -> tuple[np.ndarray, int | None]:
     """The whole text with the baseline's HF tokenizer, special tokens as the model adds them (BOS
-    for Llama 3), and the BOS id each window starts with (None for models without BOS)."""
+    for Llama 3), and the BOS id each window starts with (None for models without BOS). A folder with
+    a SentencePiece tokenizer.model and no tokenizer.json is tokenized by sentencepiece itself, as
+    llama.cpp tokenizes its GGUF (transformers 5 would need protobuf to convert it)."""
+    if not (Path(model_dir) / "tokenizer.json").exists() and (Path(model_dir) / "tokenizer.model").exists():
+        from sentencepiece import SentencePieceProcessor
+        sp = SentencePieceProcessor(model_file=str(Path(model_dir) / "tokenizer.model"))
+        cfg_path = Path(model_dir) / "tokenizer_config.json"
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+        bos = sp.bos_id() if cfg.get("add_bos_token", True) and sp.bos_id() >= 0 else None
+        return np.asarray(([bos] if bos is not None else []) + sp.encode(text), dtype=np.int64), bos
     import transformers
     tok = transformers.AutoTokenizer.from_pretrained(model_dir)
     ids = np.asarray(tok(text, add_special_tokens=True, verbose=False)["input_ids"], dtype=np.int64)

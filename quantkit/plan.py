@@ -82,6 +82,16 @@ Q4_K_S_RULES: list[Rule] = OUTPUT_RULES + [
     ("ffn_down: first eighth of the layers", lambda c: c.category == "ffn_down" and c.index < c.count // 8, "q5_k"),
 ]
 
+# llama.cpp's rules for a model of exactly 8 experts (Mixtral), before every variant's own: attention
+# v and k in Q8_0 ("trades just ~128MB"), attn_output in Q5_K for the Q4_K mixtures
+EXPERT8_RULES: list[Rule] = [
+    ("attn_v: 8-expert model", lambda c: c.category == "attn_v" and c.hp.n_expert == 8, "q8_0"),
+    ("attn_k: 8-expert model", lambda c: c.category == "attn_k" and c.hp.n_expert == 8, "q8_0"),
+    ("attn_output: 8-expert model, Q4_K mixture",
+     lambda c: c.category == "attn_output" and c.hp.n_expert == 8 and c.default == "q4_k", "q5_k"),
+]
+
+
 # Q4_0 / Q5_0 with an importance matrix guard the first ffn_down layers with the _1 type
 def _legacy_rules(guard: str) -> list[Rule]:
     return OUTPUT_RULES + [
@@ -207,7 +217,7 @@ def _choose(v: Variant, c: TensorCtx, ov: Overrides) -> Choice:
     manual = ov.manual(t.gguf_name)
     if manual:
         return _fits(Choice(manual[1], f"override: --tensor-type {manual[0]}"), c)
-    for name, pred, rtype in ([] if ov.pure else v.rules):
+    for name, pred, rtype in ([] if ov.pure else EXPERT8_RULES + v.rules):
         if pred(c):
             qtype, reason = rtype, name
             break

@@ -52,6 +52,11 @@ class HParams:
         return self.n_head // self.n_head_kv
 
     @property
+    def n_expert(self) -> int:
+        """Experts per MoE layer (0 for a dense model)."""
+        return int(self.config.get("num_local_experts") or self.config.get("num_experts") or 0)
+
+    @property
     def rope_type(self) -> str:
         return str(self.rope.get("rope_type", self.rope.get("type", ""))).lower()
 
@@ -231,6 +236,13 @@ class Family:
                  "key_length": (K.Attention.KEY_LENGTH, hp.head_dim, T.UINT32),
                  "value_length": (K.Attention.VALUE_LENGTH, hp.head_dim, T.UINT32)}
         return [(table[n][0].format(arch=self.gguf_name), table[n][1], table[n][2]) for n in names]
+
+    def with_expert_kv(self, hp: HParams, kv: list[KV]) -> list[KV]:
+        """`kv` with TextModel's expert counts where it writes them: after the norm epsilon."""
+        K, a, T = gguf.Keys, self.gguf_name, gguf.GGUFValueType
+        i = next(j for j, (key, _, _) in enumerate(kv) if key == K.Attention.LAYERNORM_RMS_EPS.format(arch=a)) + 1
+        return kv[:i] + [(K.LLM.EXPERT_COUNT.format(arch=a), hp.n_expert, T.UINT32),
+                         (K.LLM.EXPERT_USED_COUNT.format(arch=a), hp.config["num_experts_per_tok"], T.UINT32)] + kv[i:]
 
     def hparam_kv(self, hp: HParams) -> list[KV]:
         """The architecture keys, in the order convert_hf_to_gguf.py writes them."""

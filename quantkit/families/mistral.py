@@ -8,6 +8,7 @@ Mistral's sliding window is not written (the converter writes none for llama).
 """
 from __future__ import annotations
 
+from ..errors import InputError
 from .base import BPE, SPM, TINY, TestFixture, register
 from .llama import Llama
 
@@ -39,3 +40,62 @@ class Mistral(Llama):
                "mistral-nemo-12b": MISTRAL_NEMO_12B}
     # llama.cpp's SPM test vectors are Llama 2's vocabulary: tests/test_sentencepiece.py runs them
     fixture = TestFixture(tokenizer="mistral-v3", vectors=None, tied=False)
+
+
+# config.json of mistralai/Mixtral-8x7B-Instruct-v0.1, as published
+MIXTRAL_8X7B = {
+    "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "attention_dropout": 0.0, "bos_token_id": 1,
+    "eos_token_id": 2, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 14336, "max_position_embeddings": 32768, "num_attention_heads": 32,
+    "num_experts_per_tok": 2, "num_hidden_layers": 32, "num_key_value_heads": 8, "num_local_experts": 8,
+    "output_router_logits": False, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.02,
+    "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
+    "vocab_size": 32000,
+}
+EXPERT_LINEARS = ("w1", "w2", "w3")      # gate, down, up
+
+
+@register
+class Mixtral(Llama):
+    """Mixtral 8x7B / 8x22B (MixtralForCausalLM): llama.cpp's `llama` with experts. Each layer's eight
+    experts (w1, w2, w3 per expert) are stacked into ffn_{gate,down,up}_exps and read expert by expert;
+    the router (block_sparse_moe.gate) is ffn_gate_inp; llama-quant.cpp's 8-expert rules apply (plan)."""
+    name = "mixtral"
+    hf_names = ("MixtralForCausalLM",)
+    tokenizers = (SPM,)
+    pre_tokenizers = ()
+    rope_types = ("", "linear", "yarn")
+    presets = {"mixtral-8x7b": MIXTRAL_8X7B,
+               "mixtral-tiny": {**MIXTRAL_8X7B, **TINY, "intermediate_size": 256}}
+    gptq_groups = ()        # experts are not Linear modules in transformers 5: no GPTQ yet
+    imatrix = False
+    config_has_head_dim = False         # MixtralConfig leaves head_dim unset
+    fixture = TestFixture(tokenizer="mistral-v1", vectors=None, tied=False)
+
+    def complete_config(self, c, path=None):
+        c = {"num_experts_per_tok": 2, **c}
+        n = c.get("num_local_experts")
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise InputError(f"'num_local_experts' must be a positive integer, not {n!r}", path)
+        if not 0 < c["num_experts_per_tok"] <= n:
+            raise InputError(f"num_experts_per_tok {c['num_experts_per_tok']} must be between 1 and "
+                             f"num_local_experts {n}", path)
+        return c
+
+    def layer_tensors(self, hp):
+        h, f = hp.n_embd, hp.n_ff
+        t = {k: v for k, v in super().layer_tensors(hp).items() if not k.startswith("mlp.")}
+        t["block_sparse_moe.gate.weight"] = (hp.n_expert, h)
+        for e in range(hp.n_expert):
+            for w in EXPERT_LINEARS:
+                t[f"block_sparse_moe.experts.{e}.{w}.weight"] = (h, f) if w == "w2" else (f, h)
+        return t
+
+    def stacked_tensors(self, hp):
+        # by the name the converter gives a stack (layers.N.feed_forward.experts.wK)
+        return {f"layers.{i}.feed_forward.experts.{w}.weight":
+                tuple(f"{self.layer_prefix(i)}block_sparse_moe.experts.{e}.{w}.weight" for e in range(hp.n_expert))
+                for i in range(hp.n_layer) for w in EXPERT_LINEARS}
+
+    def hparam_kv(self, hp):
+        return self.with_expert_kv(hp, super().hparam_kv(hp))

@@ -132,12 +132,7 @@ class Qwen3Moe(Qwen3):
                 for i in range(hp.n_layer) for m in EXPERT_LINEARS}
 
     def hparam_kv(self, hp):
-        # TextModel's keys, the expert counts after the norm epsilon; then Qwen2MoeModel's
-        K, a, T, c = gguf.Keys, self.gguf_name, gguf.GGUFValueType, hp.config
-        kv = []
-        for key, val, vtype in super().hparam_kv(hp):
-            kv.append((key, val, vtype))
-            if key == K.Attention.LAYERNORM_RMS_EPS.format(arch=a):
-                kv += [(K.LLM.EXPERT_COUNT.format(arch=a), c["num_experts"], T.UINT32),
-                       (K.LLM.EXPERT_USED_COUNT.format(arch=a), c["num_experts_per_tok"], T.UINT32)]
-        return kv + [(K.LLM.EXPERT_FEED_FORWARD_LENGTH.format(arch=a), c["moe_intermediate_size"], T.UINT32)]
+        # TextModel's keys with the expert counts; then Qwen2MoeModel's
+        K, a, T = gguf.Keys, self.gguf_name, gguf.GGUFValueType
+        return self.with_expert_kv(hp, super().hparam_kv(hp)) + [
+            (K.LLM.EXPERT_FEED_FORWARD_LENGTH.format(arch=a), hp.config["moe_intermediate_size"], T.UINT32)]
