@@ -17,13 +17,17 @@ from .outputs import copy_model_files, staged_output, write_json
 MODES = ("int8", "nf4")
 
 
-def config(mode: str):
+def config(mode: str, keep: tuple[str, ...] = ()):
+    """`keep`: module names left unquantized besides lm_head (the family's bnb_keep: a one-row
+    shared-expert gate, which bitsandbytes' 4-bit CPU kernel cannot run)."""
     import transformers
+    skip = {"llm_int8_skip_modules": ["lm_head", *keep]} if keep else {}
     if mode == "int8":
-        return transformers.BitsAndBytesConfig(load_in_8bit=True)
+        return transformers.BitsAndBytesConfig(load_in_8bit=True, **skip)
     if mode == "nf4":
         return transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
+                                               **skip)
     raise UnsupportedError(f"unknown bitsandbytes mode {mode!r} (choose from {', '.join(MODES)})")
 
 
@@ -33,7 +37,10 @@ def export(model_dir: Path, out_dir: Path, mode: str, *, device: str = "cpu", fo
         import transformers
     except ImportError:
         raise UnsupportedError("--int8 / --nf4 need bitsandbytes and transformers: pip install 'quantkit[quant]'") from None
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config(mode),
+    from .families import family_of
+    from .hfmodel import HFModel
+    keep = family_of(HFModel(model_dir)).bnb_keep
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=config(mode, keep),
                                                               device_map=device, dtype=torch.bfloat16)
     with staged_output(out_dir, force, [Path(model_dir)]) as tmp:
         model.save_pretrained(tmp)

@@ -242,6 +242,9 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
         for p in plans:
             qt = qreg.get(p.choices[v.name].qtype)
             shape = p.tensor.shape
+            if v.quantized:     # llama-quantize writes ggml's dimensions: leading ones (trailing in ggml) go
+                while len(shape) > 1 and shape[0] == 1:
+                    shape = shape[1:]
             infos.append(TensorInfo(p.tensor.gguf_name, qt.ggml_type, (*shape[:-1], qreg.row_nbytes(qt, shape[-1]))))
         path = out_dir / f"{meta.name}-{v.label}.gguf"
         files[v.name] = GGUFFile(path, {**meta.for_file_type(v.file_type, v.quantized), **imatrix_kv}, infos)

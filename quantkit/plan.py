@@ -206,7 +206,13 @@ def _choose(v: Variant, c: TensorCtx, ov: Overrides) -> Choice:
         # the converter writes a MoE router in F32 and llama-quantize never quantizes it
         return Choice("f32", "MoE router: kept in F32")
     if not v.quantized:
+        # the converter writes the shared expert's gate, [1, n_embd], in F32 too
+        if t.gguf_name.endswith("ffn_gate_inp_shexp.weight"):
+            return Choice("f32", "MoE router: kept in F32")
         return Choice(v.default, "weight matrix")
+    if prod(t.shape[:-1]) == 1:
+        # one row is one dimension to ggml (ggml_n_dims): llama-quantize keeps such a tensor as it is
+        return Choice("f32", "one row: kept in F32")
     # llama-quant.cpp's llama_tensor_get_type: the two named tensors' types, then the patterns, then
     # the mixture (unless --pure), then the shape fallback (not for the named tensors)
     if ov.token_embd and c.category == "token_embd":
@@ -255,6 +261,8 @@ def make_plan(tensors: list[SourceTensor], hp: HParams, variants: list[Variant],
         idx = seen.get(cat, 0)
         if not (manual or overrides.pure):     # llama-quant.cpp counts a tensor when its mixture rules run
             seen[cat] = idx + 1
+        if hp.n_expert > 1 and cat in ("ffn_down", "ffn_gate", "ffn_up"):
+            idx = t.layer                       # llama-quant.cpp's layer_info: a MoE's layer, from the name
         choices = {}
         for v in variants:
             ctx = TensorCtx(t, cat, idx, counts.get(cat, 0), hp, v.default, imatrix)
@@ -280,7 +288,7 @@ def format_plan(plans: list[TensorPlan], variants: list[Variant]) -> str:
     for p in plans:
         shape = "x".join(str(d) for d in reversed(p.tensor.shape))
         row = f"{p.tensor.gguf_name:<{w}}  {shape:<14}" + "".join(f"  {p.choices[v.name].qtype.upper():<8}" for v in variants)
-        reasons = {p.choices[v.name].reason for v in variants if p.choices[v.name].reason not in ("default type", "weight matrix", "1-D / norm: kept in F32", "MoE router: kept in F32")}
+        reasons = {p.choices[v.name].reason for v in variants if p.choices[v.name].reason not in ("default type", "weight matrix", "1-D / norm: kept in F32", "MoE router: kept in F32", "one row: kept in F32")}
         lines.append(row + ("   # " + "; ".join(sorted(reasons)) if reasons else ""))
     lines.append("-" * len(head))
     lines.append(f"{'tensor data, MB':<{w}}  {'':<14}" + "".join(f"  {variant_nbytes(plans, v) / 1e6:<8,.0f}" for v in variants))

@@ -55,7 +55,7 @@ def toy(tmp_path_factory):
         families.unregister("toy")
 
 
-@pytest.fixture(scope="module", params=["toy", "qwen2", "mistral", "gemma2", "gemma3", "phi3", "qwen3moe", "mixtral"])
+@pytest.fixture(scope="module", params=["toy", "qwen2", "mistral", "gemma2", "gemma3", "phi3", "qwen3moe", "mixtral", "qwen2moe"])
 def tiny(request, toy, tmp_path_factory):
     """A 2-layer checkpoint of the toy family, and of the real families the toy does not stand for
     (Qwen2: q/k/v biases, no q/k permute; Mistral: a SentencePiece tokenizer; Gemma: shifted norms;

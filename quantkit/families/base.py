@@ -159,6 +159,7 @@ class Family:
     # how the converter types a SentencePiece vocabulary's added tokens (quantkit.tokenizer.load_vocab)
     added_token_rules: ClassVar[str] = "converter"
     imatrix: ClassVar[bool] = True      # whether `quantkit imatrix` and --imatrix support it
+    bnb_keep: ClassVar[tuple[str, ...]] = ()    # modules INT8 / NF4 leave unquantized besides lm_head
     # where the decoder layers, embeddings and rotary tables live in the transformers model; the layer
     # path is also the prefix of the layers' tensor names in the checkpoint
     decoder_layers: ClassVar[str] = "model.layers"

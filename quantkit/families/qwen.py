@@ -85,22 +85,26 @@ QWEN3_30B_A3B = {
     "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "use_cache": True,
     "use_sliding_window": False, "vocab_size": 151936,
 }
+# config.json of Qwen/Qwen1.5-MoE-A2.7B, as published
+QWEN15_MOE_A27B = {
+    "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe", "attention_dropout": 0.0,
+    "bos_token_id": 151643, "decoder_sparse_step": 1, "eos_token_id": 151643, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 5632, "max_position_embeddings": 8192,
+    "max_window_layers": 21, "moe_intermediate_size": 1408, "norm_topk_prob": False, "num_attention_heads": 16,
+    "num_experts": 60, "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 16,
+    "output_router_logits": False, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+    "shared_expert_intermediate_size": 5632, "sliding_window": 32768, "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False, "vocab_size": 151936,
+}
+MOE_TINY = {**TINY, "max_window_layers": 8, "moe_intermediate_size": 256, "num_experts": 4, "num_experts_per_tok": 2}
 EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
-@register
-class Qwen3Moe(Qwen3):
-    """Qwen3-MoE (Qwen3-30B-A3B, 235B-A22B): llama.cpp's `qwen3moe`. Each layer's experts, stored one
-    tensor per expert (as published, and as transformers 5 saves them), are stacked into the 3-D
-    ffn_{gate,up,down}_exps, read expert by expert; the router is ffn_gate_inp."""
-    name = "qwen3moe"
-    hf_names = ("Qwen3MoeForCausalLM",)
-    gguf_arch = gguf.MODEL_ARCH.QWEN3MOE
-    presets = {"qwen3-30b-a3b": QWEN3_30B_A3B,
-               "qwen3moe-tiny": {**QWEN3_30B_A3B, **TINY, "head_dim": 64, "max_window_layers": 8,
-                                 "moe_intermediate_size": 256, "num_experts": 4, "num_experts_per_tok": 2}}
+class _Experts(Family):
+    """Qwen's MoE layers: the dense MLP replaced by a router (mlp.gate) and experts stored one tensor
+    per expert (as published, and as transformers 5 saves them; its in-memory fused experts are not the
+    file layout), stacked into llama.cpp's ffn_{gate,up,down}_exps and read expert by expert."""
     gptq_groups = ()        # experts are not Linear modules in transformers 5: no GPTQ yet
-    fixture = TestFixture(tokenizer="qwen3", vectors="ggml-vocab-qwen2.gguf", tied=False)
     imatrix = False
 
     def complete_config(self, c, path=None):
@@ -118,21 +122,56 @@ class Qwen3Moe(Qwen3):
 
     def layer_tensors(self, hp):
         t = super().layer_tensors(hp)
-        h, f, n = hp.n_embd, hp.config["moe_intermediate_size"], hp.config["num_experts"]
+        h, f, n = hp.n_embd, hp.config["moe_intermediate_size"], hp.n_expert
         i = list(t).index("mlp.gate_proj.weight")
         items = [kv for kv in t.items() if not kv[0].startswith("mlp.")]
         experts = [(f"mlp.experts.{e}.{m}.weight", (h, f) if m == "down_proj" else (f, h))
                    for e in range(n) for m in EXPERT_LINEARS]
-        return dict(items[:i] + [("mlp.gate.weight", (n, h))] + experts + items[i:])
+        return dict(items[:i] + [("mlp.gate.weight", (n, h))] + experts + self.shared_expert(hp) + items[i:])
+
+    def shared_expert(self, hp) -> list:
+        return []
 
     def stacked_tensors(self, hp):
-        n = hp.config["num_experts"]
         return {f"{self.layer_prefix(i)}mlp.experts.{m}.weight":
-                tuple(f"{self.layer_prefix(i)}mlp.experts.{e}.{m}.weight" for e in range(n))
+                tuple(f"{self.layer_prefix(i)}mlp.experts.{e}.{m}.weight" for e in range(hp.n_expert))
                 for i in range(hp.n_layer) for m in EXPERT_LINEARS}
 
     def hparam_kv(self, hp):
         # TextModel's keys with the expert counts; then Qwen2MoeModel's
-        K, a, T = gguf.Keys, self.gguf_name, gguf.GGUFValueType
-        return self.with_expert_kv(hp, super().hparam_kv(hp)) + [
-            (K.LLM.EXPERT_FEED_FORWARD_LENGTH.format(arch=a), hp.config["moe_intermediate_size"], T.UINT32)]
+        K, a, T, c = gguf.Keys, self.gguf_name, gguf.GGUFValueType, hp.config
+        kv = self.with_expert_kv(hp, super().hparam_kv(hp))
+        kv.append((K.LLM.EXPERT_FEED_FORWARD_LENGTH.format(arch=a), c["moe_intermediate_size"], T.UINT32))
+        if c.get("shared_expert_intermediate_size") is not None:
+            kv.append((K.LLM.EXPERT_SHARED_FEED_FORWARD_LENGTH.format(arch=a), c["shared_expert_intermediate_size"],
+                       T.UINT32))
+        return kv
+
+
+@register
+class Qwen3Moe(_Experts, Qwen3):
+    """Qwen3-MoE (Qwen3-30B-A3B, 235B-A22B): llama.cpp's `qwen3moe`."""
+    name = "qwen3moe"
+    hf_names = ("Qwen3MoeForCausalLM",)
+    gguf_arch = gguf.MODEL_ARCH.QWEN3MOE
+    presets = {"qwen3-30b-a3b": QWEN3_30B_A3B, "qwen3moe-tiny": {**QWEN3_30B_A3B, **MOE_TINY, "head_dim": 64}}
+    fixture = TestFixture(tokenizer="qwen3", vectors="ggml-vocab-qwen2.gguf", tied=False)
+
+
+@register
+class Qwen2Moe(_Experts, Qwen2):
+    """Qwen1.5-MoE / Qwen2-MoE (Qwen2MoeForCausalLM): llama.cpp's `qwen2moe`, with a shared expert beside
+    the routed ones (ffn_{gate,up,down}_shexp and its gate ffn_gate_inp_shexp)."""
+    name = "qwen2moe"
+    hf_names = ("Qwen2MoeForCausalLM",)
+    gguf_arch = gguf.MODEL_ARCH.QWEN2MOE
+    pre_tokenizers = ("qwen2",)
+    presets = {"qwen1.5-moe-a2.7b": QWEN15_MOE_A27B,
+               "qwen2moe-tiny": {**QWEN15_MOE_A27B, **MOE_TINY, "shared_expert_intermediate_size": 512}}
+    fixture = TestFixture(tokenizer="qwen3", vectors="ggml-vocab-qwen2.gguf", tied=False)
+    bnb_keep = ("shared_expert_gate",)      # one output row: bitsandbytes' 4-bit CPU kernel refuses it
+
+    def shared_expert(self, hp):
+        h, f = hp.n_embd, hp.config["shared_expert_intermediate_size"]
+        return [("mlp.shared_expert.gate_proj.weight", (f, h)), ("mlp.shared_expert.up_proj.weight", (f, h)),
+                ("mlp.shared_expert.down_proj.weight", (h, f)), ("mlp.shared_expert_gate.weight", (1, h))]
