@@ -15,7 +15,7 @@ import gguf
 import torch
 
 from ..errors import InputError, UnsupportedError
-from .base import BPE, SPM, TINY, Family, HParams, SourceTensor, TestFixture, register
+from .base import BPE, SPM, TINY, Family, SourceTensor, TestFixture, register
 
 # transformers' Phi3Config defaults for the keys the converter reads
 PHI3_DEFAULTS = {
@@ -36,12 +36,13 @@ PHI3_MINI = {
 LONGROPE = ("longrope", "su")
 
 
-def _rope(hp: HParams) -> tuple[dict, float]:
-    """The RoPE scaling settings (transformers 4's rope_scaling or 5's rope_parameters) and the
-    fraction of each head that is rotated."""
-    c = hp.config
+def _rope(c: dict) -> tuple[dict, str, int]:
+    """The RoPE scaling settings of a config (transformers 4's rope_scaling or 5's rope_parameters),
+    their type, and how many dimensions of each head are rotated."""
     rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    return rope, rope.get("partial_rotary_factor") or c.get("partial_rotary_factor") or 1.0
+    kind = str(rope.get("rope_type", rope.get("type", "")) or "").lower()
+    partial = rope.get("partial_rotary_factor") or c.get("partial_rotary_factor") or 1.0
+    return rope, kind, int(partial * c["hidden_size"]) // c["num_attention_heads"]
 
 
 @register
@@ -58,13 +59,10 @@ class Phi3(Family):
 
     def complete_config(self, c, path=None):
         c = {**PHI3_DEFAULTS, **c}
-        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-        kind = str(rope.get("rope_type", rope.get("type", "")) or "").lower()
+        rope, kind, dims = _rope(c)
         if kind not in self.rope_types:
             raise UnsupportedError(f"rope scaling type {kind!r} is not supported for phi3 (supported: longrope)", path)
         if kind in LONGROPE:
-            heads, width = c["num_attention_heads"], c["hidden_size"]
-            dims = int((rope.get("partial_rotary_factor") or c.get("partial_rotary_factor") or 1.0) * width) // heads
             for key in ("long_factor", "short_factor"):
                 f = rope.get(key)
                 if not isinstance(f, list) or len(f) != dims // 2 or not all(isinstance(x, (int, float)) for x in f):
@@ -81,8 +79,7 @@ class Phi3(Family):
                 "input_layernorm.weight": (h,), "post_attention_layernorm.weight": (h,)}
 
     def _longrope(self, hp):
-        rope, _ = _rope(hp)
-        kind = str(rope.get("rope_type", rope.get("type", "")) or "").lower()
+        rope, kind, _ = _rope(hp.config)
         return rope if kind in LONGROPE and rope.get("long_factor") else None
 
     def tensor_kv(self, hp):
@@ -108,11 +105,11 @@ class Phi3(Family):
     def hparam_kv(self, hp):
         # Phi3MiniModel.set_gguf_parameters: its own keys and order
         K, a, T, c = gguf.Keys, self.gguf_name, gguf.GGUFValueType, hp.config
-        _, partial = _rope(hp)
+        _, _, dims = _rope(c)
         return (self.kv(hp, "context_length")
                 + [(K.Rope.SCALING_ORIG_CTX_LEN.format(arch=a), c["original_max_position_embeddings"], T.UINT32)]
                 + self.kv(hp, "embedding_length", "feed_forward_length", "block_count", "head_count", "head_count_kv",
                           "rms_eps")
-                + [(K.Rope.DIMENSION_COUNT.format(arch=a), int(partial * hp.n_embd) // hp.n_head, T.UINT32)]
+                + [(K.Rope.DIMENSION_COUNT.format(arch=a), dims, T.UINT32)]
                 + self.kv(hp, "rope_freq_base")
                 + [(K.Attention.SLIDING_WINDOW.format(arch=a), c.get("sliding_window") or 0, T.UINT32)])
