@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         windows = scoring.plan_windows(tokens, a.ctx, bos, a.limit_chunks)
 
         hf = backends.TransformersBackend(a.baseline, device)
-        base = evaluate.score_baseline(hf, windows, progress=False)
+        base = evaluate.score_baseline(hf, windows, k=1, progress=False)     # perplexity only
         hf.close()
         ours_hf = {**scoring.perplexity(base.nll), "seconds": round(base.seconds, 3),
                    "tokens_per_s": round(windows.n_chunks * a.ctx / base.seconds, 1), "backend": "transformers"}

@@ -73,8 +73,11 @@ def markdown(results: dict) -> str:
                      f"{v['kld_mean']:.5f} ± {v['kld_mean_err']:.5f} | {v['kld_p99']:.4f} | "
                      f"{100 * v['same_top']:.2f} ± {100 * v['same_top_err']:.2f}% | {v['tokens_per_s']:,.0f} | "
                      f"{n[v['name']]} |")
+    k = results.get("top_k", 128)
+    over = ("the whole vocabulary, as llama-perplexity --kl-divergence computes it" if k == 0 else
+            f"the baseline's top {k} tokens plus the remaining mass, which reads low")
     lines += ["", "PPL ± its standard error as llama-perplexity computes it; ΔPPL and KLD against the baseline on the "
-              "same tokens (KLD over the baseline's top-k tokens plus the remaining mass).", ""]
+              f"same tokens (KLD over {over}).", ""]
 
     ctxs = [str(c) for c in results["contexts"]]
     lines += ["## VRAM" + (" (estimated)" if est else ""), "",

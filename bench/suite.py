@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -86,6 +87,27 @@ def check_extras(gguf: bool) -> None:
         raise UnsupportedError(f"quantkit bench needs {', '.join(missing)}: pip install 'quantkit[bench]'")
 
 
+def baseline_bytes(model: HFModel, windows, top_k: int) -> int:
+    """Disk the cached baseline takes: llama-perplexity's log-probability file for the whole
+    vocabulary, or the top-k arrays."""
+    n_vocab = int(model.config.get("vocab_size") or (model.config.get("text_config") or {}).get("vocab_size") or 0)
+    per_token = 8 * top_k + 16 if top_k else 16
+    extra = evaluate.LogProbFile.nbytes(n_vocab, windows) if top_k == 0 else 0
+    return extra + per_token * windows.n_scored
+
+
+def check_disk(where: Path, model: HFModel, windows, top_k: int) -> None:
+    """Refuse, before any scoring, a baseline that would not fit on the cache's disk."""
+    need = baseline_bytes(model, windows, top_k)
+    where.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(where).free
+    if need + 2**30 > free:
+        raise InputError(f"the baseline's log-probabilities over the whole vocabulary need {need / 1e9:.1f} GB "
+                         f"({windows.n_chunks} windows), {free / 1e9:.1f} GB are free: score fewer windows "
+                         f"(--limit-chunks), set QUANTKIT_CACHE to a larger disk, or use --top-k 128 "
+                         f"(a compact approximation that reads low)", where)
+
+
 def run(baseline: Path, variants: list[Path], out_dir: Path, *, text: Path | None = None, ctx: int = 512,
         device: str = "cpu", limit_chunks: int | None = None, gpus: dict[str, int] | None = None,
         top_k: int = evaluate.TOP_K, measure_vram: bool | None = None, progress: bool = True,
@@ -102,13 +124,14 @@ def run(baseline: Path, variants: list[Path], out_dir: Path, *, text: Path | Non
     base_backend_name = f"transformers-{device}"
     key = evaluate.baseline_key(model.fingerprint(), windows, top_k, base_backend_name, device)
     cache = evaluate.cache_dir() / f"baseline-{key}.npz"
+    logprobs = cache.with_suffix(".kld") if top_k == 0 else None
     hf = None
-    if cache.exists():
-        base_scores = evaluate.BaselineScores.load(cache)
+    if cache.exists() and (logprobs is None or logprobs.exists()):
+        base_scores = evaluate.BaselineScores.load(cache, logprobs)
     else:
+        check_disk(cache.parent, model, windows, top_k)
         hf = TransformersBackend(baseline, device)
-        base_scores = evaluate.score_baseline(hf, windows, top_k, progress)
-        cache.parent.mkdir(parents=True, exist_ok=True)
+        base_scores = evaluate.score_baseline(hf, windows, top_k, progress, logprobs)
         base_scores.save(cache)
     base = {"name": baseline.name, "path": str(baseline), "kind": "hf", "backend": "transformers",
             "label": label(baseline, "hf"), "file_bytes": file_bytes(baseline),
@@ -142,6 +165,7 @@ def run(baseline: Path, variants: list[Path], out_dir: Path, *, text: Path | Non
         "text": {"name": text.name, "path": str(text), "sha256": hashlib.sha256(raw.encode()).hexdigest(),
                  "tokens": int(len(tokens))},
         "ctx": ctx, "chunks": windows.n_chunks, "scored_tokens": windows.n_scored, "bos": bos, "top_k": top_k,
+        "kld_over": "the whole vocabulary" if top_k == 0 else f"the baseline's top {top_k} tokens and the rest",
         "device": device, "contexts": list(vram.CONTEXTS),
         "arch": {**arch.__dict__, "kv_mib_per_1k_tokens": round(arch.kv_bytes_per_token() * 1024 / 2**20, 1)},
         "baseline": base, "variants": results_v, "gpus": gpus,

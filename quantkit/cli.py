@@ -444,8 +444,11 @@ def residual_extract(instruct, base, out_dir, dtype, shard_size, force, quiet):
 @click.option("--gpus", help="Comma-separated GPUs to report on, e.g. rtx4090,a100-40 (default: the whole catalog).")
 @click.option("--gpu", "extra_gpus", multiple=True, help="Add a GPU: 'NAME=GiB' (repeatable).")
 @click.option("--gpu-catalog", type=click.Path(path_type=Path), help="JSON file of GPU name -> MiB, added to the catalog.")
-@click.option("--top-k", type=click.IntRange(min=1), default=128, show_default=True,
-              help="Baseline tokens kept per position for KLD.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="0: KLD over the whole vocabulary, as llama-perplexity --kl-divergence (the baseline's "
+                   "log-probabilities are cached on disk, 2 bytes per vocabulary entry per scored token: 25 MB "
+                   "per window for SmolLM2, 65 MB for Llama 3). K: keep the baseline's top K tokens only "
+                   "(compact; reads low).")
 @click.option("--estimate-vram", is_flag=True, help="Estimate VRAM even on a GPU (no measuring subprocesses).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
 @one_line_errors

@@ -161,7 +161,7 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True, mode: str = RUN,
             with staged_output(out / "report", True, [plan.model_dir]) as tmp:
                 suite.run(plan.model_dir, ggufs + variants_for_bench, tmp,
                           text=Path(b["text"]) if b["text"] else None, ctx=b["ctx"], device=device,
-                          limit_chunks=b["limit_chunks"] or None, gpus=gpus, progress=progress,
+                          limit_chunks=b["limit_chunks"] or None, gpus=gpus, progress=progress, top_k=b["top_k"],
                           name=_model_name(base) + (" + " + ", ".join(Path(a).name for a in _merged_in(inp))
                                                     if merged else ""))
         inputs = [plan.model_dir] + ([out / "gguf"] if types else []) + variants_for_bench + \
@@ -252,13 +252,15 @@ def check_inputs(cfg: Pipeline, base: HFModel, device: str = "cpu", *, mode: str
             text_tokens(base.path, settings.calib, settings.n_samples, settings.seqlen)
     b = cfg["bench"]
     if b["enabled"]:
-        from .bench import suite, vram
+        from .bench import evaluate, suite, vram
         suite.check_extras(gguf=bool(cfg["gguf"]["types"]))
         try:
             vram.parse_gpus(b["gpus"] or None, [], None)
         except ValueError as e:
             raise cfg.error("bench", "gpus", str(e)) from None
-        suite.load_text(base.path, Path(b["text"]) if b["text"] else None, b["ctx"], b["limit_chunks"] or None)
+        *_, windows = suite.load_text(base.path, Path(b["text"]) if b["text"] else None, b["ctx"],
+                                      b["limit_chunks"] or None)
+        suite.check_disk(evaluate.cache_dir(), base, windows, b["top_k"])
     if mode == RUN:
         check_creatable(out)
     elif g["enabled"] or bnb_modes:            # the GGUF pass checks its own place

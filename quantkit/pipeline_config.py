@@ -87,6 +87,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "text": Key(str, "", "evaluation text (default: the bundled WikiText-2 test split)"),
         "ctx": Key(int, 512, "tokens per window"),
         "limit_chunks": Key(int, 0, "score only the first N windows (0: all)"),
+        "top_k": Key(int, 0, "KLD over the whole vocabulary (0), or the baseline's top K tokens and the rest"),
         "gpus": Key(list, [], "GPU tiers of the report, e.g. [\"rtx4090\", \"a100-40\"] ([]: the whole catalog)"),
     },
 }
@@ -266,6 +267,8 @@ def _check_lists(s: dict, path: Path, where) -> None:
         raise InputError(f"{where('output', 'dir')}[output] dir must name a directory", path)
     if s["bench"]["limit_chunks"] < 0:
         raise InputError(f"{where('bench', 'limit_chunks')}[bench] limit_chunks must be 0 (all) or more", path)
+    if s["bench"]["top_k"] < 0:
+        raise InputError(f"{where('bench', 'top_k')}[bench] top_k must be 0 (the whole vocabulary) or more", path)
 
 
 def _closest(key: str, known) -> str | None:

@@ -77,6 +77,34 @@ def test_scoring_uses_exactly_the_scored_positions():
     np.testing.assert_allclose(np.exp(base.rest_logp), (vocab - 3) / (2 * (vocab - 1)), rtol=1e-5)
 
 
+def test_whole_vocabulary_file_is_llama_perplexity_layout(tmp_path):
+    """The baseline file as tools/perplexity/perplexity.cpp writes it, read here with struct alone:
+    header, the text's tokens, then per scored token float32 scale and min and one uint16 per entry."""
+    import struct
+    vocab, tokens = 7, np.array([3, 1, 4, 1, 5, 2, 6, 5, 3, 5, 0, 2, 6, 4, 3, 1, 0])
+    w = scoring.plan_windows(tokens, ctx=8, bos=None)
+    backend = RecordingBackend(vocab, tokens)
+    backend.ctx = 8
+    path = tmp_path / "base.kld"
+    base = evaluate.score_baseline(backend, w, k=0, progress=False, logprobs=path)
+    raw = path.read_bytes()
+    assert raw[:8] == b"_logits_" and struct.unpack("<Iii", raw[8:20]) == (8, vocab, 2)
+    assert list(struct.unpack("<16i", raw[20:84])) == tokens[:16].tolist()
+    nv = 2 * ((vocab + 1) // 2) + 4
+    assert len(raw) == 84 + 2 * nv * 6 == evaluate.LogProbFile.nbytes(vocab, w) and not list(tmp_path.glob(".*partial"))
+    for row in range(6):
+        r = raw[84 + 2 * nv * row:84 + 2 * nv * (row + 1)]
+        scale, low = struct.unpack("<ff", r[:8])
+        codes = struct.unpack(f"<{vocab}H", r[8:8 + 2 * vocab])
+        logp = [low + scale * c for c in codes]
+        true = int(base.top1[row])
+        # p(true) = 1/2, the others 1/(2 (n-1)): the top token at 65535, the others at the minimum
+        assert codes[true] == 65535 and math.exp(logp[true]) == pytest.approx(0.5, rel=1e-4)
+        assert all(c == 0 for i, c in enumerate(codes) if i != true)
+        assert math.exp(low) == pytest.approx(1 / (2 * (vocab - 1)), rel=1e-4)
+    assert base.nll.tolist() == pytest.approx([math.log(2)] * 6, rel=1e-6)
+
+
 # --- statistics against direct computation ------------------------------------------------------
 
 def test_ppl_standard_error_is_the_standard_error_of_the_mean_nll():
@@ -126,6 +154,13 @@ def test_kl_with_the_whole_vocabulary_is_exact_and_top_k_a_close_lower_bound():
     same = evaluate.kl_to_baseline(logp, torch.topk(logp, 64).indices, torch.topk(logp, 64).values,
                                    evaluate._rest_log(torch.topk(logp, 64).values))
     assert float(same.abs().max()) == 0.0
+    # the whole vocabulary from the stored uint16 rows: within the storage's rounding (16/65535 nats)
+    # and the 16-nat cut-off, here well inside 1 % of the exact value
+    full = evaluate.kl_full(logq, evaluate.LogProbFile.encode(logp))
+    assert float(((full - exact).abs() / exact).max()) < 0.01
+    assert abs(float(full.mean() / exact.mean()) - 1) < 1e-3
+    itself = evaluate.kl_full(logp, evaluate.LogProbFile.encode(logp))
+    assert float(itself.abs().max()) < 1e-4
 
 
 # --- VRAM and the report from a fixed results JSON ----------------------------------------------
@@ -232,8 +267,14 @@ def test_bench_transformers_and_llama_cpp_agree_and_a_model_matches_itself(smoll
     f16, q4, itself = res["variants"]
     assert res["scored_tokens"] == 6 * 255 and res["bos"] is None        # SmolLM2 adds no BOS
     assert abs(f16["ppl"] / res["baseline"]["ppl"] - 1) < 0.005           # same weights, two engines
-    assert itself["kld_mean"] == 0.0 and itself["same_top"] == 1.0 and itself["ppl"] == res["baseline"]["ppl"]
+    # the baseline's log-probabilities are stored rounded to 16/65535 nats: a model is ~1e-6 from itself
+    assert abs(itself["kld_mean"]) < 1e-5 and itself["same_top"] == 1.0 and itself["ppl"] == res["baseline"]["ppl"]
     assert q4["kld_mean"] > 10 * f16["kld_mean"] and q4["ppl"] > f16["ppl"]
+    assert res["top_k"] == 0 and "whole vocabulary" in (out / "report.md").read_text()
+    # the whole vocabulary, independently: transformers' and llama.cpp's logits of the same windows, KL in float64
+    exact = _exact_kld(smollm2_dir, smol_ggufs["q4_k_m"], 6)
+    print(f"KLD q4_k_m: bench {q4['kld_mean']:.6f}, exact {exact:.6f}, itself {itself['kld_mean']:.2e}")
+    assert abs(q4["kld_mean"] / exact - 1) < 0.01, (q4["kld_mean"], exact)
     assert (out / "quality.png").exists() and (out / "vram.png").exists()
     # the baseline is cached: a second run does not compute it again
     monkeypatch.setattr(evaluate, "score_baseline", lambda *a, **k: pytest.fail("baseline recomputed"))
@@ -241,6 +282,36 @@ def test_bench_transformers_and_llama_cpp_agree_and_a_model_matches_itself(smoll
                                   "--limit-chunks", "6", "--device", "cpu", "-o", str(tmp_path / "r2"), "-q"])
     assert r.exit_code == 0, r.output + (r.stderr or "")
     assert json.loads((tmp_path / "r2" / "report.json").read_text())["variants"][0]["ppl"] == q4["ppl"]
+    # --top-k 128 keeps the old compact baseline, which reads low
+    monkeypatch.undo()
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
+    r = CliRunner().invoke(main, ["bench", "--baseline", str(smollm2_dir), str(smol_ggufs["q4_k_m"]), "--top-k", "128",
+                                  "--limit-chunks", "6", "--device", "cpu", "-o", str(tmp_path / "r3"), "-q"])
+    assert r.exit_code == 0, r.output + (r.stderr or "")
+    top = json.loads((tmp_path / "r3" / "report.json").read_text())["variants"][0]
+    assert top["kld_mean"] < 0.97 * q4["kld_mean"] and top["ppl"] == q4["ppl"]
+
+
+def _exact_kld(model_dir, gguf_path, n_windows: int, ctx: int = 512) -> float:
+    """Mean KL(bf16 || GGUF) over the scored halves of the first windows (no BOS: SmolLM2 adds none),
+    from transformers (float32 forward of the bf16 weights) and llama-cpp-python directly."""
+    import llama_cpp
+    import transformers
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    ids = tok(evaluate.default_text().read_text(encoding="utf-8"))["input_ids"][:n_windows * ctx]
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=ctx, n_batch=ctx, logits_all=True, verbose=False)
+    kls = []
+    for i in range(n_windows):
+        w = ids[i * ctx:(i + 1) * ctx]
+        with torch.no_grad():
+            p = torch.log_softmax(model(torch.tensor([w])).logits[0, ctx // 2:ctx - 1].double(), -1)
+        llm.reset()
+        llm.eval(w)
+        q = torch.log_softmax(torch.from_numpy(np.array(llm.scores[ctx // 2:ctx - 1])).double(), -1)
+        kls.append((p.exp() * (p - q)).sum(-1))
+    llm.close()
+    return float(torch.cat(kls).mean())
 
 
 @pytest.mark.parametrize("args,fragment", [
@@ -281,3 +352,26 @@ def test_bench_without_matplotlib_stops_before_scoring(tiny_model, tmp_path, mon
     r = CliRunner().invoke(main, ["bench", "--baseline", str(tiny_model), str(tiny_model), "-o", str(tmp_path / "rep")])
     assert r.exit_code == 2, r.output
     assert "matplotlib" in r.output and "quantkit[bench]" in r.output and not (tmp_path / "rep").exists()
+
+
+def test_bench_refuses_a_baseline_the_cache_disk_cannot_hold(tiny_model, tmp_path, monkeypatch):
+    # the whole-vocabulary baseline's size is known before scoring: too little space is one line
+    import shutil
+    from collections import namedtuple
+
+    from quantkit.bench import suite
+    monkeypatch.setenv("QUANTKIT_CACHE", str(tmp_path / "cache"))
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10 ** 12, 10 ** 12, 10 ** 9))
+    monkeypatch.setattr(evaluate, "score_baseline", lambda *a, **k: pytest.fail("scored without the space"))
+    r = CliRunner().invoke(main, ["bench", "--baseline", str(tiny_model), str(tiny_model), "-o", str(tmp_path / "rep"),
+                                  "--device", "cpu", "-q"])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "GB are free" in lines[0] and "--top-k 128" in lines[0], r.output
+    assert not (tmp_path / "rep").exists() and not list((tmp_path / "cache").rglob("baseline-*"))
+    # what it asks for is what the file will take
+    model = suite.HFModel(tiny_model)
+    *_, windows = suite.load_text(tiny_model, None, 512, None)
+    vocab = model.config["vocab_size"]
+    assert suite.baseline_bytes(model, windows, 0) >= windows.n_scored * 2 * (vocab + 4)
