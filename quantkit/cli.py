@@ -139,7 +139,8 @@ FLAGS = [
      dict(is_flag=True, default=None, help="Merge adapters whose base_model_name_or_path names another model.")),
     (("-o", "--out"), "output", "dir", dict(type=click.Path(path_type=Path), help="Output directory OUT.")),
     (("--device",), "output", "device", dict(help="auto, cpu or cuda[:N]: where to work.")),
-    (("--gguf",), "gguf", "types", dict(callback=_comma_list, help="GGUF types, e.g. q4_k_m,q5_k_m,q8_0 (none: no GGUF; "
+    (("--gguf",), "gguf", "types", dict(callback=_comma_list, help="GGUF types, e.g. q4_k_m,q5_k_m,q8_0, or auto:q4_k_m / "
+                                                                "auto:4.8 for a mix measured on the model (none: no GGUF; "
                                                                 "export's default: these three unless only "
                                                                 "--gptq/--int8/--nf4 are asked for).")),
     (("--ollama/--no-ollama",), "gguf", "ollama", dict(default=None, help="An Ollama Modelfile beside each GGUF.")),
@@ -155,6 +156,11 @@ FLAGS = [
      dict(help="token_embd.weight's type in the quantized files.")),
     (("--pure",), "gguf", "pure", dict(is_flag=True, default=None,
                                        help="No mixture rules: every tensor not overridden gets the file's type.")),
+    (("--auto-samples",), "gguf", "auto_samples",
+     dict(type=click.IntRange(min=1), help="auto: types: calibration samples of the sensitivity pass "
+                                           "[default: 4 on a CPU, 16 on a GPU].")),
+    (("--auto-seqlen",), "gguf", "auto_seqlen",
+     dict(type=click.IntRange(min=16), help="auto: types: tokens per sample [default: 256 on a CPU, 512 on a GPU].")),
     (("--gptq/--no-gptq",), "gptq", "enabled", dict(default=None, help="GPTQ checkpoints: OUT/gptq (AutoGPTQ v1) and "
                                                                        "OUT/gptq-ct (compressed-tensors).")),
     (("--bits",), "gptq", "bits", dict(type=click.Choice(["2", "4", "8"]), callback=lambda c, p, v: v and int(v),
@@ -228,7 +234,7 @@ def _overrides(flags: dict) -> dict:
 
 
 EXPORT_FLAGS = ("--gguf", "--ollama", "--imatrix", "--name", "--tensor-type", "--output-tensor-type",
-                "--token-embedding-type", "--pure", "--lora", "--weight", "--residual", "--scale",
+                "--token-embedding-type", "--pure", "--auto-samples", "--auto-seqlen", "--lora", "--weight", "--residual", "--scale",
                 "--ignore-base-name", "--gptq", "--bits", "--group-size", "--sym", "--desc-act", "--static-groups",
                 "--damp", "--gptq-method", "--gptq-format", "--calib", "--calib-samples", "--calib-seqlen", "--int8",
                 "--nf4", "--device", "--out")
@@ -261,6 +267,7 @@ def export(model, dry_run, force, stats, quiet, **flags):
       quantkit export ./my-model --gguf q8_0 --ollama -o ./out  # plus out/<name>-Q8_0.Modelfile
       quantkit export ./base --lora ./adapter --gguf q4_k_m -o ./out
       quantkit export ./my-model --gguf q4_k_m --imatrix imatrix.gguf -o ./out
+      quantkit export ./my-model --gguf auto:q4_k_m --imatrix imatrix.gguf -o ./out  # measured mix, Q4_K_M's size
       quantkit export ./my-model --gptq --group-size 128 --int8 --nf4 -o ./out   # out/gptq, gptq-ct, int8, nf4
     """
     _quiet_libraries(quiet)
@@ -291,7 +298,8 @@ def export(model, dry_run, force, stats, quiet, **flags):
             from .plan import parse_variants
             imatrix = cfg["gguf"]["imatrix"]         # the plan knows whether one is given ("auto" too)
             export_gguf(pl.source(cfg, dev), parse_variants(",".join(cfg["gguf"]["types"])), None, dry_run=True,
-                        imatrix=Path(imatrix) if imatrix else None, overrides=pl.overrides(cfg["gguf"]))
+                        imatrix=Path(imatrix) if imatrix else None, overrides=pl.overrides(cfg["gguf"]),
+                        auto=pl.auto_settings(cfg), device=dev, progress=not quiet)
         return
     plan = pl.build(cfg, dev, progress=not quiet, mode=pl.EXPORT, force=force)
 

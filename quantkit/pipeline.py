@@ -110,7 +110,7 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True, mode: str = RUN,
             # would give "Merged"); export reads the base with the adapters merged on the fly
             res = export_gguf(plan.model_dir if mode == RUN else src, variants, dest, name=gg["name"] or None,
                               name_from=base if merged and mode == RUN else None, device=device,
-                              progress=progress, imatrix=imatrix, overrides=overrides(gg))
+                              progress=progress, imatrix=imatrix, overrides=overrides(gg), auto=auto_settings(cfg))
             if gg["ollama"]:
                 write_modelfiles(base, res.files)
             plan.results["gguf"] = res
@@ -168,6 +168,13 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True, mode: str = RUN,
             ([Path(b["text"])] if b["text"] else [])
         steps.append(Step("bench", inputs, dict(b), [out / "report"], do_bench, expected_bytes=1 << 20))
     return plan
+
+
+def auto_settings(cfg: Pipeline):
+    """The sensitivity pass of `auto:` GGUF types: [gptq] calib's text (or generated), [gguf] auto_* sizes."""
+    from .export import AutoSettings
+    g = cfg["gptq"]
+    return AutoSettings(Path(g["calib"]) if g["calib"] else None, cfg["gguf"]["auto_samples"], cfg["gguf"]["auto_seqlen"])
 
 
 def execute(plan: Plan, after: Callable[[Step], None] | None = None) -> None:

@@ -61,6 +61,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "output_tensor_type": Key(str, "", "output.weight's type in the quantized files (llama-quantize's flag)"),
         "token_embedding_type": Key(str, "", "token_embd.weight's type in the quantized files"),
         "pure": Key(bool, False, "no mixture rules: every tensor not overridden gets the file's type"),
+        "auto_samples": Key(int, 0, "auto: types: calibration samples of the sensitivity pass (0: 4 on a CPU, 16 on a GPU)"),
+        "auto_seqlen": Key(int, 0, "auto: types: tokens per sample (0: 256 on a CPU, 512 on a GPU)"),
     },
     "gptq": {
         "enabled": Key(bool, False, "GPTQ checkpoints in OUT/gptq (AutoGPTQ v1) and OUT/gptq-ct"),

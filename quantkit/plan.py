@@ -112,6 +112,10 @@ class Variant:
     rules: list[Rule] = field(default_factory=list)
     bpw: float = 16.0             # bits per weight of an 8B model's tensors (size estimates)
     quantized: bool = True        # False: the converter's float output (no mixture, no fallback)
+    # `auto:`: the size it must fit (quantkit.mix.Target), and once measured the type of every
+    # tensor the budget was spent on (GGUF name -> Choice)
+    target: object = None
+    assigned: dict = field(default_factory=dict, hash=False, compare=False)
 
     @property
     def label(self) -> str:
@@ -137,10 +141,25 @@ VARIANTS = {v.name: v for v in (
 
 def parse_variants(spec: str) -> list[Variant]:
     names = [s.strip().lower() for s in spec.split(",") if s.strip()]
-    unknown = [n for n in names if n not in VARIANTS]
+    unknown = [n for n in names if n not in VARIANTS and not n.startswith("auto")]
     if unknown or not names:
-        raise UnsupportedError(f"unknown GGUF type {', '.join(unknown) or spec!r} (choose from {', '.join(VARIANTS)})")
-    return [VARIANTS[n] for n in dict.fromkeys(names)]
+        raise UnsupportedError(f"unknown GGUF type {', '.join(unknown) or spec!r} (choose from {', '.join(VARIANTS)}, "
+                               "or auto:q4_k_m / auto:4.8 for a measured mix of that size)")
+    return [auto_variant(n) if n.startswith("auto") else VARIANTS[n] for n in dict.fromkeys(names)]
+
+
+def auto_variant(spec: str) -> Variant:
+    """`auto:q4_k_m` (no larger than that file) or `auto:4.8` (bits per weight): a mix measured on the
+    model (quantkit.mix). Its file type is the named one's, or that of the largest type whose 8B size
+    fits the bits per weight; until measured it plans as that type."""
+    from .mix import parse_target
+    target = parse_target(spec, VARIANTS)
+    if target.variant:
+        ref = VARIANTS[target.variant]
+    else:
+        fits = [v for v in VARIANTS.values() if v.quantized and v.bpw <= target.bpw]
+        ref = max(fits, key=lambda v: v.bpw) if fits else VARIANTS["q4_0"]
+    return Variant(target.name, ref.file_type, ref.default, ref.rules, bpw=target.bpw or ref.bpw, target=target)
 
 
 @dataclass(frozen=True)
@@ -213,6 +232,8 @@ def _choose(v: Variant, c: TensorCtx, ov: Overrides) -> Choice:
     if prod(t.shape[:-1]) == 1:
         # one row is one dimension to ggml (ggml_n_dims): llama-quantize keeps such a tensor as it is
         return Choice("f32", "one row: kept in F32")
+    if t.gguf_name in v.assigned:
+        return v.assigned[t.gguf_name]
     # llama-quant.cpp's llama_tensor_get_type: the two named tensors' types, then the patterns, then
     # the mixture (unless --pure), then the shape fallback (not for the named tensors)
     if ov.token_embd and c.category == "token_embd":
@@ -283,13 +304,17 @@ def variant_nbytes(plans: list[TensorPlan], v: Variant) -> int:
 
 def format_plan(plans: list[TensorPlan], variants: list[Variant]) -> str:
     w = max(len(p.tensor.gguf_name) for p in plans)
-    head = f"{'tensor':<{w}}  {'shape':<14}" + "".join(f"  {v.label:<8}" for v in variants)
+    cw = [max(8, len(v.label)) for v in variants]
+    head = f"{'tensor':<{w}}  {'shape':<14}" + "".join(f"  {v.label:<{c}}" for v, c in zip(variants, cw))
     lines = [head, "-" * len(head)]
+    quiet = ("default type", "weight matrix", "1-D / norm: kept in F32", "MoE router: kept in F32", "one row: kept in F32")
     for p in plans:
         shape = "x".join(str(d) for d in reversed(p.tensor.shape))
-        row = f"{p.tensor.gguf_name:<{w}}  {shape:<14}" + "".join(f"  {p.choices[v.name].qtype.upper():<8}" for v in variants)
-        reasons = {p.choices[v.name].reason for v in variants if p.choices[v.name].reason not in ("default type", "weight matrix", "1-D / norm: kept in F32", "MoE router: kept in F32", "one row: kept in F32")}
+        row = f"{p.tensor.gguf_name:<{w}}  {shape:<14}" + "".join(
+            f"  {p.choices[v.name].qtype.upper():<{c}}" for v, c in zip(variants, cw))
+        reasons = {p.choices[v.name].reason for v in variants if p.choices[v.name].reason not in quiet}
         lines.append(row + ("   # " + "; ".join(sorted(reasons)) if reasons else ""))
     lines.append("-" * len(head))
-    lines.append(f"{'tensor data, MB':<{w}}  {'':<14}" + "".join(f"  {variant_nbytes(plans, v) / 1e6:<8,.0f}" for v in variants))
+    lines.append(f"{'tensor data, MB':<{w}}  {'':<14}" + "".join(
+        f"  {variant_nbytes(plans, v) / 1e6:<{c},.0f}" for v, c in zip(variants, cw)))
     return "\n".join(lines)
