@@ -157,3 +157,28 @@ def test_an_imatrix_with_another_expert_count_is_refused(moe, tmp_path):
     assert r.exit_code == 2 and len(lines) == 1, r.stderr
     assert f"holds {2 * n} experts, the model has {n}" in lines[0] and str(path) in lines[0], lines[0]
     assert not out.exists() or not list(out.iterdir())
+
+
+@pytest.mark.gpu
+def test_cuda_export_with_expert_imatrix_is_byte_identical_to_llama_quantize(moe, tmp_path):
+    # test_gguf_export.py runs every type on the CPU (so did this test with device="cpu": 20 s a family)
+    device = "cuda"
+    from quantkit.bench import gguf_diff
+    from quantkit.export import export_gguf
+    from quantkit.plan import VARIANTS
+    from quantkit.testing import llamacpp_ref
+
+    pytest.importorskip("llama_cpp")
+    if llamacpp_ref.llamacpp_src() is None:
+        pytest.skip("llama.cpp sources (convert_hf_to_gguf.py) not unpacked: run `make install-test`")
+    _, model_dir, _, im = moe
+    path = write(im, tmp_path / "imatrix.gguf")
+    variants = ["q4_k_m", "q5_0"]       # K-quants and a legacy type, both weighted per expert
+    ours = export_gguf(model_dir, [VARIANTS[v] for v in variants], tmp_path / "ours", progress=False, device=device,
+                       imatrix=path)
+    bf16 = llamacpp_ref.convert_hf_to_gguf(model_dir, tmp_path / "ref-bf16.gguf", "bf16")
+    for v in variants:
+        ref = llamacpp_ref.llama_quantize(bf16, tmp_path / f"ref-{v}.gguf", v, imatrix=llamacpp_ref.read_imatrix(path),
+                                          kv_overrides=llamacpp_ref.imatrix_overrides(str(path)))
+        diff = gguf_diff.file_difference(ours.files[v], ref)
+        assert diff is None, f"{device} {v}: {diff}"
