@@ -75,7 +75,7 @@ def expert_names(model: HFModel) -> set[str]:
     return {t.gguf_name for t in family_of(model).source_tensors(model, hparams_of(model)) if t.parts}
 
 
-def transformers_version() -> str:
+def _transformers_version() -> str:
     import transformers
     return transformers.__version__
 
@@ -103,7 +103,7 @@ def _check_layout(module, where: str) -> None:
 def collect(model_dir: Path, *, calib: Path | None = None, n_samples: int = 64, seqlen: int = 512,
             device: str = "cpu", progress: bool = True, tokens: torch.Tensor | None = None) -> Imatrix:
     """Run the model over the calibration text (default: text it generates itself) and accumulate
-    the squared input activations of every decoder linear."""
+    the squared input activations of every decoder linear (of each expert apart, for its routed tokens)."""
     model_dir = Path(model_dir)
     hf = HFModel(model_dir)
     names, family = linear_names(hf), family_of(hf)
@@ -192,7 +192,7 @@ def collect(model_dir: Path, *, calib: Path | None = None, n_samples: int = 64, 
     stacks = expert_names(hf)
     missing = sorted((set(names.values()) | stacks) - set(sums))
     if any(n in stacks for n in missing):
-        raise UnsupportedError(f"transformers {transformers_version()} keeps {hf.architecture}'s experts as separate "
+        raise UnsupportedError(f"transformers {_transformers_version()} keeps {hf.architecture}'s experts as separate "
                                "modules: collecting per expert needs transformers 5's fused experts", model_dir)
     if missing:
         raise RuntimeError(f"no activations reached {', '.join(missing[:4])}")
