@@ -116,28 +116,46 @@ def to_rows(x: torch.Tensor, t: SourceTensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(1, -1)
 
 
+def quantize(x: torch.Tensor, qtype, weights: torch.Tensor | None) -> torch.Tensor:
+    """Rows [rows, cols] → their bytes; `weights` [cols], or [experts, cols] for a chunk of a stack of
+    experts: each expert's rows (an equal share of x, in order) with its own (llama-quant.cpp's
+    imatrix_for_row)."""
+    if weights is None or weights.dim() == 1:
+        return qreg.quantize_rows(x, qtype, weights)
+    assert x.shape[0] % len(weights) == 0, (x.shape, weights.shape)
+    return torch.cat([qreg.quantize_rows(rows, qtype, w) for rows, w in zip(x.chunk(len(weights)), weights)])
+
+
 def _not_finite(model: HFModel, t: SourceTensor) -> InputError:
     return InputError(f"tensor {t.hf_name!r} contains NaN or Inf", model.tensors[t.hf_name].shard)
 
 
 def _check_imatrix_support(family, imatrix, model: HFModel) -> None:
     if imatrix is not None and not family.imatrix:
-        raise UnsupportedError(f"no importance matrix for {model.architecture} yet (its experts' activations are "
-                               "not collected per expert)", imatrix)
+        raise UnsupportedError(f"no importance matrix for {model.architecture} yet", imatrix)
 
 
 def load_imatrix(path: Path, plans: list[TensorPlan]) -> tuple[dict[str, torch.Tensor], dict]:
     """The per-column weights of an imatrix file for the tensors of `plans` (as llama-quantize
-    loads them: sums / count), and a note for export.json. A tensor the file does not cover is
-    quantized without weights, as llama-quantize does; a size that does not match is an error."""
+    loads them: sums / count), and a note for export.json: float32 [columns] per matrix, [experts,
+    columns] per stack of experts (each expert's own). A tensor the file does not cover is quantized
+    without weights, as llama-quantize does; a size that does not match is an error (llama-quantize
+    compares the values with columns x experts)."""
     from . import imatrix as imx
     im = imx.load(path)
     weights = im.weights()
     for p in plans:
-        w = weights.get(p.tensor.gguf_name)
-        if w is not None and w.numel() != p.tensor.shape[-1]:
-            raise InputError(f"imatrix for {p.tensor.gguf_name} has {w.numel()} values, the tensor has "
-                             f"{p.tensor.shape[-1]} columns: it was made for another model", path)
+        t, w = p.tensor, weights.get(p.tensor.gguf_name)
+        if w is None:
+            continue
+        cols, experts = t.shape[-1], (t.shape[0] if t.parts else 1)
+        if t.parts and w.numel() != cols * experts and w.numel() % cols == 0:
+            raise InputError(f"imatrix for {t.gguf_name} holds {w.numel() // cols} experts, the model has {experts}: "
+                             "it was made for another model", path)
+        if w.numel() != cols * experts:
+            raise InputError(f"imatrix for {t.gguf_name} has {w.numel()} values, the tensor has {cols} columns"
+                             + (f" x {experts} experts" if t.parts else "") + ": it was made for another model", path)
+        weights[t.gguf_name] = w.reshape(experts, cols) if t.parts else w
     covered = [p.tensor.gguf_name for p in plans if p.tensor.gguf_name in weights]
     if not covered:
         raise InputError("the imatrix covers none of this model's tensors: it was made for another model", path)
@@ -358,8 +376,10 @@ def export_gguf(model: str | Path | HFModel, variants: list[Variant], out_dir: s
                     x = as_float32(finish(model, t, c.rows, x), dev)
                     c.finite = to_host(finite_flag(x))
                 x = to_rows(x, t)
+                w = weights.get(t.gguf_name)
+                w = w[c.rows] if w is not None and w.dim() == 2 else w     # a stack: this chunk's experts'
                 for qtype in dict.fromkeys(c.plan.choices[v.name].qtype for v in variants):
-                    c.data[qtype] = to_host(qreg.quantize_rows(x, qreg.get(qtype), weights.get(t.gguf_name)))
+                    c.data[qtype] = to_host(quantize(x, qreg.get(qtype), w))
                 if dev.type == "cuda":
                     c.ready = torch.cuda.Event()
                     c.ready.record()

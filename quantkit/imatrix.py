@@ -8,9 +8,17 @@ input column's squared activation, and the number of tokens. Written as llama.cp
     <tensor>.in_sum2   F32 [1, columns]     sum of x^2 per input column
     <tensor>.counts    F32 [1, 1]           tokens seen
 
-llama-quantize (and `quantkit export --imatrix`) divides the sums by the count and hands the
-per-column means to the K-quant searches as weights. The model runs one decoder layer at a time
-(as GPTQ does), in float32 on a CPU and in its stored dtype on a GPU; sums accumulate in float64.
+A MoE layer's stacked experts (ffn_{gate,up,down}_exps) have one row per expert, as llama-imatrix's
+MUL_MAT_ID branch records them: expert e sums the rows it multiplies, the tokens the router sent to
+it (a token counts once for each expert of its top k), and counts them:
+
+    <tensor>.in_sum2   F32 [experts, columns]
+    <tensor>.counts    F32 [experts, 1]
+
+llama-quantize (and `quantkit export --imatrix`) divides each row of sums by its own count (1 where
+the count is 0) and hands the per-column means to the K-quant searches as weights, expert e's to
+expert e's slice. The model runs one decoder layer at a time (as GPTQ does), in float32 on a CPU
+and in its stored dtype on a GPU; sums accumulate in float64.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -36,37 +45,70 @@ KEY_CHUNK_SIZE = "imatrix.chunk_size"
 
 @dataclass
 class Imatrix:
-    sums: dict[str, np.ndarray] = field(default_factory=dict)     # GGUF tensor name -> float32 [columns]
-    counts: dict[str, int] = field(default_factory=dict)
+    # GGUF tensor name -> float32 [n, columns] sums of x^2 and int64 [n] counts: n = 1 for a matrix,
+    # the number of experts for a stack of them (the file's in_sum2 and counts)
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    counts: dict[str, np.ndarray] = field(default_factory=dict)
     datasets: list[str] = field(default_factory=list)
     chunk_count: int = 0
     chunk_size: int = 0
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """What llama-quantize passes to the quantizers: sum / count per column (1 where no count)."""
+        """What llama-quantize passes to the quantizers (quantize.cpp's load_imatrix): each row of
+        sums / its count (1 where the count is 0), one float32 vector per tensor, expert after expert."""
         out = {}
         for name, s in self.sums.items():
-            c = np.float32(self.counts.get(name, 0))
-            out[name] = torch.from_numpy(s / c if c > 0 else np.ones_like(s)).to(torch.float32)
+            c = np.asarray(self.counts[name], dtype=np.float32).reshape(-1, 1)
+            w = np.where(c > 0, s / np.where(c > 0, c, 1), np.float32(1)).astype(np.float32)
+            out[name] = torch.from_numpy(w.reshape(-1))
         return out
 
 
 def linear_names(model: HFModel) -> dict[str, str]:
-    """HF weight name -> GGUF tensor name, for the decoder's linear layers."""
+    """HF weight name -> GGUF tensor name, for the decoder's linear layers (experts' stacks aside)."""
     return {t.hf_name: t.gguf_name for t in family_of(model).source_tensors(model, hparams_of(model))
             if t.hf_name and t.gguf_name.startswith("blk.") and len(t.shape) == 2}
+
+
+def expert_names(model: HFModel) -> set[str]:
+    """The GGUF names of the experts' stacks (one imatrix row per expert)."""
+    return {t.gguf_name for t in family_of(model).source_tensors(model, hparams_of(model)) if t.parts}
+
+
+def _transformers_version() -> str:
+    import transformers
+    return transformers.__version__
+
+
+def _gguf_name(tensor: gguf.MODEL_TENSOR, layer: int) -> str:
+    return f"{gguf.TENSOR_NAMES[tensor].format(bid=layer)}.weight"
+
+
+def _fused_experts(module) -> bool:
+    """transformers 5's experts: one module holding gate_up_proj [experts, 2 x ffn, hidden] (gate rows
+    first) and down_proj [experts, hidden, ffn], called with (hidden_states, top_k_index, top_k_weights)."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return isinstance(gate_up, torch.nn.Parameter) and gate_up.dim() == 3 and isinstance(down, torch.nn.Parameter)
+
+
+def _check_layout(module, where: str) -> None:
+    # the layouts transformers' experts decorator can declare; quantkit reads the default one
+    if (getattr(module, "is_transposed", False) or not getattr(module, "is_concatenated", True)
+            or getattr(module, "has_bias", False) or not getattr(module, "has_gate", True)
+            or module.gate_up_proj.shape[1] != 2 * module.down_proj.shape[2]):
+        raise UnsupportedError(f"{where}: an experts layout quantkit does not read (transposed, interleaved or "
+                               "with biases)")
 
 
 def collect(model_dir: Path, *, calib: Path | None = None, n_samples: int = 64, seqlen: int = 512,
             device: str = "cpu", progress: bool = True, tokens: torch.Tensor | None = None) -> Imatrix:
     """Run the model over the calibration text (default: text it generates itself) and accumulate
-    the squared input activations of every decoder linear."""
+    the squared input activations of every decoder linear (of each expert apart, for its routed tokens)."""
     model_dir = Path(model_dir)
     hf = HFModel(model_dir)
     names, family = linear_names(hf), family_of(hf)
     if not family.imatrix:
-        raise UnsupportedError(f"no importance matrix for {hf.architecture} yet (its experts' activations are "
-                               "not collected per expert)", model_dir / "config.json")
+        raise UnsupportedError(f"no importance matrix for {hf.architecture} yet", model_dir / "config.json")
     if tokens is None and calib is not None:        # the user's text is checked before any weight is loaded
         tokens = layerwise.text_tokens(model_dir, calib, n_samples, seqlen)
     model, stored, work = layerwise.load(model_dir, device, progress)
@@ -74,14 +116,43 @@ def collect(model_dir: Path, *, calib: Path | None = None, n_samples: int = 64, 
         tokens = layerwise.generated_tokens(model_dir, model, stored, n_samples, seqlen, 0, device, progress)
     inputs, kwargs = layerwise.layer0_inputs(model, family, tokens, device, work)
 
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
+    sums: dict[str, torch.Tensor] = {}         # GGUF name -> float64 [n, columns] (n: 1, or experts)
+    counts: dict[str, np.ndarray] = {}
+
+    def add(name: str, x: torch.Tensor, row: int = 0, rows: int = 1) -> None:
+        """x: [tokens, columns], what the tensor (or expert `row` of a stack of `rows`) multiplies."""
+        if name not in sums:
+            sums[name] = torch.zeros(rows, x.shape[-1], dtype=torch.float64, device=x.device)
+            counts[name] = np.zeros(rows, dtype=np.int64)
+        x = x.detach().to(torch.float64)
+        sums[name][row] += (x * x).sum(0)
+        counts[name][row] += x.shape[0]
 
     def hook(gguf_name):
         def pre(module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            sums[gguf_name] = sums.get(gguf_name, 0) + (x * x).sum(0).cpu()
-            counts[gguf_name] = counts.get(gguf_name, 0) + x.shape[0]
+            add(gguf_name, args[0].reshape(-1, args[0].shape[-1]))
+        return pre
+
+    def experts_hook(layer: int):
+        gate, up, down = (_gguf_name(t, layer) for t in (gguf.MODEL_TENSOR.FFN_GATE_EXP, gguf.MODEL_TENSOR.FFN_UP_EXP,
+                                                         gguf.MODEL_TENSOR.FFN_DOWN_EXP))
+
+        def pre(m, args, kwargs):
+            x = (args[0] if args else kwargs["hidden_states"]).detach()
+            chosen = args[1] if len(args) > 1 else kwargs["top_k_index"]       # [tokens, top k]: the model's routing
+            x, n = x.reshape(-1, x.shape[-1]), m.gate_up_proj.shape[0]
+            for e in range(n):
+                # llama-imatrix's MUL_MAT_ID: every (token, top-k slot) that chose expert e is one row
+                rows = x[torch.where(chosen.reshape(x.shape[0], -1) == e)[0]]
+                add(gate, rows, e, n)
+                add(up, rows, e, n)
+                gate_up = torch.nn.functional.linear(rows, m.gate_up_proj[e])
+                if hasattr(m, "_apply_gate"):
+                    h = m._apply_gate(gate_up)
+                else:
+                    g, u = gate_up.chunk(2, dim=-1)
+                    h = m.act_fn(g) * u
+                add(down, h, e, n)                  # what down_proj multiplies: act(gate) * up
         return pre
 
     layers = family.layers(model)
@@ -91,19 +162,38 @@ def collect(model_dir: Path, *, calib: Path | None = None, n_samples: int = 64, 
         for i, layer in enumerate(layers):
             layerwise.to(layer, device, work)
             p = family.layer_prefix(i)
-            handles = [m.register_forward_pre_hook(hook(names[f"{p}{mname}.weight"]))
-                       for mname, m in layer.named_modules()
-                       if isinstance(m, torch.nn.Linear) and f"{p}{mname}.weight" in names]
+            handles, routers = [], set()
+            for mname, m in layer.named_modules():
+                if _fused_experts(m):
+                    _check_layout(m, f"{p}{mname}")
+                    handles.append(m.register_forward_pre_hook(experts_hook(i), with_kwargs=True))
+                    # its router: the MoE block's `gate` (named as in the checkpoint or not: Mixtral's is
+                    # block_sparse_moe.gate there, mlp.gate in transformers 5)
+                    block = layer.get_submodule(mname.rpartition(".")[0]) if "." in mname else layer
+                    router = getattr(block, "gate", None)
+                    if isinstance(getattr(router, "weight", None), torch.nn.Parameter):
+                        handles.append(router.register_forward_pre_hook(
+                            hook(_gguf_name(gguf.MODEL_TENSOR.FFN_GATE_INP, i))))
+                        routers.add(id(router))
+            for mname, m in layer.named_modules():
+                w = m._parameters.get("weight") if id(m) not in routers else None
+                if isinstance(w, torch.nn.Parameter) and w.dim() == 2 and f"{p}{mname}.weight" in names:
+                    handles.append(m.register_forward_pre_hook(hook(names[f"{p}{mname}.weight"])))
             with torch.no_grad():
                 inputs = [layerwise.hidden(layer(x, **kwargs)) for x in inputs]
             for h in handles:
                 h.remove()
+            sums.update({n: s.cpu() for n, s in sums.items()})     # device memory: one layer's sums
             layerwise.to(layer, "cpu", stored)
             layers[i] = torch.nn.Identity()             # this layer is done: free it
             bar.update(1)
     finally:
         bar.close()
-    missing = sorted(set(names.values()) - set(sums))
+    stacks = expert_names(hf)
+    missing = sorted((set(names.values()) | stacks) - set(sums))
+    if any(n in stacks for n in missing):
+        raise UnsupportedError(f"transformers {_transformers_version()} keeps {hf.architecture}'s experts as separate "
+                               "modules: collecting per expert needs transformers 5's fused experts", model_dir)
     if missing:
         raise RuntimeError(f"no activations reached {', '.join(missing[:4])}")
     for name, s in sums.items():
@@ -115,8 +205,6 @@ def collect(model_dir: Path, *, calib: Path | None = None, n_samples: int = 64, 
 
 def write(im: Imatrix, path: Path) -> Path:
     """llama.cpp's imatrix GGUF, under a temporary name renamed when complete."""
-    import gguf
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     kv = KeyValues(None)                                    # an imatrix file names no architecture
@@ -126,8 +214,9 @@ def write(im: Imatrix, path: Path) -> Path:
     kv.add_uint32(KEY_CHUNK_SIZE, im.chunk_size)
     data = {}
     for name in sorted(im.sums):
-        data[f"{name}.in_sum2"] = im.sums[name].reshape(1, -1).astype(np.float32)
-        data[f"{name}.counts"] = np.array([[im.counts[name]]], dtype=np.float32)
+        counts = np.asarray(im.counts[name]).reshape(-1, 1)        # [n, 1]: one count per row of sums
+        data[f"{name}.in_sum2"] = im.sums[name].reshape(len(counts), -1).astype(np.float32)
+        data[f"{name}.counts"] = counts.astype(np.float32)
     f = GGUFFile(path, kv.kv, [TensorInfo(n, gguf.GGMLQuantizationType.F32, (*a.shape[:-1], a.shape[-1] * 4))
                                for n, a in data.items()])
     try:
@@ -142,8 +231,6 @@ def write(im: Imatrix, path: Path) -> Path:
 
 def load(path: Path) -> Imatrix:
     """An imatrix GGUF (llama-imatrix's or ours); InputError naming the file if it is not one."""
-    import gguf
-
     path = Path(path)
     try:
         r = gguf.GGUFReader(str(path))
@@ -168,10 +255,15 @@ def load(path: Path) -> Imatrix:
         c = tensors.get(f"{name}.counts")
         if c is None:
             raise InputError(f"{name}.in_sum2 has no {name}.counts", path)
-        if int(c.n_elements) != 1:
-            raise InputError(f"{name}: {int(c.n_elements)} expert counts; quantkit handles dense models only", path)
-        im.sums[name] = np.asarray(t.data, dtype=np.float32).reshape(-1).copy()
-        im.counts[name] = int(np.asarray(c.data).reshape(-1)[0])
+        if gguf.GGMLQuantizationType.F32 not in (t.tensor_type, c.tensor_type) or t.tensor_type != c.tensor_type:
+            raise InputError(f"{name}: sums and counts must be F32", path)
+        counts = np.asarray(c.data, dtype=np.float32).reshape(-1)
+        sums = np.asarray(t.data, dtype=np.float32).reshape(-1)
+        if not counts.size or sums.size % counts.size:
+            raise InputError(f"{name}: {sums.size} sums do not make {counts.size} rows, one per count", path)
+        im.sums[name] = sums.reshape(counts.size, -1).copy()
+        # common_imatrix_load rounds them (std::lround: halves away from zero)
+        im.counts[name] = (np.sign(counts) * np.floor(np.abs(counts) + 0.5)).astype(np.int64)
     if not im.sums:
         raise InputError("the imatrix holds no tensors", path)
     return im

@@ -50,8 +50,10 @@ def convert_hf_to_gguf(model_dir: Path, out: Path, outtype: str = "bf16", *, qui
 
 
 def read_imatrix(path: Path) -> dict:
-    """An imatrix GGUF as llama-quantize loads it (tools/quantize/quantize.cpp, load_imatrix): for
-    each tensor, <name>.in_sum2 / <name>.counts in float32, or 1 where the count is 0."""
+    """An imatrix GGUF as llama-quantize loads it (tools/quantize/quantize.cpp, load_imatrix, over
+    common_imatrix_load): for each tensor, the sums cut into as many rows as <name>.counts has
+    values (one per expert of a stacked MoE tensor, else one), each row divided by its own count
+    (rounded as std::lround does) in float32, or 1 where that count is 0; flat, expert after expert."""
     import gguf
     import numpy as np
 
@@ -61,8 +63,13 @@ def read_imatrix(path: Path) -> dict:
     for name in t:
         if name.endswith(".in_sum2"):
             base = name.removesuffix(".in_sum2")
-            count = np.float32(t[base + ".counts"][0])
-            out[base] = t[name] / count if count > 0 else np.ones_like(t[name])
+            sums, counts = t[name], t[base + ".counts"]
+            ne0 = sums.size // counts.size
+            e = np.empty_like(sums)
+            for j, c in enumerate(counts):
+                count = np.float32(np.sign(c) * np.floor(abs(c) + 0.5))
+                e[j * ne0:(j + 1) * ne0] = sums[j * ne0:(j + 1) * ne0] / count if count > 0 else 1
+            out[base] = e
     return out
 
 

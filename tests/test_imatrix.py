@@ -57,9 +57,10 @@ def test_collect_equals_a_plain_forward_pass(smollm2_dir, tokens, imatrix_file):
     with torch.no_grad():
         model(input_ids=tokens, use_cache=False)
     assert set(sums) == set(im.sums) and len(sums) == 30 * 7
-    for name in sums:
-        assert counts[name] == im.counts[name] == tokens.numel()
-        np.testing.assert_allclose(im.sums[name], sums[name].float().numpy(), rtol=2e-4, atol=1e-6, err_msg=name)
+    for name in sums:       # one row of sums and one count per tensor (a MoE's experts have one each)
+        assert counts[name] == tokens.numel() and im.counts[name].tolist() == [tokens.numel()]
+        np.testing.assert_allclose(im.sums[name], sums[name].float().numpy()[None], rtol=2e-4, atol=1e-6,
+                                   err_msg=name)
 
 
 def test_the_file_is_llama_cpps_imatrix_gguf(imatrix_file):

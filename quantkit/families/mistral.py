@@ -68,7 +68,6 @@ class Mixtral(Llama):
     presets = {"mixtral-8x7b": MIXTRAL_8X7B,
                "mixtral-tiny": {**MIXTRAL_8X7B, **TINY, "intermediate_size": 256}}
     gptq_groups = ()        # experts are not Linear modules in transformers 5: no GPTQ yet
-    imatrix = False
     config_has_head_dim = False         # MixtralConfig leaves head_dim unset
     fixture = TestFixture(tokenizer="mistral-v1", vectors=None, tied=False)
 

@@ -105,7 +105,6 @@ class _Experts(Family):
     per expert (as published, and as transformers 5 saves them; its in-memory fused experts are not the
     file layout), stacked into llama.cpp's ffn_{gate,up,down}_exps and read expert by expert."""
     gptq_groups = ()        # experts are not Linear modules in transformers 5: no GPTQ yet
-    imatrix = False
 
     def complete_config(self, c, path=None):
         c = {"decoder_sparse_step": 1, "mlp_only_layers": [], "num_experts_per_tok": 8, **c}
