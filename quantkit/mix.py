@@ -262,7 +262,6 @@ def measure(model_dir: Path, searched: dict[str, tuple[str, tuple[int, ...]]], w
     finally:
         bar.close()
     out.seconds = time.perf_counter() - t0
-    del model
     return out
 
 
