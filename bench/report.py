@@ -38,6 +38,27 @@ def notes(results: dict) -> dict[str, str]:
     return out
 
 
+def pareto(results: dict) -> set[str]:
+    """The variants no other variant beats on both size and mean KLD (smaller or equal on both,
+    smaller on one): the size/quality front."""
+    vs = results["variants"]
+    return {v["name"] for v in vs
+            if not any(o["file_bytes"] <= v["file_bytes"] and o["kld_mean"] <= v["kld_mean"]
+                       and (o["file_bytes"] < v["file_bytes"] or o["kld_mean"] < v["kld_mean"]) for o in vs)}
+
+
+def best_fits(results: dict, context: int = CARD_CONTEXT) -> dict[str, str | None]:
+    """GPU -> the row (name) closest to bf16 whose weights and `context` tokens fit on it: the
+    baseline where it fits, else the variant of lowest mean KLD; None where nothing fits."""
+    rows = _all_rows(results)
+    kld = {r["name"]: (0.0 if r is rows[0] else r["kld_mean"]) for r in rows}
+    out = {}
+    for g, per in results["fits"].items():
+        ok = [r["name"] for r in rows if per[r["name"]] >= min(context, results["arch"].get("max_ctx") or context)]
+        out[g] = min(ok, key=lambda n: kld[n]) if ok else None
+    return out
+
+
 def _within(results: dict, ctx: int | str) -> bool:
     """Whether the model can use this context at all (its max_position_embeddings)."""
     m = results["arch"].get("max_ctx") or 0
@@ -58,6 +79,7 @@ def markdown(results: dict) -> str:
     base, variants = results["baseline"], results["variants"]
     n = notes(results)
     est = any(r.get("vram", {}).get("source") == "estimated" for r in _all_rows(results))
+    front = pareto(results)
     lines = [f"# Quantization report: {results['model']}", "",
              f"{results['date']} · {results['machine'].get('gpu') or results['machine'].get('cpu', 'CPU')} · "
              f"text `{results['text']['name']}` ({results['scored_tokens']:,} scored tokens, ctx {results['ctx']}, "
@@ -72,8 +94,9 @@ def markdown(results: dict) -> str:
                      f"{v['ppl_diff']:+.4f} ± {v['ppl_diff_err']:.4f} ({100 * (v['ppl_ratio'] - 1):+.2f}%) | "
                      f"{v['kld_mean']:.5f} ± {v['kld_mean_err']:.5f} | {v['kld_p99']:.4f} | "
                      f"{100 * v['same_top']:.2f} ± {100 * v['same_top_err']:.2f}% | {v['tokens_per_s']:,.0f} | "
-                     f"{n[v['name']]} |")
+                     f"{', '.join(x for x in (n[v['name']], 'Pareto' if v['name'] in front else '') if x)} |")
     k = results.get("top_k", 128)
+    lines += ["", "Pareto: no other variant is both smaller and closer to the baseline (mean KLD)."]
     over = ("the whole vocabulary, as llama-perplexity --kl-divergence computes it" if k == 0 else
             f"the baseline's top {k} tokens plus the remaining mass, which reads low")
     lines += ["", "PPL ± its standard error as llama-perplexity computes it; ΔPPL and KLD against the baseline on the "
@@ -92,12 +115,17 @@ def markdown(results: dict) -> str:
               f"compute buffers; measured: device memory from the driver in a fresh process per variant.", ""]
 
     rows = _all_rows(results)
+    best = best_fits(results)
+    label = {r["name"]: _label(r) for r in rows}
     lines += [f"## Which GPU runs which variant (longest context, {vram.HEADROOM_MIB} MiB kept free)", "",
-              "| GPU | " + " | ".join(_label(r) for r in rows) + " |",
-              "| --- | " + " | ".join("---:" for _ in rows) + " |"]
+              "| GPU | " + " | ".join(_label(r) for r in rows) + f" | Best at {vram.human_ctx(CARD_CONTEXT)} |",
+              "| --- | " + " | ".join("---:" for _ in rows) + " | --- |"]
     for g, per in results["fits"].items():
-        lines.append(f"| {g} | " + " | ".join(vram.human_ctx(per[r["name"]]) for r in rows) + " |")
-    lines += ["", "— : the weights do not fit. Contexts are capped at the model's own maximum.", "",
+        lines.append(f"| {g} | " + " | ".join(vram.human_ctx(per[r["name"]]) for r in rows)
+                     + f" | {label[best[g]] if best[g] else '—'} |")
+    lines += ["", "— : the weights do not fit. Contexts are capped at the model's own maximum. Best: the variant "
+              f"closest to the baseline (lowest mean KLD; the baseline itself where it fits) that runs "
+              f"{vram.human_ctx(CARD_CONTEXT)} tokens of context on that GPU.", "",
               "![quality](quality.png)", "", "![vram](vram.png)", "", model_card(results)]
     return "\n".join(lines) + "\n"
 
@@ -158,6 +186,11 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
         a2.errorbar(x, v["kld_mean"], yerr=[[0], [max(0.0, v["kld_p99"] - v["kld_mean"])]], fmt="o", capsize=3,
                     color="C1")
         a2.annotate(_label(v), (x, v["kld_mean"]), textcoords="offset points", xytext=off, fontsize=9)
+    front = sorted((v for v in variants if v["name"] in pareto(results)), key=lambda v: v["file_bytes"])
+    if len(front) > 1:
+        a2.plot([v["file_bytes"] / 1e9 for v in front], [v["kld_mean"] for v in front], "-", color="C2", lw=1,
+                label="Pareto front")
+        a2.legend(fontsize=8)
     if variants and min(v["kld_mean"] for v in variants) > 0:
         a2.set_yscale("log")
     a2.set(xlabel="file size (GB)", ylabel="mean KLD vs baseline (bar: 99th percentile)", title="KL divergence vs size")

@@ -233,6 +233,30 @@ def test_report_from_fixed_results_has_the_expected_tables_and_valid_pngs(tmp_pa
     assert json.loads((tmp_path / "report.json").read_text())["fits"] == res["fits"]
 
 
+
+def test_report_marks_the_pareto_front_and_the_best_variant_per_gpu(tmp_path):
+    res = fixed_results()
+    arch = vram.Arch.from_config(LLAMA8B)
+    # a variant larger than Q5_K_M and further from bf16: dominated, off the front
+    worse = dict(res["variants"][1], name="m-worse.gguf", label="WORSE", file_bytes=int(6.0 * GB), kld_mean=0.03,
+                 vram=vram.estimate(int(6.0 * GB), arch))
+    res["variants"].append(worse)
+    res["fits"] = vram.gpu_fits({r["name"]: r["vram"] for r in [res["baseline"]] + res["variants"]}, arch, res["gpus"])
+    assert report.pareto(res) == {"m-Q8_0.gguf", "m-Q5_K_M.gguf", "m-Q4_K_M.gguf"}
+    md = report.markdown(res)
+    row = {}
+    for ln in md.splitlines():          # the quality table comes first
+        if ln.startswith(("| Q", "| WORSE")):
+            row.setdefault(ln.split("|")[1].strip(), ln)
+    assert "Pareto" in row["Q4_K_M"] and "Pareto" in row["Q8_0"] and "Pareto" not in row["WORSE"]
+    best = report.best_fits(res)
+    # 12 GB: bf16 (16 GB) does not fit, Q8_0 (8.5 GB) does with 8k: the closest to bf16 that fits;
+    # 24 GB: bf16 itself (16 GB of weights and 8k of KV cache fit); 40 GB: bf16
+    assert best == {"RTX 3060 12GB": "m-Q8_0.gguf", "RTX 4090 24GB": "Llama-8B-bf16", "A100 40GB": "Llama-8B-bf16"}
+    gpu_rows = {ln.split("|")[1].strip(): ln.split("|")[-2].strip() for ln in md.splitlines() if re.match(r"\| (RTX|A100)", ln)}
+    assert gpu_rows == {"RTX 3060 12GB": "Q8_0", "RTX 4090 24GB": "BF16", "A100 40GB": "BF16"}
+
+
 def test_gpu_catalog_is_extendable_and_names_match_loosely(tmp_path):
     cat = tmp_path / "gpus.json"
     cat.write_text(json.dumps({"RTX 4070 12GB": 12282}))
