@@ -245,6 +245,15 @@ def check_inputs(cfg: Pipeline, base: HFModel, device: str = "cpu", *, mode: str
             raise cfg.error("gguf", "types", str(e)) from None
         imatrix = cfg["gguf"]["imatrix"]
         check(base, variants, Path(imatrix) if imatrix not in ("", "auto") else None, overrides(cfg["gguf"]))
+        if any(v.target for v in variants):
+            if mode == EXPORT and _merged_in(inp):
+                raise cfg.error("gguf", "types", "auto: types measure the merged model: merge it first (quantkit "
+                                "merge), or use quantkit run, which keeps a merged copy")
+            if g["calib"]:
+                from .layerwise import text_tokens
+                from .mix import calibration_size
+                text_tokens(base.path, Path(g["calib"]),
+                            *calibration_size(device, cfg["gguf"]["auto_samples"], cfg["gguf"]["auto_seqlen"]))
     if g["enabled"] or bnb_modes:
         needed = ["transformers"] + (["bitsandbytes"] if bnb_modes else [])
         missing = [m for m in needed if importlib.util.find_spec(m) is None]

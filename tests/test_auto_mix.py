@@ -127,3 +127,11 @@ def test_bad_auto_targets_are_one_line(tiny_model, tmp_path, spec, fragment):
     r = CliRunner().invoke(main, ["export", str(tiny_model), "--gguf", spec, "-o", str(tmp_path / "o")])
     assert r.exit_code == 2 and fragment in r.output, r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_auto_on_a_merge_on_the_fly_is_refused_before_any_work(tiny_model, tmp_path):
+    adapter = synthetic.write_lora_adapter(tiny_model, tmp_path / "adapter", r=4, alpha=8)
+    r = CliRunner().invoke(main, ["export", str(tiny_model), "--lora", str(adapter), "--gguf", "auto:q8_0",
+                                  "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "merge it first" in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not (tmp_path / "o").exists()
