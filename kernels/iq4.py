@@ -29,7 +29,7 @@ import gguf
 import torch
 from torch import Tensor
 
-from . import _ops
+from . import _ops, backends, iq4_cpu
 from ._ops import div, f32, nearest_int, seq_sum
 from .registry import QuantType, register
 from .searches import GROUP_MAX_EPS
@@ -116,7 +116,7 @@ def _unpack_nibbles(qs: Tensor) -> Tensor:
     return torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(qs.shape[0], -1)
 
 
-def quantize_iq4_nl(x: Tensor, qw: Tensor | None = None) -> Tensor:
+def _quantize_iq4_nl(x: Tensor, qw: Tensor | None = None) -> Tensor:
     """x float32 [n, 32] (qw: the importance of each value, same shape) -> uint8 [n, 18]."""
     values = _kvalues(x.device)
     xt = x.T.contiguous()
@@ -128,12 +128,17 @@ def quantize_iq4_nl(x: Tensor, qw: Tensor | None = None) -> Tensor:
     return torch.cat([_ops.le_bytes(d_bits, 2), _pack_nibbles(L)], dim=1)
 
 
+quantize_iq4_nl = backends.kernel("iq4_nl_blocks", [
+    backends.Impl("numba-blocks", lambda x, qw=None: x.device.type == "cpu" and iq4_cpu.available(), iq4_cpu.quantize_iq4_nl),
+    backends.Impl("torch", backends.anywhere, _quantize_iq4_nl)])
+
+
 def dequantize_iq4_nl(b: Tensor) -> Tensor:
     d = _ops.fp16_bits_to_f32(_ops.from_le_bytes(b[:, 0:2]))
     return d[:, None] * _kvalues(b.device)[_unpack_nibbles(b[:, 2:18])]
 
 
-def quantize_iq4_xs(x: Tensor, qw: Tensor | None = None) -> Tensor:
+def _quantize_iq4_xs(x: Tensor, qw: Tensor | None = None) -> Tensor:
     """x float32 [n, 256] (qw: the importance of each value, same shape) -> uint8 [n, 136]."""
     n = x.shape[0]
     values = _kvalues(x.device)
@@ -155,6 +160,11 @@ def quantize_iq4_xs(x: Tensor, qw: Tensor | None = None) -> Tensor:
     scales_h = ((ls >> 4) << torch.arange(0, 16, 2, device=x.device)).sum(1)
     return torch.cat([_ops.le_bytes(d_bits, 2), _ops.le_bytes(scales_h, 2), scales_l.to(torch.uint8),
                       _pack_nibbles(L)], dim=1)
+
+
+quantize_iq4_xs = backends.kernel("iq4_xs_blocks", [
+    backends.Impl("numba-blocks", lambda x, qw=None: x.device.type == "cpu" and iq4_cpu.available(), iq4_cpu.quantize_iq4_xs),
+    backends.Impl("torch", backends.anywhere, _quantize_iq4_xs)])
 
 
 def dequantize_iq4_xs(b: Tensor) -> Tensor:
