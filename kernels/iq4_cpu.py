@@ -51,7 +51,7 @@ if numba is not None:
         return r if al == al else 15
 
     @_inline
-    def _impl(x, qw, use_qw, o, sbs, vals, mu_of, weight, q, scales):  # pragma: no cover - compiled
+    def _impl(x, qw, use_qw, o, sbs, vals, mu_of, weight, ids, sumqx, sumq2, scales):  # pragma: no cover - compiled
         """quantize_row_iq4_nl_impl's search for the super-block x[o : o + sbs]: the scales of its
         32-value groups into scales[0 : sbs // 32]; returns max_scale."""
         zero = F(0.0)
@@ -81,23 +81,28 @@ if numba is not None:
                 scales[ib] = zero
                 continue
             d = -mx / vals[0]
-            # try 0: id = 1/d; tries 1..2*NTRY+1: id = (itry + values[0])/max, itry = -NTRY..NTRY
-            best = zero
+            # try 0: id = 1/d; tries 1..2*NTRY+1: id = (itry + values[0])/max, itry = -NTRY..NTRY.
+            # The tries run side by side, innermost (so that they vectorize), each adding its
+            # terms in C's order
+            ids[0] = F(1.0) / d
+            for t in range(1, 2 * NTRY + 2):
+                ids[t] = F(t - 1 - NTRY - 127) / mx
             for t in range(2 * NTRY + 2):
-                id_ = F(1.0) / d if t == 0 else F(t - 1 - NTRY - 127) / mx
-                for j in range(32):             # codes first (vectorizable), then C's sums in order
-                    q[j] = vals[_best_index(id_ * x[b + j], vals, mu_of)]
-                sumqx = zero
-                sumq2 = zero
-                for j in range(32):
-                    sumqx = sumqx + weight[j] * q[j] * x[b + j]
-                    sumq2 = sumq2 + weight[j] * q[j] * q[j]
-                if t == 0:
-                    d = sumqx / sumq2 if sumq2 > zero else zero
-                    best = d * sumqx
-                elif sumq2 > zero and sumqx * sumqx > best * sumq2:
-                    d = sumqx / sumq2
-                    best = d * sumqx
+                sumqx[t] = zero
+                sumq2[t] = zero
+            for j in range(32):
+                xj = x[b + j]
+                wj = weight[j]
+                for t in range(2 * NTRY + 2):
+                    q = vals[_best_index(ids[t] * xj, vals, mu_of)]
+                    sumqx[t] = sumqx[t] + wj * q * xj
+                    sumq2[t] = sumq2[t] + wj * q * q
+            d = sumqx[0] / sumq2[0] if sumq2[0] > zero else zero
+            best = d * sumqx[0]
+            for t in range(1, 2 * NTRY + 2):
+                if sumq2[t] > zero and sumqx[t] * sumqx[t] > best * sumq2[t]:
+                    d = sumqx[t] / sumq2[t]
+                    best = d * sumqx[t]
             scales[ib] = d
             abs_d = abs(d)
             if abs_d > amax_scale:
@@ -119,12 +124,14 @@ if numba is not None:
         zero = F(0.0)
         for t in prange((nb + per - 1) // per):
             weight = np.empty(32, np.float32)
-            q = np.empty(32, np.float32)
+            ids = np.empty(2 * NTRY + 2, np.float32)
+            sumqx = np.empty(2 * NTRY + 2, np.float32)
+            sumq2 = np.empty(2 * NTRY + 2, np.float32)
             scales = np.empty(1, np.float32)
             L = np.empty(32, np.int64)
             for i in range(t * per, min(nb, (t + 1) * per)):
                 xi = x[i]
-                _impl(xi, qw[i], use_qw, 0, 32, vals, mu_of, weight, q, scales)
+                _impl(xi, qw[i], use_qw, 0, 32, vals, mu_of, weight, ids, sumqx, sumq2, scales)
                 s = scales[0]
                 store_le16(out[i], 0, fp16_bits(s))
                 id_ = F(1.0) / s if s != zero else zero
@@ -140,12 +147,14 @@ if numba is not None:
         zero = F(0.0)
         for t in prange((nb + per - 1) // per):
             weight = np.empty(32, np.float32)
-            q = np.empty(32, np.float32)
+            ids = np.empty(2 * NTRY + 2, np.float32)
+            sumqx = np.empty(2 * NTRY + 2, np.float32)
+            sumq2 = np.empty(2 * NTRY + 2, np.float32)
             scales = np.empty(8, np.float32)
             L = np.empty(256, np.int64)
             for i in range(t * per, min(nb, (t + 1) * per)):
                 xi = x[i]
-                max_scale = _impl(xi, qw[i], use_qw, 0, 256, vals, mu_of, weight, q, scales)
+                max_scale = _impl(xi, qw[i], use_qw, 0, 256, vals, mu_of, weight, ids, sumqx, sumq2, scales)
                 d = -max_scale / F(32.0)
                 store_le16(out[i], 0, fp16_bits(d))
                 id_ = F(1.0) / d if d != zero else zero
