@@ -194,22 +194,29 @@ def test_q4_k_m_of_other_inputs_matches_llama_quantize(name, tmp_path):
     assert result["identical_tensors"], f"{name}: {result}"
 
 
-def test_iq4_files_of_a_model_with_4_query_heads_per_kv_head_match_llama_quantize(tmp_path):
-    # llama.cpp gives attn_v Q5_K in the IQ4 mixtures when n_head / n_head_kv >= 4, which no family's
-    # tiny preset has (4 heads, 2 KV heads); and the first eighth of ffn_down Q5_K without an imatrix
+def test_iq4_rules_and_fallbacks_match_llama_quantize(tmp_path):
+    # what the families' tiny presets (4 heads, 2 KV heads, 256 wide) leave out: attn_v in Q5_K when
+    # n_head / n_head_kv >= 4, and the shape fallbacks. Rows of 320 values: IQ4_XS -> IQ4_NL, Q5_K -> Q5_1,
+    # the output Q8_0; ffn_down's rows of 528 values fit no 32-block type: F16
     if llamacpp_ref.llamacpp_src() is None:
         pytest.skip("llama.cpp sources (convert_hf_to_gguf.py) not unpacked: run `make install-test`")
-    cfg = synthetic.preset_config("mistral-tiny", num_key_value_heads=1)
+    cfg = synthetic.preset_config("mistral-tiny", num_key_value_heads=1, hidden_size=320, intermediate_size=528,
+                                  head_dim=64)       # attn_output: rows of 4 x 64 = 256 values, in IQ4_XS
     model = synthetic.write_checkpoint(tmp_path / "gqa4", cfg, FIX / "mistral-v3")
     ours = export_gguf(model, [VARIANTS[v] for v in IQ4], tmp_path / "ours", progress=False).files
     bf16 = llamacpp_ref.convert_hf_to_gguf(model, tmp_path / "ref-bf16.gguf", "bf16")
     for v in IQ4:
         ref = llamacpp_ref.llama_quantize(bf16, tmp_path / f"ref-{v}.gguf", v)
         types = dict((t[0], t[1]) for t in gguf_diff.tensors(ref))
-        assert types["blk.3.attn_v.weight"] == "Q5_K" and types["blk.0.ffn_down.weight"] == "Q5_K"
-        assert types["blk.1.ffn_down.weight"] == v.upper()
+        assert (types["blk.3.attn_v.weight"], types["blk.1.ffn_down.weight"], types["token_embd.weight"],
+                types["blk.1.attn_output.weight"], types["output.weight"]) == ("Q5_1", "F16", "IQ4_NL", v.upper(), "Q8_0")
         diff = gguf_diff.file_difference(ours[v], ref)
         assert diff is None, f"{v}: {diff}"
+    # and llama.cpp runs our IQ4_XS file
+    llm = llama_cpp.Llama(model_path=str(ours["iq4_xs"]), n_ctx=64, verbose=False)
+    toks = llm.tokenize(b"Hello world", add_bos=True)
+    llm.eval(toks)
+    assert np.isfinite(np.asarray(llm.scores[len(toks) - 1])).all()
 
 
 @pytest.mark.gpu
