@@ -25,6 +25,8 @@ the values with the scale it wrote.
 """
 from __future__ import annotations
 
+import functools
+
 import gguf
 import torch
 from torch import Tensor
@@ -38,9 +40,14 @@ QK4_NL = 32
 QK_K = 256
 KVALUES_IQ4NL = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 NTRY = 7
+# groups searched at once: the tries' [32, 16, groups] intermediates stay near 64 MB each (a GPU chunk
+# of 16 M values holds 512 K groups; a CPU chunk, 8 K)
+SEARCH_GROUPS = 1 << 15
 
 
+@functools.lru_cache(maxsize=None)
 def _kvalues(device: torch.device) -> Tensor:
+    # kept per device: a host-to-device copy per chunk would wait for the GPU to drain
     return torch.tensor(KVALUES_IQ4NL, dtype=torch.float32, device=device)
 
 
@@ -73,6 +80,9 @@ def _group_scales(xt: Tensor, w: Tensor, values: Tensor) -> Tensor:
 
     xt, w: float32 [32, G], position-major (one column per group). Returns the scales [G]: 0 for a
     group whose largest magnitude is below GROUP_MAX_EPS."""
+    if xt.shape[1] > SEARCH_GROUPS:
+        return torch.cat([_group_scales(xt[:, i:i + SEARCH_GROUPS].contiguous(), w[:, i:i + SEARCH_GROUPS].contiguous(),
+                                        values) for i in range(0, xt.shape[1], SEARCH_GROUPS)])
     amax, max_ = _first_max_magnitude(xt, 0)
     # d = -max/values[0], id = 1/d; then id = (itry + values[0])/max for itry = -NTRY..NTRY
     d0 = div(-max_, float(KVALUES_IQ4NL[0]))

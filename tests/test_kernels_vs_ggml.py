@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from quantkit.testing import ggml_ref, host_searches
-from quantkit.kernels import backends, kquants, legacy, registry, searches_cpu
+from quantkit.kernels import backends, iq4, kquants, legacy, registry, searches_cpu
 
 if not ggml_ref.available():
     pytest.skip("llama-cpp-python (ggml shared libraries) is not installed", allow_module_level=True)
@@ -242,6 +242,18 @@ def test_bytes_match_ggml_with_an_importance_matrix_in_chunks_that_split_rows(qn
     rng = _rng("imatrix-chunks", qname)
     cols = _cols(3)
     _assert_bytes_match(rng.standard_normal((5, cols)) * 0.02, qname, rng.random(cols) ** 4)
+
+
+@pytest.mark.parametrize("qname", IQ4)
+def test_iq4_bytes_match_ggml_when_the_torch_search_runs_in_slices(qname, search_backend, monkeypatch):
+    # a GPU chunk holds more groups than the torch search takes at once: here 5 at a time
+    if search_backend != "torch":
+        pytest.skip("the slices are the torch code's")
+    monkeypatch.setattr(iq4, "SEARCH_GROUPS", 5)
+    rng = _rng("iq4-slices", qname)
+    x = rng.standard_normal((4, _cols())) * 0.02
+    _assert_bytes_match(x, qname)
+    _assert_bytes_match(x, qname, rng.random(_cols()) ** 4)
 
 
 @pytest.mark.parametrize("qname", QUANTIZED)
