@@ -23,6 +23,8 @@ from ._numba import available as _numba_available
 KVALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
 # MU[f + 127] for f = floor(al) in [-127, 112]: 1 + how many of KVALUES[1..14] are <= f
 MU = np.array([1 + int((KVALUES[1:15] <= f).sum()) for f in range(-127, 113)], np.int64)
+# the search needs the value, not the code: the two candidates by floor(al), and a select
+LO, HI = KVALUES[MU - 1], KVALUES[MU]
 GROUP_MAX_EPS = F(1e-15)
 NTRY = 7
 VALUES_PER_TASK = 1 << 14
@@ -51,7 +53,19 @@ if numba is not None:
         return r if al == al else 15
 
     @_inline
-    def _impl(x, qw, use_qw, o, sbs, vals, mu_of, weight, ids, sumqx, sumq2, scales):  # pragma: no cover - compiled
+    def _best_value(al, lo_of, hi_of, top):  # pragma: no cover - compiled
+        """kvalues_iq4nl[best_index_int8(16, kvalues_iq4nl, al)], as _best_index picks it."""
+        fl = np.floor(al)
+        fl = fl if fl >= F(-127.0) else F(-127.0)
+        fl = fl if fl <= F(112.0) else F(112.0)
+        k = np.int64(fl) + 127
+        lo = lo_of[k]
+        hi = hi_of[k]
+        q = lo if al - lo < hi - al else hi
+        return q if al == al else top
+
+    @_inline
+    def _impl(x, qw, use_qw, o, sbs, vals, lo_of, hi_of, weight, ids, sumqx, sumq2, scales):  # pragma: no cover - compiled
         """quantize_row_iq4_nl_impl's search for the super-block x[o : o + sbs]: the scales of its
         32-value groups into scales[0 : sbs // 32]; returns max_scale."""
         zero = F(0.0)
@@ -94,7 +108,7 @@ if numba is not None:
                 xj = x[b + j]
                 wj = weight[j]
                 for t in range(2 * NTRY + 2):
-                    q = vals[_best_index(ids[t] * xj, vals, mu_of)]
+                    q = _best_value(ids[t] * xj, lo_of, hi_of, vals[15])
                     sumqx[t] = sumqx[t] + wj * q * xj
                     sumq2[t] = sumq2[t] + wj * q * q
             d = sumqx[0] / sumq2[0] if sumq2[0] > zero else zero
@@ -117,7 +131,7 @@ if numba is not None:
                 row[at + 16 * i + j] = L[32 * i + j] | (L[32 * i + 16 + j] << 4)
 
     @_jit
-    def _iq4_nl_rows(x, qw, use_qw, vals, mu_of, out):  # pragma: no cover - compiled
+    def _iq4_nl_rows(x, qw, use_qw, vals, mu_of, lo_of, hi_of, out):  # pragma: no cover - compiled
         """quantize_iq4_nl for x [nb, 32] (qw: the same shape, read when use_qw); out [nb, 18]."""
         nb = x.shape[0]
         per = VALUES_PER_TASK // 32
@@ -131,7 +145,7 @@ if numba is not None:
             L = np.empty(32, np.int64)
             for i in range(t * per, min(nb, (t + 1) * per)):
                 xi = x[i]
-                _impl(xi, qw[i], use_qw, 0, 32, vals, mu_of, weight, ids, sumqx, sumq2, scales)
+                _impl(xi, qw[i], use_qw, 0, 32, vals, lo_of, hi_of, weight, ids, sumqx, sumq2, scales)
                 s = scales[0]
                 store_le16(out[i], 0, fp16_bits(s))
                 id_ = F(1.0) / s if s != zero else zero
@@ -140,7 +154,7 @@ if numba is not None:
                 _pack_nibbles(L, 32, out[i], 2)
 
     @_jit
-    def _iq4_xs_rows(x, qw, use_qw, vals, mu_of, out):  # pragma: no cover - compiled
+    def _iq4_xs_rows(x, qw, use_qw, vals, mu_of, lo_of, hi_of, out):  # pragma: no cover - compiled
         """quantize_iq4_xs for x [nb, 256] (qw: the same shape, read when use_qw); out [nb, 136]."""
         nb = x.shape[0]
         per = VALUES_PER_TASK // 256
@@ -154,7 +168,7 @@ if numba is not None:
             L = np.empty(256, np.int64)
             for i in range(t * per, min(nb, (t + 1) * per)):
                 xi = x[i]
-                max_scale = _impl(xi, qw[i], use_qw, 0, 256, vals, mu_of, weight, ids, sumqx, sumq2, scales)
+                max_scale = _impl(xi, qw[i], use_qw, 0, 256, vals, lo_of, hi_of, weight, ids, sumqx, sumq2, scales)
                 d = -max_scale / F(32.0)
                 store_le16(out[i], 0, fp16_bits(d))
                 id_ = F(1.0) / d if d != zero else zero
@@ -181,7 +195,7 @@ def _rows(kernel, x: torch.Tensor, qw: torch.Tensor | None, type_size: int) -> t
     xn = x.contiguous().numpy()
     qn = xn if qw is None else qw.contiguous().numpy()     # unread without an importance (use_qw)
     out = np.empty((xn.shape[0], type_size), np.uint8)
-    kernel(xn, qn, qw is not None, KVALUES, MU, out)
+    kernel(xn, qn, qw is not None, KVALUES, MU, LO, HI, out)
     return torch.from_numpy(out)
 
 
