@@ -8,7 +8,7 @@ on sys.path past the repository root), or, where none is installed, stands aside
 and has no version, so transformers reports the package unavailable.
 """
 if __name__ == "quantkit.kernels":
-    from . import floats, kquants, legacy  # noqa: F401  (each module registers its types)
+    from . import floats, iq4, kquants, legacy  # noqa: F401  (each module registers its types)
     from .registry import QUANT_TYPES, QuantType, dequantize_rows, get, quantize_rows, row_nbytes
 
     __all__ = ["QUANT_TYPES", "QuantType", "dequantize_rows", "get", "quantize_rows", "row_nbytes"]

@@ -1,10 +1,11 @@
 """Which implementation of a hot kernel runs: the backends are data.
 
-The scale searches and the whole Q8_0 / K-quant blocks each have a torch implementation (the
+The scale searches and the whole Q8_0 / K-quant / IQ4 blocks each have a torch implementation (the
 reference form, on any device) and compiled ones with the same bytes:
 
     numba-searches  CPU tensors, where numba is installed: searches_cpu
-    numba-blocks    CPU tensors: whole blocks in legacy_cpu (Q8_0) and kquants_cpu (K-quants)
+    numba-blocks    CPU tensors: whole blocks in legacy_cpu (Q8_0), kquants_cpu (K-quants) and iq4_cpu
+                    (IQ4_NL, IQ4_XS)
     cuda-searches   CUDA tensors: the searches in searches.cu, compiled at run time by NVRTC
     cuda-blocks     CUDA tensors: whole blocks in searches.cu (one launch a chunk)
     torch           any device, always on

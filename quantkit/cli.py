@@ -142,10 +142,12 @@ FLAGS = [
     (("--gguf",), "gguf", "types", dict(callback=_comma_list, help="GGUF types, e.g. q4_k_m,q5_k_m,q8_0, or auto:q4_k_m / "
                                                                 "auto:4.8 for a mix measured on the model (none: no GGUF; "
                                                                 "export's default: these three unless only "
-                                                                "--gptq/--int8/--nf4 are asked for).")),
+                                                                "--gptq/--int8/--nf4 are asked for). Types: "
+                                                                "q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, q4_k_s, q5_1, "
+                                                                "q5_0, q4_1, q4_0, iq4_nl, iq4_xs, bf16, f16.")),
     (("--ollama/--no-ollama",), "gguf", "ollama", dict(default=None, help="An Ollama Modelfile beside each GGUF.")),
-    (("--imatrix",), "gguf", "imatrix", dict(help='Importance matrix for the K-quants: a file (`quantkit imatrix`), '
-                                                  'or "auto" to make one.')),
+    (("--imatrix",), "gguf", "imatrix", dict(help='Importance matrix for the K-quants, IQ4 and Q4/Q5 types: a file '
+                                                  '(`quantkit imatrix`), or "auto" to make one.')),
     (("--name",), "gguf", "name", dict(help="Model name for general.name and the file names (default: from the "
                                             "model card and folder).")),
     (("--tensor-type",), "gguf", "tensor_types", dict(multiple=True, help=(

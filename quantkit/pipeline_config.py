@@ -53,7 +53,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "types": Key(list, ["q4_k_m", "q5_k_m", "q8_0"], "GGUF types, one streaming pass ([] for none)"),
         "ollama": Key(bool, True, "an Ollama Modelfile beside each GGUF"),
         "name": Key(str, "", "general.name and the files' name (default: from the model card and folder)"),
-        "imatrix": Key(str, "", 'importance matrix for the K-quants: an imatrix GGUF, or "auto" to make one'),
+        "imatrix": Key(str, "", 'importance matrix for the K-quants, IQ4 and Q4/Q5 types: an imatrix GGUF, or "auto" to make one'),
         "imatrix_samples": Key(int, 64, 'with "auto": calibration samples (text: [gptq] calib, or generated)'),
         "imatrix_seqlen": Key(int, 512, 'with "auto": tokens per sample'),
         "tensor_types": Key(list, [], 'per-tensor types of the quantized files, "REGEX=TYPE" (llama-quantize '

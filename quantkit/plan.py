@@ -1,9 +1,9 @@
 """Per-tensor type plan for every requested variant, with the reason for each choice.
 
-The mixtures (Q4_K_S/M, Q5_K_S/M, Q6_K, and Q4_0 .. Q5_1) follow llama.cpp's `llama-quant.cpp`
+The mixtures (Q4_K_S/M, Q5_K_S/M, Q6_K, Q4_0 .. Q5_1, IQ4_NL and IQ4_XS) follow llama.cpp's `llama-quant.cpp`
 (llama_tensor_get_type) for dense Llama / Qwen3 models, written as ordered tables of (rule name, predicate, type): the first
 rule that matches picks the type, else the variant's default; then the shape fallback of
-`tensor_type_fallback` applies (a K-quant needs rows divisible by 256).
+`tensor_type_fallback` applies (a K-quant or IQ4_XS needs rows divisible by 256).
 """
 from __future__ import annotations
 
@@ -82,13 +82,21 @@ Q4_K_S_RULES: list[Rule] = OUTPUT_RULES + [
     ("ffn_down: first eighth of the layers", lambda c: c.category == "ffn_down" and c.index < c.count // 8, "q5_k"),
 ]
 
+# IQ4_NL / IQ4_XS: Q5_K for attn_v when 4 or more query heads share a KV head, and for the first
+# eighth of ffn_down when no imatrix is given
+IQ4_RULES: list[Rule] = OUTPUT_RULES + [
+    ("attn_v: 4+ query heads per KV head", lambda c: c.category == "attn_v" and c.hp.n_gqa >= 4, "q5_k"),
+    ("ffn_down: first eighth of the layers, without an imatrix",
+     lambda c: not c.imatrix and c.category == "ffn_down" and c.index < c.count // 8, "q5_k"),
+]
+
 # llama.cpp's rules for a model of exactly 8 experts (Mixtral), before every variant's own: attention
-# v and k in Q8_0 ("trades just ~128MB"), attn_output in Q5_K for the Q4_K mixtures
+# v and k in Q8_0 ("trades just ~128MB"), attn_output in Q5_K for the Q4_K and IQ4 mixtures
 EXPERT8_RULES: list[Rule] = [
     ("attn_v: 8-expert model", lambda c: c.category == "attn_v" and c.hp.n_expert == 8, "q8_0"),
     ("attn_k: 8-expert model", lambda c: c.category == "attn_k" and c.hp.n_expert == 8, "q8_0"),
-    ("attn_output: 8-expert model, Q4_K mixture",
-     lambda c: c.category == "attn_output" and c.hp.n_expert == 8 and c.default == "q4_k", "q5_k"),
+    ("attn_output: 8-expert model, Q4_K or IQ4 mixture",
+     lambda c: c.category == "attn_output" and c.hp.n_expert == 8 and c.default in ("q4_k", "iq4_nl", "iq4_xs"), "q5_k"),
 ]
 
 
@@ -100,8 +108,9 @@ def _legacy_rules(guard: str) -> list[Rule]:
 
 
 # llama.cpp's tensor_type_fallback: a type whose block does not divide the row falls back to a
-# 32-block type of similar size, and to F16 when even that does not fit.
-FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+# 32-block type of similar size, and to F16 when even that does not fit (a 32-block type, IQ4_NL
+# included, goes to F16 directly).
+FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl"}
 
 
 @dataclass(frozen=True)
@@ -134,6 +143,8 @@ VARIANTS = {v.name: v for v in (
     Variant("q5_0", gguf.LlamaFileType.MOSTLY_Q5_0, "q5_0", _legacy_rules("q5_1"), bpw=5.57),
     Variant("q4_1", gguf.LlamaFileType.MOSTLY_Q4_1, "q4_1", OUTPUT_RULES, bpw=5.1),
     Variant("q4_0", gguf.LlamaFileType.MOSTLY_Q4_0, "q4_0", _legacy_rules("q4_1"), bpw=4.64),
+    Variant("iq4_nl", gguf.LlamaFileType.MOSTLY_IQ4_NL, "iq4_nl", IQ4_RULES, bpw=4.68),
+    Variant("iq4_xs", gguf.LlamaFileType.MOSTLY_IQ4_XS, "iq4_xs", IQ4_RULES, bpw=4.46),
     Variant("bf16", gguf.LlamaFileType.MOSTLY_BF16, "bf16", quantized=False),
     Variant("f16", gguf.LlamaFileType.MOSTLY_F16, "f16", quantized=False),
 )}

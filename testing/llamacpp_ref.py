@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # llama.cpp's LLAMA_FTYPE values for the variants quantkit writes
 FTYPES = {"q8_0": 7, "q6_k": 18, "q5_k_m": 17, "q5_k_s": 16, "q4_k_m": 15, "q4_k_s": 14, "q5_1": 9, "q5_0": 8, "q4_1": 3,
-          "q4_0": 2, "bf16": 32, "f16": 1}
+          "q4_0": 2, "iq4_nl": 25, "iq4_xs": 30, "bf16": 32, "f16": 1}
 
 
 def vocab_test_vectors(inp: Path) -> list[tuple[str, list[int]]]:

@@ -26,6 +26,16 @@ QUANTIZED = ["q8_0", "q6_k", "q5_k_m", "q5_k_s", "q4_k_m", "q4_k_s", "q5_1", "q5
 # (Q4_K_M), Q5_K, Q5_0 / Q5_1 (Q5_0's imatrix guard), Q4_0 / Q4_1 (kernels: test_kernels_vs_ggml)
 WITH_IMATRIX = ["q4_k_m", "q5_k_s", "q5_0", "q4_0", "q4_1"]
 ALL = [VARIANTS[v] for v in QUANTIZED + ["bf16", "f16"]]
+# IQ4_NL / IQ4_XS take ~15x the K-quants' time here and in llama-quantize: their whole files are
+# checked on the families whose tokenizer has 32k tokens, a dense one (Mistral), a tied one (Gemma 3:
+# token_embd takes the output's Q6_K) and the 8-expert one (Mixtral: attn_output in Q5_K)
+IQ4 = ["iq4_nl", "iq4_xs"]
+IQ4_FAMILIES = {"mistral", "gemma3", "mixtral"}
+IQ4_ELSEWHERE = "IQ4 files are checked on mistral, gemma3 and mixtral (32k vocabularies): the suite's budget"
+
+
+def quantized_types(family: str) -> list[str]:
+    return QUANTIZED + (IQ4 if family in IQ4_FAMILIES else [])
 
 # every registered family with test fixtures: a tiny random checkpoint of its shrunk preset with its
 # real tokenizer, llama.cpp's test vectors for that tokenizer
@@ -41,19 +51,22 @@ def exported(request, tmp_path_factory):
     model = root / f"{request.param}-tiny"
     synthetic.write_checkpoint(model, synthetic.preset_config(tiny_preset(fam), tie_word_embeddings=fam.fixture.tied),
                                FIX / fam.fixture.tokenizer)
-    ours = export_gguf(model, ALL, root / "ours", progress=False, chunk_values=CHUNK_VALUES)
+    ours = export_gguf(model, [VARIANTS[v] for v in quantized_types(request.param) + ["bf16", "f16"]], root / "ours",
+                       progress=False, chunk_values=CHUNK_VALUES)
     if llamacpp_ref.llamacpp_src() is None:
         pytest.skip("llama.cpp sources (convert_hf_to_gguf.py) not unpacked: run `make install-test`")
     ref = {"bf16": llamacpp_ref.convert_hf_to_gguf(model, root / "ref-bf16.gguf", "bf16"),
            "f16": llamacpp_ref.convert_hf_to_gguf(model, root / "ref-f16.gguf", "f16")}
-    for v in QUANTIZED:
+    for v in quantized_types(request.param):
         ref[v] = llamacpp_ref.llama_quantize(ref["bf16"], root / f"ref-{v}.gguf", v)
     return request.param, ours, ref
 
 
-@pytest.mark.parametrize("variant", QUANTIZED)
+@pytest.mark.parametrize("variant", QUANTIZED + IQ4)
 def test_quantized_file_is_byte_identical_to_llama_quantize(exported, variant):
     family, ours, ref = exported
+    if variant not in ref:
+        pytest.skip(IQ4_ELSEWHERE)
     # the whole file: header, keys in llama-quantize's order, alignment, every tensor's bytes
     diff = gguf_diff.file_difference(ours.files[variant], ref[variant])
     assert diff is None, f"{family} {variant}: {diff}"
@@ -90,20 +103,23 @@ def with_imatrix(exported):
     vocab = families.hparams_of(HFModel(model)).n_vocab
     tokens = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(0))
     path = write(collect(model, tokens=tokens, progress=False), root / "imatrix.gguf")
-    ours_im = export_gguf(model, [VARIANTS[v] for v in WITH_IMATRIX], root / "ours-imatrix", progress=False,
+    types = WITH_IMATRIX + (IQ4 if family in IQ4_FAMILIES else [])
+    ours_im = export_gguf(model, [VARIANTS[v] for v in types], root / "ours-imatrix", progress=False,
                           chunk_values=CHUNK_VALUES, imatrix=path)
     weights, overrides = llamacpp_ref.read_imatrix(path), llamacpp_ref.imatrix_overrides(str(path))
     refs = {v: llamacpp_ref.llama_quantize(ref["bf16"], root / f"ref-imatrix-{v}.gguf", v, imatrix=weights,
-                                           kv_overrides=overrides) for v in WITH_IMATRIX}
+                                           kv_overrides=overrides) for v in types}
     return family, ours_im, refs
 
 
-@pytest.mark.parametrize("variant", WITH_IMATRIX)
+@pytest.mark.parametrize("variant", WITH_IMATRIX + IQ4)
 def test_file_with_an_imatrix_is_byte_identical_to_llama_quantize(with_imatrix, exported, variant):
     family, ours, ref = with_imatrix
+    if variant not in ref:
+        pytest.skip(IQ4_ELSEWHERE)
     diff = gguf_diff.file_difference(ours.files[variant], ref[variant])
     assert diff is None, f"{family} {variant} with an imatrix: {diff}"
-    if variant == "q4_k_m":     # and the imatrix was used: the K-quants differ from the plain file's
+    if variant in ("q4_k_m", "iq4_xs"):     # and the imatrix was used: the tensors differ from the plain file's
         assert not gguf_diff.compare(ours.files[variant], exported[1].files[variant])["identical_tensors"]
 
 
@@ -182,14 +198,41 @@ def test_q4_k_m_of_other_inputs_matches_llama_quantize(name, tmp_path):
     assert result["identical_tensors"], f"{name}: {result}"
 
 
+def test_iq4_rules_and_fallbacks_match_llama_quantize(tmp_path):
+    # what the families' tiny presets (4 heads, 2 KV heads, 256 wide) leave out: attn_v in Q5_K when
+    # n_head / n_head_kv >= 4, and the shape fallbacks. Rows of 320 values: IQ4_XS -> IQ4_NL, Q5_K -> Q5_1,
+    # the output Q8_0; ffn_down's rows of 528 values fit no 32-block type: F16
+    if llamacpp_ref.llamacpp_src() is None:
+        pytest.skip("llama.cpp sources (convert_hf_to_gguf.py) not unpacked: run `make install-test`")
+    cfg = synthetic.preset_config("mistral-tiny", num_key_value_heads=1, hidden_size=320, intermediate_size=528,
+                                  head_dim=64)       # attn_output: rows of 4 x 64 = 256 values, in IQ4_XS
+    model = synthetic.write_checkpoint(tmp_path / "gqa4", cfg, FIX / "mistral-v3")
+    ours = export_gguf(model, [VARIANTS[v] for v in IQ4], tmp_path / "ours", progress=False).files
+    bf16 = llamacpp_ref.convert_hf_to_gguf(model, tmp_path / "ref-bf16.gguf", "bf16")
+    for v in IQ4:
+        ref = llamacpp_ref.llama_quantize(bf16, tmp_path / f"ref-{v}.gguf", v)
+        types = dict((t[0], t[1]) for t in gguf_diff.tensors(ref))
+        assert (types["blk.3.attn_v.weight"], types["blk.1.ffn_down.weight"], types["token_embd.weight"],
+                types["blk.1.attn_output.weight"], types["output.weight"]) == ("Q5_1", "F16", "IQ4_NL", v.upper(), "Q8_0")
+        diff = gguf_diff.file_difference(ours[v], ref)
+        assert diff is None, f"{v}: {diff}"
+    # and llama.cpp runs our IQ4_XS file
+    llm = llama_cpp.Llama(model_path=str(ours["iq4_xs"]), n_ctx=64, verbose=False)
+    toks = llm.tokenize(b"Hello world", add_bos=True)
+    llm.eval(toks)
+    assert np.isfinite(np.asarray(llm.scores[len(toks) - 1])).all()
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", QUANTIZED + ["bf16", "f16"])
+@pytest.mark.parametrize("variant", QUANTIZED + ["bf16", "f16"] + IQ4)
 def test_cuda_export_is_byte_identical_to_the_reference(exported, variant, tmp_path):
     # the GPU path: raw reads pinned, copied on a side stream, permuted and quantized on the GPU,
     # copied back without waiting and written by the writer thread
     family, ours, ref = exported
+    if variant not in ours.files:
+        pytest.skip(IQ4_ELSEWHERE)
     model = ours.files[variant].parent.parent / f"{family}-tiny"
-    cuda = export_gguf(model, ALL, tmp_path, progress=False, device="cuda",
+    cuda = export_gguf(model, [VARIANTS[v] for v in ours.files], tmp_path, progress=False, device="cuda",
                        chunk_values=CHUNK_VALUES).files[variant]
     assert cuda.read_bytes() == ours.files[variant].read_bytes()
     if variant not in ("bf16", "f16"):
@@ -236,11 +279,12 @@ def test_the_dry_runs_sizes_are_the_files_tensor_bytes(exported):
     from quantkit.cli import main
     family, ours, _ = exported
     model = next(iter(ours.files.values())).parent.parent / f"{family}-tiny"
-    r = CliRunner().invoke(main, ["export", str(model), "--gguf", ",".join(QUANTIZED), "--dry-run"])
+    quantized = quantized_types(family)
+    r = CliRunner().invoke(main, ["export", str(model), "--gguf", ",".join(quantized), "--dry-run"])
     assert r.exit_code == 0, r.output
     (line,) = [x for x in r.output.splitlines() if x.startswith("tensor data, MB")]
     shown = [int(x.replace(",", "")) for x in line.split()[3:]]
-    read = [round(sum(int(t.n_bytes) for t in gguf_diff.reader(ours.files[v]).tensors) / 1e6) for v in QUANTIZED]
+    read = [round(sum(int(t.n_bytes) for t in gguf_diff.reader(ours.files[v]).tensors) / 1e6) for v in quantized]
     assert shown == read
 
 

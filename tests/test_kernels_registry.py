@@ -8,7 +8,7 @@ import torch
 from quantkit.errors import UnsupportedError
 from quantkit.kernels import registry
 
-NAMES = ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "f32", "f16", "bf16"]
+NAMES = ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "f32", "f16", "bf16"]
 
 
 def test_every_planned_type_is_registered_with_gguf_sizes():
@@ -60,6 +60,7 @@ def test_chunked_quantization_equals_one_shot(name, monkeypatch):
 
 # relative RMS error of a round trip on N(0, 1) data: a loose ceiling per type
 RT_ERROR = {"q8_0": 0.01, "q5_0": 0.05, "q5_1": 0.05, "q4_0": 0.12, "q4_1": 0.1, "q4_k": 0.1, "q5_k": 0.05, "q6_k": 0.025,
+            "iq4_nl": 0.1, "iq4_xs": 0.1,
             "f32": 0.0, "f16": 1e-3, "bf16": 5e-3}
 
 
@@ -113,6 +114,28 @@ def test_q5_0_golden_block():
     qh = sum(((c >> 4) & 1) << j for j, c in enumerate(codes))
     qs = [(codes[j] & 0xF) | ((codes[j + 16] & 0xF) << 4) for j in range(16)]
     assert out == [0x00, 0x3C] + list(qh.to_bytes(4, "little")) + qs
+
+
+def test_iq4_golden_all_zero_blocks():
+    # quantize_row_iq4_nl_impl: every group below GROUP_MAX_EPS gets scale 0, so id = 0 and each code is
+    # best_index_int8(0): 0 lies between kvalues -10 (index 7) and 1 (index 8), nearer 1 -> 8 (0x88 a byte).
+    # IQ4_NL writes d = fp16(0); IQ4_XS d = fp16(-max_scale/32) = fp16(-0.0) = 0x8000, each 6-bit scale
+    # nearest_int(0) + 32 = 32: low nibbles 0, high bits 0b10 per group (scales_h 0xAAAA)
+    nl = registry.quantize_rows(torch.zeros(1, 32), registry.get("iq4_nl"))[0].tolist()
+    assert nl == [0x00, 0x00] + [0x88] * 16
+    xs = registry.quantize_rows(torch.zeros(1, 256), registry.get("iq4_xs"))[0].tolist()
+    assert xs == [0x00, 0x80, 0xAA, 0xAA] + [0x00] * 4 + [0x88] * 128
+
+
+def test_iq4_nl_golden_block():
+    # x = the table, twice: max = -127 (the first value of largest magnitude). The try itry = 0,
+    # id = (0 - 127)/max = 1, codes every value to itself with the least-squares scale 1, an exact fit
+    # that no other try beats: d = fp16(1) = 0x3C00, codes 0..15 in order (value t in byte t % 16, the
+    # low nibble for t < 16)
+    from quantkit.kernels.iq4 import KVALUES_IQ4NL
+    x = torch.tensor([list(KVALUES_IQ4NL) * 2], dtype=torch.float32)
+    out = registry.quantize_rows(x, registry.get("iq4_nl"))[0].tolist()
+    assert out == [0x00, 0x3C] + [c | (c << 4) for c in range(16)]
 
 
 @pytest.mark.parametrize("name", ["q4_k", "q5_k", "q6_k"])
@@ -170,11 +193,12 @@ def test_cuda_uses_the_compiled_searches():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("search", ["blocks", "compiled", "torch"])
-@pytest.mark.parametrize("name", ["q8_0", "q4_k", "q5_k", "q6_k", "q5_0", "q5_1", "q4_0", "q4_1"])
+@pytest.mark.parametrize("name", ["q8_0", "q4_k", "q5_k", "q6_k", "q5_0", "q5_1", "q4_0", "q4_1", "iq4_nl", "iq4_xs"])
 def test_cuda_searched_bytes_equal_cpu_bytes_at_the_edges_and_with_an_imatrix(name, search, monkeypatch):
     # the CPU bytes are checked against ggml in test_kernels_vs_ggml.py, on these cases too. blocks:
     # the whole-block kernels (the default); compiled: the torch code around the compiled searches;
-    # torch: all torch
+    # torch: all torch. IQ4_NL/IQ4_XS have only torch on a GPU (the same code all three ways), against
+    # the CPU's numba kernels
     from quantkit.kernels import backends
     on = {"torch": (), "compiled": ("numba", "cuda-searches"), "blocks": ("numba", "cuda")}[search]
     qtype = registry.get(name)

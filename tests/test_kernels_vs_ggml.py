@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from quantkit.testing import ggml_ref, host_searches
-from quantkit.kernels import backends, kquants, legacy, registry, searches_cpu
+from quantkit.kernels import backends, iq4, kquants, legacy, registry, searches_cpu
 
 if not ggml_ref.available():
     pytest.skip("llama-cpp-python (ggml shared libraries) is not installed", allow_module_level=True)
 
 LEGACY = ["q8_0", "q5_0", "q5_1", "q4_0", "q4_1"]
 K_QUANTS = ["q4_k", "q5_k", "q6_k"]
-QUANTIZED = LEGACY + K_QUANTS
+IQ4 = ["iq4_nl", "iq4_xs"]
+QUANTIZED = LEGACY + K_QUANTS + IQ4
 FLOATS = ["f32", "f16", "bf16"]
 ALL = QUANTIZED + FLOATS
 
@@ -38,9 +39,13 @@ def cuda_source_on_host(tmp_path_factory):
 # installed: Q8_0 and the K-quants whole in legacy_cpu / kquants_cpu, the scale searches of Q5_0/Q5_1
 # with an imatrix in searches_cpu), torch (the CPU's without numba, and the GPU's without NVRTC) and
 # searches.cu (the GPU's: whole blocks and searches), here compiled for the host and run through the
-# GPU's wrappers (searches_cuda) as the backends host-searches and host-blocks
+# GPU's wrappers (searches_cuda) as the backends host-searches and host-blocks. IQ4_NL/IQ4_XS have
+# no code in searches.cu (a GPU runs their torch code): their numba and torch runs cover them.
 @pytest.fixture(autouse=True, params=["numba", "torch", "cuda-source"])
 def search_backend(request, monkeypatch):
+    callspec = getattr(request.node, "callspec", None)
+    if request.param == "cuda-source" and callspec is not None and callspec.params.get("qname") in IQ4:
+        pytest.skip("searches.cu has no IQ4 kernels: the torch run is the GPU's code")
     if request.param == "numba":
         if not searches_cpu.available():
             pytest.skip("numba is not installed")
@@ -229,7 +234,7 @@ def _imatrices(rng: np.random.Generator, cols: int) -> dict[str, np.ndarray]:
             "tiny": real * 1e-30, "huge": real * 1e20}
 
 
-@pytest.mark.parametrize("qname", ["q4_k", "q5_k", "q6_k", "q5_0", "q5_1", "q4_0", "q4_1"])
+@pytest.mark.parametrize("qname", ["q4_k", "q5_k", "q6_k", "q5_0", "q5_1", "q4_0", "q4_1", "iq4_nl", "iq4_xs"])
 def test_bytes_match_ggml_with_an_importance_matrix_in_chunks_that_split_rows(qname, monkeypatch):
     # quantize_rows hands each kernel chunk the importance of its own blocks: with chunks of 5
     # blocks, the boundaries fall mid-row and the pattern restarts mid-chunk
@@ -239,11 +244,23 @@ def test_bytes_match_ggml_with_an_importance_matrix_in_chunks_that_split_rows(qn
     _assert_bytes_match(rng.standard_normal((5, cols)) * 0.02, qname, rng.random(cols) ** 4)
 
 
+@pytest.mark.parametrize("qname", IQ4)
+def test_iq4_bytes_match_ggml_when_the_torch_search_runs_in_slices(qname, search_backend, monkeypatch):
+    # a GPU chunk holds more groups than the torch search takes at once: here 5 at a time
+    if search_backend != "torch":
+        pytest.skip("the slices are the torch code's")
+    monkeypatch.setattr(iq4, "SEARCH_GROUPS", 5)
+    rng = _rng("iq4-slices", qname)
+    x = rng.standard_normal((4, _cols())) * 0.02
+    _assert_bytes_match(x, qname)
+    _assert_bytes_match(x, qname, rng.random(_cols()) ** 4)
+
+
 @pytest.mark.parametrize("qname", QUANTIZED)
 def test_bytes_match_ggml_with_an_importance_matrix(qname):
     """ggml_quantize_chunk(..., imatrix): Q4_K/Q5_K/Q6_K and Q5_0/Q5_1 take the _impl paths
     (weighted searches; make_qp_quants for the K scales; Q5_x weigh by their row's mean square);
-    Q8_0 ignores the weights, as ggml does."""
+    IQ4_NL/IQ4_XS weigh by their super-block's mean square; Q8_0 ignores the weights, as ggml does."""
     rng = _rng("imatrix", qname)
     cols = _cols()
     data = {f"normal x{scale}": rng.standard_normal((8, cols)) * scale for scale in (1e-4, 0.02, 1.0, 300.0)}
@@ -304,7 +321,8 @@ def test_dequantize_matches_ggml_on_arbitrary_block_bytes(qname):
     qtype = registry.get(qname)
     rng = _rng("rawbytes", qname)
     raw = rng.integers(0, 256, size=(64, qtype.type_size), dtype=np.uint8)
-    fp16_fields = {"q8_0": [0], "q5_0": [0], "q5_1": [0, 2], "q4_0": [0], "q4_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208]}
+    fp16_fields = {"q8_0": [0], "q5_0": [0], "q5_1": [0, 2], "q4_0": [0], "q4_1": [0, 2], "q4_k": [0, 2], "q5_k": [0, 2], "q6_k": [208],
+                   "iq4_nl": [0], "iq4_xs": [0]}
     for off in fp16_fields[qname]:
         raw[:, off:off + 2] = np.frombuffer(
             rng.standard_normal(64).astype(np.float16).tobytes(), dtype=np.uint8).reshape(64, 2)

@@ -24,6 +24,8 @@ CASES = {
     "one-attn-v": (dict(tensor_types=[(r"blk\.0\.attn_v", "q4_0")]), ["--tensor-type", r"blk\.0\.attn_v=q4_0"]),
     "named-tensors": (dict(output_tensor_type="q8_0", token_embedding_type="q4_k", tensor_types=[("output", "q4_0")]),
                       ["--output-tensor-type", "q8_0", "--token-embedding-type", "q4_k", "--tensor-type", "output=q4_0"]),
+    "iq4-tensor-types": (dict(tensor_types=[("ffn_up", "iq4_xs"), ("attn_q", "iq4_nl")]),
+                         ["--tensor-type", "ffn_up=iq4_xs", "--tensor-type", "attn_q=iq4_nl"]),
     "pure": (dict(pure=True), ["--pure"]),
     "pure-and-types": (dict(pure=True, tensor_types=[("ffn_up", "q4_0")]), ["--pure", "--tensor-type", "ffn_up=q4_0"]),
 }
@@ -69,6 +71,8 @@ def test_dry_run_names_the_override(model):
     (["--tensor-type", "attn_vv=q8_0"], ["'attn_vv' matches no weight matrix"]),
     (["--output-tensor-type", "q7"], ["--output-tensor-type", "unknown type 'q7'"]),
     (["--tensor-type", "attn_v=q4_k"], ["attn_v", "q4_k needs rows divisible by 256", "64 columns"]),
+    (["--tensor-type", "attn_v=iq4_xs"], ["attn_v", "iq4_xs needs rows divisible by 256", "64 columns"]),
+    (["--token-embedding-type", "iq4_xs"], ["--token-embedding-type", "iq4_xs needs rows divisible by 256"]),
 ])
 def test_bad_overrides_are_refused_before_any_work(tiny_model, tmp_path, flags, fragments):
     out = tmp_path / "out"

@@ -50,6 +50,15 @@ def test_every_command_has_help_with_an_example(command):
     assert "Example" in r.output and "quantkit " in r.output
 
 
+def test_export_help_lists_every_gguf_type_the_plan_knows():
+    import re
+
+    from quantkit.plan import VARIANTS
+    r = CliRunner().invoke(main, ["export", "--help"])
+    listed = re.search(r"Types:\s*([a-z0-9_,\s]+)\.", r.output).group(1)
+    assert [t.strip() for t in listed.split(",")] == list(VARIANTS)
+
+
 def test_run_from_the_checkout_our_kernels_folder_never_passes_for_the_pypi_package():
     # python -c / -m put the working directory on sys.path: from the repository root, kernels/ is found
     # as the top-level `kernels`, a PyPI package transformers depends on and imports. Importing it there
