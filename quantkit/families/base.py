@@ -316,7 +316,8 @@ class Family:
     def source_tensors(self, model: HFModel, hp: HParams) -> list[SourceTensor]:
         """The GGUF tensors, in llama-quantize's order (non-layer tensors, then by layer; by name),
         after checking the checkpoint holds exactly the template's tensors with its shapes (and
-        those skipped_tensors names)."""
+        those skipped_tensors names); a layer whose experts the checkpoint holds fused is checked
+        against the fused template (fused_experts), and its stacks read the fused tensors."""
         skipped = set(self.skipped_tensors(model))
         actual = self.checkpoint_names(model)        # template name → the checkpoint's
         refs = {name: model.tensors[a] for name, a in actual.items() if a not in skipped}
