@@ -276,6 +276,16 @@ def _check_replacement(target: str, tensor: torch.Tensor, base: HFModel, key: st
         raise InputError(f"adapter tensor {key!r} has dtype {tensor.dtype}", where)
 
 
+def _fused_experts(module: str, base: HFModel) -> str | None:
+    """The fused experts tensor ([experts, rows, cols], transformers 5's layout) of the base that a
+    LoRA module falls on: the experts module itself (peft's target_parameters), or one expert's linear
+    (experts.N.gate_proj) of a base that holds them fused."""
+    stem = re.sub(r"\.experts\.\d+\..*$", ".experts", module)
+    fused = sorted(n for n, r in base.tensors.items() if n.startswith(stem + ".") and len(r.shape) == 3)
+    linear = module.rsplit(".", 1)[-1].removesuffix("_proj")       # gate_proj's rows are in gate_up_proj
+    return next((n for n in fused if linear in n.rsplit(".", 1)[-1]), fused[0] if fused else None)
+
+
 def _make_term(module: str, p: dict[str, torch.Tensor], config: dict, base: HFModel, weight: float,
                where: Path) -> LoraTerm:
     target = f"{module}.weight"
@@ -287,6 +297,10 @@ def _make_term(module: str, p: dict[str, torch.Tensor], config: dict, base: HFMo
         raise UnsupportedError("the adapter has LoRA on lm_head of a model with tied embeddings; "
                                "peft would change the embeddings with it. Untie the model first", where)
     if target not in base.tensors:
+        fused = _fused_experts(module, base)
+        if fused is not None:
+            raise UnsupportedError(f"adapter module {module!r}: LoRA on experts the base holds fused in one tensor "
+                                   f"({fused!r}) is not supported yet", where)
         raise InputError(f"adapter module {module!r} matches no tensor of the base ({target!r})", where)
     if not _targets_allow(config, module):
         raise InputError(f"adapter module {module!r} is not among target_modules {config.get('target_modules')}", where)

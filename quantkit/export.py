@@ -64,9 +64,12 @@ def row_chunks(t: SourceTensor, max_values: int = CHUNK_VALUES) -> Iterator[slic
 
 def fetch(model: HFModel, t: SourceTensor, rows: slice) -> torch.Tensor | None:
     """Rows of one GGUF tensor's source as read (I/O only: see HFModel.fetch), or the generated tensor.
-    For a stack (MoE experts) the rows are whole parts: each is read whole, one after the other."""
+    For a stack (MoE experts) the rows are whole experts: each is read whole, one after the other,
+    from its own tensor or, fused, as its rows of the fused tensor (one byte range each)."""
     if t.generate is not None:
         return t.generate()
+    if t.fused is not None:
+        return torch.stack([model.fetch_expert(t.hf_name, e, *t.fused) for e in range(*rows.indices(t.shape[0]))])
     if t.parts:
         return torch.stack([model.fetch(p, 0, model.tensors[p].shape[0]) for p in t.parts[rows]])
     return model.fetch(t.hf_name, rows.start, rows.stop)
@@ -74,6 +77,9 @@ def fetch(model: HFModel, t: SourceTensor, rows: slice) -> torch.Tensor | None:
 
 def finish(model: HFModel, t: SourceTensor, rows: slice, x: torch.Tensor) -> torch.Tensor:
     """What the model adds to the rows read (a merged adapter's delta), part by part for a stack."""
+    if t.fused is not None:
+        return torch.stack([model.finish_expert(t.hf_name, e, *t.fused, x[i])
+                            for i, e in enumerate(range(*rows.indices(t.shape[0])))])
     if t.parts:
         return torch.stack([model.finish(p, 0, x.shape[1], x[i]) for i, p in enumerate(t.parts[rows])])
     return model.finish(t.hf_name, rows.start, rows.stop, x)
@@ -86,6 +92,9 @@ def source_nbytes(model: HFModel, t: SourceTensor, rows: slice | None = None) ->
     if t.parts:
         return sum(model.tensors[p].nbytes for p in t.parts[rows or slice(None)])
     ref = model.tensors[t.hf_name]
+    if t.fused is not None:         # its share of the fused tensor
+        n = len(range(*(rows or slice(None)).indices(t.shape[0])))
+        return ref.nbytes * n * (t.fused[1] - t.fused[0]) // (ref.shape[0] * ref.shape[1])
     if rows is None:
         return ref.nbytes
     return ref.nbytes * (rows.stop - rows.start) // (ref.shape[0] if ref.shape else 1)
@@ -148,14 +157,14 @@ def load_imatrix(path: Path, plans: list[TensorPlan]) -> tuple[dict[str, torch.T
         t, w = p.tensor, weights.get(p.tensor.gguf_name)
         if w is None:
             continue
-        cols, experts = t.shape[-1], (t.shape[0] if t.parts else 1)
-        if t.parts and w.numel() != cols * experts and w.numel() % cols == 0:
+        cols, experts = t.shape[-1], (t.shape[0] if t.stacked else 1)
+        if t.stacked and w.numel() != cols * experts and w.numel() % cols == 0:
             raise InputError(f"imatrix for {t.gguf_name} holds {w.numel() // cols} experts, the model has {experts}: "
                              "it was made for another model", path)
         if w.numel() != cols * experts:
             raise InputError(f"imatrix for {t.gguf_name} has {w.numel()} values, the tensor has {cols} columns"
-                             + (f" x {experts} experts" if t.parts else "") + ": it was made for another model", path)
-        weights[t.gguf_name] = w.reshape(experts, cols) if t.parts else w
+                             + (f" x {experts} experts" if t.stacked else "") + ": it was made for another model", path)
+        weights[t.gguf_name] = w.reshape(experts, cols) if t.stacked else w
     covered = [p.tensor.gguf_name for p in plans if p.tensor.gguf_name in weights]
     if not covered:
         raise InputError("the imatrix covers none of this model's tensors: it was made for another model", path)
@@ -251,7 +260,7 @@ def resolve_auto(model: HFModel, hp, sources, plans: list[TensorPlan], variants:
     for p in plans:
         t = p.tensor
         c = p.choices[next(v.name for v in variants if v.target)]
-        if (c.qtype in ("f32", "f16", "bf16") or c.reason.startswith("override") or t.parts or not t.hf_name
+        if (c.qtype in ("f32", "f16", "bf16") or c.reason.startswith("override") or t.stacked or not t.hf_name
                 or len(t.shape) != 2):
             continue
         searched[t.gguf_name] = (t.hf_name, t.shape)

@@ -181,12 +181,25 @@ class HFModel:
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a tensor (along its first dimension), as stored."""
         ref = self.tensors[name]
-        if ref.dtype not in FLOAT_DTYPES:
-            raise InputError(f"tensor {name!r} has dtype {ref.dtype}; expected BF16, F16 or F32", ref.shard)
         rows = ref.shape[0] if ref.shape else 1
-        row_bytes = ref.nbytes // rows if rows else 0
         assert 0 <= start <= stop <= rows, (name, start, stop, rows)
-        n = (stop - start) * row_bytes
+        return self._read(ref, start * (ref.nbytes // rows if rows else 0), (stop - start, *ref.shape[1:])
+                          if ref.shape else ())
+
+    def read_expert_rows(self, name: str, expert: int, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of tensor[expert] (a fused [experts, rows, cols] tensor), as stored:
+        one contiguous byte range, whatever the rest of the tensor holds."""
+        ref = self.tensors[name]
+        assert len(ref.shape) == 3 and 0 <= expert < ref.shape[0] and 0 <= start <= stop <= ref.shape[1], \
+            (name, expert, start, stop, ref.shape)
+        row_bytes = ref.nbytes // (ref.shape[0] * ref.shape[1]) if ref.nbytes else 0
+        return self._read(ref, (expert * ref.shape[1] + start) * row_bytes, (stop - start, ref.shape[2]))
+
+    def _read(self, ref: TensorRef, skip: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """`shape`'s values of a tensor from `skip` bytes into it, with pread into a fresh buffer."""
+        if ref.dtype not in FLOAT_DTYPES:
+            raise InputError(f"tensor {ref.name!r} has dtype {ref.dtype}; expected BF16, F16 or F32", ref.shard)
+        n = math.prod(shape) * DTYPE_BYTES[ref.dtype]
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
@@ -194,17 +207,16 @@ class HFModel:
             fd = os.open(ref.shard, os.O_RDONLY)
             try:
                 while got < n:     # one read returns at most ~2 GiB on Linux
-                    k = os.preadv(fd, [view[got:]], ref.offset + start * row_bytes + got)
+                    k = os.preadv(fd, [view[got:]], ref.offset + skip + got)
                     if k == 0:
                         break
                     got += k
             finally:
                 os.close(fd)
         except OSError as e:
-            raise InputError(f"cannot read tensor {name!r}: {e.strerror or e}", ref.shard) from None
+            raise InputError(f"cannot read tensor {ref.name!r}: {e.strerror or e}", ref.shard) from None
         if got != n:
-            raise InputError(f"truncated safetensors file: tensor {name!r} is cut short", ref.shard)
-        shape = (stop - start, *ref.shape[1:]) if ref.shape else ()
+            raise InputError(f"truncated safetensors file: tensor {ref.name!r} is cut short", ref.shard)
         return torch.frombuffer(buf, dtype=FLOAT_DTYPES[ref.dtype]).reshape(shape) if n else \
             torch.empty(shape, dtype=FLOAT_DTYPES[ref.dtype])
 
@@ -214,6 +226,13 @@ class HFModel:
         return self.read_rows(name, start, stop)
 
     def finish(self, name: str, start: int, stop: int, fetched: torch.Tensor) -> torch.Tensor:
+        return fetched
+
+    # the same for rows of one expert of a fused [experts, rows, cols] tensor
+    def fetch_expert(self, name: str, expert: int, start: int, stop: int) -> torch.Tensor:
+        return self.read_expert_rows(name, expert, start, stop)
+
+    def finish_expert(self, name: str, expert: int, start: int, stop: int, fetched: torch.Tensor) -> torch.Tensor:
         return fetched
 
     def total_bytes(self) -> int:

@@ -72,7 +72,7 @@ def linear_names(model: HFModel) -> dict[str, str]:
 
 def expert_names(model: HFModel) -> set[str]:
     """The GGUF names of the experts' stacks (one imatrix row per expert)."""
-    return {t.gguf_name for t in family_of(model).source_tensors(model, hparams_of(model)) if t.parts}
+    return {t.gguf_name for t in family_of(model).source_tensors(model, hparams_of(model)) if t.stacked}
 
 
 def _transformers_version() -> str:

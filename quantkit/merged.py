@@ -134,6 +134,18 @@ class MergedModel(HFModel):
                              self.base.path)
         return out.to(self.dtype)
 
+    def fetch_expert(self, name: str, expert: int, start: int, stop: int) -> torch.Tensor:
+        """Rows of one expert of a fused experts tensor; the expert whole where an op (a residual)
+        applies, as ops work on rows of the first dimension."""
+        if self.ops.get(name):
+            return self.base.read_rows(name, expert, expert + 1)
+        return self.base.read_expert_rows(name, expert, start, stop)
+
+    def finish_expert(self, name: str, expert: int, start: int, stop: int, fetched: torch.Tensor) -> torch.Tensor:
+        if self.ops.get(name):
+            return self.finish(name, expert, expert + 1, fetched)[0, start:stop]
+        return fetched.to(self.dtype)
+
     def total_bytes(self) -> int:
         return self.base.total_bytes()
 

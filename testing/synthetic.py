@@ -112,6 +112,22 @@ def write_checkpoint(dest: Path, cfg: dict, tokenizer_dir: Path | None = None, *
     return dest
 
 
+def save_fused_experts(src: Path, dest: Path) -> Path:
+    """The MoE checkpoint in `src` saved again by transformers with its experts fused as it holds
+    them (save_pretrained(save_original_format=False): mlp.experts.gate_up_proj [experts, 2 x ffn,
+    hidden], mlp.experts.down_proj [experts, hidden, ffn]), the tokenizer and generation config
+    copied: the layout is transformers', not quantkit's template."""
+    import transformers
+
+    dest = Path(dest)
+    model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    model.save_pretrained(dest, save_original_format=False)
+    for f in (*TOKENIZER_FILES, "generation_config.json"):
+        if (Path(src) / f).exists():
+            shutil.copyfile(Path(src) / f, dest / f)
+    return dest
+
+
 def _write_header_only(path: Path, shard: list[tuple[str, tuple[int, ...]]], dtype: torch.dtype) -> int:
     """A safetensors file with the header of `shard` and a hole for its data; returns the data bytes."""
     esize = torch.empty(0, dtype=dtype).element_size()

@@ -113,6 +113,14 @@ class SourceTensor:
     # a stack of checkpoint tensors along a new first axis (MoE experts): their names, in order;
     # shape is then (len(parts), *part shape) and rows are counted along that first axis
     parts: tuple[str, ...] = ()
+    # a stack read from one fused checkpoint tensor (hf_name) [n_expert, rows, cols]: the rows
+    # [start, stop) of each expert it takes (gate_up_proj's gate half, its up half, or all of down_proj)
+    fused: tuple[int, int] | None = None
+
+    @property
+    def stacked(self) -> bool:
+        """A stack of experts (one matrix per expert along the first axis)."""
+        return bool(self.parts) or self.fused is not None
 
     @property
     def layer(self) -> int:
@@ -190,15 +198,38 @@ class Family:
                 "post_attention_layernorm.weight": (h,),
                 "mlp.gate_proj.weight": (f, h), "mlp.up_proj.weight": (f, h), "mlp.down_proj.weight": (h, f)}
 
-    def tensor_shapes(self, hp: HParams) -> dict[str, Shape]:
-        """Every HF tensor the checkpoint holds, with its shape, in the order HF writes them."""
+    def tensor_shapes(self, hp: HParams, fused: frozenset[int] | set[int] = frozenset()) -> dict[str, Shape]:
+        """Every HF tensor the checkpoint holds, with its shape, in the order HF writes them; the
+        layers in `fused` with their experts fused (fused_experts) in place of one tensor per expert."""
         out = {f"{self.embeddings}.weight": (hp.n_vocab, hp.n_embd)}
+        stacks = self.stacked_tensors(hp) if fused else {}
         for i in range(hp.n_layer):
-            out |= {f"{self.layer_prefix(i)}{k}": s for k, s in self.layer_tensors(hp).items()}
+            layer = {f"{self.layer_prefix(i)}{k}": s for k, s in self.layer_tensors(hp).items()}
+            if i in fused:
+                layer = self._fuse(hp, i, layer, stacks)
+            out |= layer
         out[f"{self.final_norm}.weight"] = (hp.n_embd,)
         if not hp.tied:
             out[f"{self.head}.weight"] = (hp.n_vocab, hp.n_embd)
         return out
+
+    def _fuse(self, hp: HParams, i: int, layer: dict[str, Shape], stacks: dict[str, tuple[str, ...]]) -> dict[str, Shape]:
+        """A layer's tensors with its experts fused: the fused tensors where the first expert was."""
+        pre, fused = self.layer_prefix(i), self.fused_experts(hp)
+        per_expert = {p for fname, (_, feeds) in fused.items() for s in feeds for p in stacks[pre + s]}
+        first = next(n for n in layer if n in per_expert)
+        out: dict[str, Shape] = {}
+        for n, s in layer.items():
+            if n == first:
+                out |= {pre + fname: shape for fname, (shape, _) in fused.items()}
+            if n not in per_expert:
+                out[n] = s
+        return out
+
+    def fused_layers(self, names, hp: HParams) -> set[int]:
+        """The layers whose experts the checkpoint (its tensors by template name) holds fused."""
+        fused = self.fused_experts(hp)
+        return {i for i in range(hp.n_layer) if any(self.layer_prefix(i) + f in names for f in fused)}
 
     def layer_prefix(self, i: int) -> str:
         return f"{self.decoder_layers}.{i}."
@@ -285,11 +316,13 @@ class Family:
     def source_tensors(self, model: HFModel, hp: HParams) -> list[SourceTensor]:
         """The GGUF tensors, in llama-quantize's order (non-layer tensors, then by layer; by name),
         after checking the checkpoint holds exactly the template's tensors with its shapes (and
-        those skipped_tensors names)."""
+        those skipped_tensors names); a layer whose experts the checkpoint holds fused is checked
+        against the fused template (fused_experts), and its stacks read the fused tensors."""
         skipped = set(self.skipped_tensors(model))
         actual = self.checkpoint_names(model)        # template name → the checkpoint's
         refs = {name: model.tensors[a] for name, a in actual.items() if a not in skipped}
-        expected = self.tensor_shapes(hp)
+        fused = self.fused_layers(refs, hp)
+        expected = self.tensor_shapes(hp, fused)
         for name, shape in expected.items():
             if name not in refs:
                 raise InputError(f"missing tensor {name!r}", model.path)
@@ -307,13 +340,20 @@ class Family:
         names = gguf.get_tensor_name_map(self.gguf_arch, hp.n_layer)
         out: list[SourceTensor] = []
         stacks = self.stacked_tensors(hp)
+        from_fused = {pre + s: (pre + fname, rows) for pre in (self.layer_prefix(i) for i in fused)
+                      for fname, (_, feeds) in self.fused_experts(hp).items() for s, rows in feeds.items()}
         for stacked, parts in stacks.items():
             gname = names.get_name(self.mapped_name(stacked), try_suffixes=(".weight", ".bias"))
             if gname is None:
                 raise UnsupportedError(f"no GGUF name for tensor {stacked!r}", model.path)
+            if stacked in from_fused:       # expert e's rows [start, stop) of the fused tensor
+                fname, (start, stop) = from_fused[stacked]
+                shape = expected[fname]
+                out.append(SourceTensor(gname, actual[fname], (shape[0], stop - start, *shape[2:]), fused=(start, stop)))
+                continue
             shape = (len(parts), *expected[parts[0]])
             out.append(SourceTensor(gname, actual[parts[0]], shape, parts=tuple(actual[p] for p in parts)))
-        in_stacks = {p for parts in stacks.values() for p in parts}
+        in_stacks = {p for parts in stacks.values() for p in parts} | {f for f, _ in from_fused.values()}
         for hf_name, shape in expected.items():
             if hf_name in in_stacks:
                 continue
@@ -328,6 +368,14 @@ class Family:
     def stacked_tensors(self, hp: HParams) -> dict[str, tuple[str, ...]]:
         """GGUF tensors that stack several checkpoint tensors (a layer's experts), by the template
         name the tensor map knows the stack by: {name: the stacked template names, in order}."""
+        return {}
+
+    def fused_experts(self, hp: HParams) -> dict[str, tuple[Shape, dict[str, tuple[int, int]]]]:
+        """A layer's experts fused as transformers 5 holds them (and saves them with
+        save_pretrained(save_original_format=False)), where llama.cpp's converter reads that layout:
+        {fused tensor (relative to the layer): (its shape [n_expert, rows, cols], {each stack it
+        feeds, by its stacked_tensors name relative to the layer: the rows [start, stop) of every
+        expert})}. Empty where the converter reads one tensor per expert only."""
         return {}
 
     def checkpoint_names(self, model: HFModel) -> dict[str, str]:

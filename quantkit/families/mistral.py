@@ -8,7 +8,7 @@ Mistral's sliding window is not written (the converter writes none for llama).
 """
 from __future__ import annotations
 
-from ..errors import InputError
+from ..errors import InputError, UnsupportedError
 from .base import BPE, SPM, TINY, TestFixture, register
 from .llama import Llama
 
@@ -98,3 +98,14 @@ class Mixtral(Llama):
 
     def hparam_kv(self, hp):
         return self.with_expert_kv(hp, super().hparam_kv(hp))
+
+    def checkpoint_names(self, model):
+        # transformers 5's fused layout (save_pretrained(save_original_format=False): mlp.gate,
+        # mlp.experts.gate_up_proj / down_proj) is not one llama.cpp's converter reads for Mixtral
+        fused = next((n for n in model.tensors if ".mlp.experts.gate_up_proj" in n or ".mlp.experts.down_proj" in n), None)
+        if fused is not None:
+            raise UnsupportedError(f"tensor {fused!r}: Mixtral experts fused in one tensor are not supported (llama.cpp's "
+                                   "converter reads block_sparse_moe.experts.N.w1/w2/w3); save the model with "
+                                   "transformers' save_pretrained(save_original_format=True), its default",
+                                   model.tensors[fused].shard)
+        return super().checkpoint_names(model)

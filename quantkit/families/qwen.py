@@ -101,13 +101,19 @@ EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj")
 
 
 class _Experts(Family):
-    """Qwen's MoE layers: the dense MLP replaced by a router (mlp.gate) and experts stored one tensor
-    per expert (as published, and as transformers 5 saves them; its in-memory fused experts are not the
-    file layout), stacked into llama.cpp's ffn_{gate,up,down}_exps and read expert by expert."""
+    """Qwen's MoE layers: the dense MLP replaced by a router (mlp.gate) and experts stacked into
+    llama.cpp's ffn_{gate,up,down}_exps, read expert by expert. Two layouts on disk, layer by layer:
+    one tensor per expert (as published, and as transformers 5's save_pretrained writes by default),
+    or fused as transformers 5 holds them (save_pretrained(save_original_format=False)): gate_up_proj
+    [n_expert, 2 x ffn, hidden] (each expert's gate rows, then its up rows) and down_proj [n_expert,
+    hidden, ffn], with or without a `.weight` suffix, as the converter reads them."""
     gptq_groups = ()        # experts are not Linear modules in transformers 5: no GPTQ yet
 
     def complete_config(self, c, path=None):
         c = {"decoder_sparse_step": 1, "mlp_only_layers": [], "num_experts_per_tok": 8, **c}
+        if c.get("num_local_experts") is not None:
+            # transformers 5 saves Qwen3-MoE's num_experts under this name; the converter reads it first
+            c["num_experts"] = c["num_local_experts"]
         if c["decoder_sparse_step"] != 1 or c["mlp_only_layers"]:
             raise UnsupportedError("dense MLP layers among the expert layers (decoder_sparse_step / mlp_only_layers) "
                                    "are not supported", path)
@@ -130,6 +136,17 @@ class _Experts(Family):
 
     def shared_expert(self, hp) -> list:
         return []
+
+    def fused_experts(self, hp):
+        h, f, n = hp.n_embd, hp.config["moe_intermediate_size"], hp.n_expert
+        return {"mlp.experts.gate_up_proj": ((n, 2 * f, h), {"mlp.experts.gate_proj.weight": (0, f),
+                                                               "mlp.experts.up_proj.weight": (f, 2 * f)}),
+                "mlp.experts.down_proj": ((n, h, f), {"mlp.experts.down_proj.weight": (0, h)})}
+
+    def checkpoint_names(self, model):
+        # the converter reads the fused tensors with a `.weight` suffix too
+        fused = tuple(f".{n}.weight" for n in ("mlp.experts.gate_up_proj", "mlp.experts.down_proj"))
+        return {n.removesuffix(".weight") if n.endswith(fused) else n: n for n in model.tensors}
 
     def stacked_tensors(self, hp):
         return {f"{self.layer_prefix(i)}mlp.experts.{m}.weight":
