@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="HF bf16 model directory (default: the bundled SmolLM2)")
     ap.add_argument("--auto", default="auto:q4_k_m", help="the measured mix(es), comma-separated")
+    ap.add_argument("--imatrix", type=Path, help="an imatrix GGUF to use (default: made here, from generated text)")
     ap.add_argument("--calib-samples", type=int, default=64, help="imatrix samples")
     ap.add_argument("--calib-seqlen", type=int, default=512)
     ap.add_argument("--auto-samples", type=int, default=0, help="sensitivity pass samples (0: quantkit's default)")
@@ -45,8 +46,11 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         work = a.work or Path(tmp)
         t0 = time.perf_counter()
-        im = imx.collect(model, n_samples=a.calib_samples, seqlen=a.calib_seqlen, device=a.device)
-        path = imx.write(im, work / "imatrix.gguf")
+        if a.imatrix:
+            path = a.imatrix
+        else:
+            im = imx.collect(model, n_samples=a.calib_samples, seqlen=a.calib_seqlen, device=a.device)
+            path = imx.write(im, work / "imatrix.gguf")
         t_imatrix = time.perf_counter() - t0
         plain = export_gguf(model, parse_variants("q4_k_m"), work / "plain", device=a.device).files
         weighted_types = "q4_k_m" + (",iq4_xs" if "iq4_xs" in qreg.QUANT_TYPES else "")

@@ -261,7 +261,7 @@ def resolve_auto(model: HFModel, hp, sources, plans: list[TensorPlan], variants:
         t = p.tensor
         c = p.choices[next(v.name for v in variants if v.target)]
         if (c.qtype in ("f32", "f16", "bf16") or c.reason.startswith("override") or t.stacked or not t.hf_name
-                or len(t.shape) != 2):
+                or len(t.shape) != 2 or not mix.ladder(t.shape[-1])):
             continue
         searched[t.gguf_name] = (t.hf_name, t.shape)
     measured = mix.measure(model.path, searched, weights, settings.calib, settings.n_samples, settings.seqlen,

@@ -36,10 +36,10 @@ from quantkit.kernels import registry as qreg
 
 from .errors import InputError, UnsupportedError
 
-# the candidate types, by the block their rows need; a tensor's ladder is those that divide its rows
-LADDER_256 = ("q4_k", "q5_k", "q6_k", "q8_0")
-LADDER_32 = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
-OPTIONAL = {"iq4_xs": 256, "iq4_nl": 32}       # used when the registry has them
+# the candidate types: the K-quants (and IQ4_XS) for rows of a multiple of 256, the 32-value block
+# types for the other rows (the types llama.cpp's own mixtures fall back to)
+LADDER_256 = ("iq4_xs", "q4_k", "q5_k", "q6_k", "q8_0")
+LADDER_32 = ("q4_0", "iq4_nl", "q4_1", "q5_0", "q5_1", "q8_0")
 STEPS = 20000                                   # budget resolution of the knapsack
 ALIGN = 32                                      # GGUF aligns every tensor's data
 
@@ -72,9 +72,9 @@ def parse_target(spec: str, known: dict) -> Target:
 
 
 def ladder(ncols: int) -> list[str]:
-    types = [t for t in LADDER_256 + LADDER_32 if ncols % qreg.get(t).block_size == 0]
-    types += [t for t, b in OPTIONAL.items() if t in qreg.QUANT_TYPES and ncols % b == 0]
-    return sorted(dict.fromkeys(types), key=lambda t: qreg.get(t).type_size / qreg.get(t).block_size)
+    """The types a tensor of rows of `ncols` values may take, smallest first ([] if none fits)."""
+    types = LADDER_256 if ncols % 256 == 0 else LADDER_32 if ncols % 32 == 0 else ()
+    return sorted(types, key=lambda t: qreg.get(t).type_size / qreg.get(t).block_size)
 
 
 def tensor_nbytes(shape: tuple[int, ...], qtype: str) -> int:

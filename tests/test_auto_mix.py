@@ -64,7 +64,8 @@ def auto_export(tmp_path_factory):
     if llamacpp_ref.llamacpp_src() is None:
         pytest.skip("llama.cpp sources (convert_hf_to_gguf.py) not unpacked: run `make install-test`")
     root = tmp_path_factory.mktemp("auto")
-    m = synthetic.write_checkpoint(root / "llama3-tiny", synthetic.preset_config("llama3-tiny"), FIX / "llama3")
+    # 256 wide (the K-quant and IQ4_XS ladders), a 32k SentencePiece vocabulary, untied output
+    m = synthetic.write_checkpoint(root / "mistral-tiny", synthetic.preset_config("mistral-tiny"), FIX / "mistral-v3")
     calib = root / "calib.txt"         # calibration text: this project's own docs
     calib.write_text("\n\n".join(p.read_text() for p in sorted((Path(__file__).parents[1] / "docs").glob("*.md"))))
     out = root / "out"
