@@ -190,7 +190,7 @@ def measure(model_dir: Path, searched: dict[str, tuple[str, tuple[int, ...]]], w
             logits = torch.tanh(logits / cap) * cap
         return torch.log_softmax(logits.reshape(-1, logits.shape[-1]), -1)
 
-    def first_inputs() -> torch.Tensor:
+    def first_inputs() -> tuple[torch.Tensor, dict]:
         # the samples run as one batch through the layers: the rotary tables and masks caught for
         # one sample broadcast over it
         xs, kw = layerwise.layer0_inputs(model, family, tokens, device, work)
@@ -236,15 +236,14 @@ def measure(model_dir: Path, searched: dict[str, tuple[str, tuple[int, ...]]], w
             w = original.float().reshape(-1, original.shape[-1])
             col = sq.get(hf_name)
             col = (col / tokens.numel()).float() if col is not None else torch.ones(w.shape[-1])
-            errors, deq = {}, {}
-            for qtype in ladder(shape[-1]):
+            errors, probe_q = {}, None
+            for qtype in ladder(shape[-1]):           # smallest first: the first is the probe
                 qt = qreg.get(qtype)
                 q = qreg.dequantize_rows(qreg.quantize_rows(w, qt, weights.get(gname)), qt, w.shape[-1])
                 errors[qtype] = float((((w - q) ** 2).sum(0).double() * col.double()).sum())
-                if not deq:
-                    deq[qtype] = q
-            probe, q = next(iter(deq.items()))
-            p.data = q.reshape(original.shape).to(original.dtype)
+                probe_q = q if probe_q is None else probe_q
+            probe = ladder(shape[-1])[0]
+            p.data = probe_q.reshape(original.shape).to(original.dtype)
             try:
                 i = layer_of(hf_name)
                 if i is None:                       # the embedding (and a tied head) or the output head
