@@ -255,7 +255,6 @@ def resolve_auto(model: HFModel, hp, sources, plans: list[TensorPlan], variants:
     if type(model) is not HFModel:
         raise UnsupportedError("auto: types measure the merged model: merge it first (quantkit merge, or quantkit run, "
                                "which keeps a merged copy)", model.path)
-    ref_plan = plans
     searched = {}
     for p in plans:
         t = p.tensor
@@ -272,20 +271,18 @@ def resolve_auto(model: HFModel, hp, sources, plans: list[TensorPlan], variants:
         if not v.target:
             out.append(v)
             continue
-        fixed = sum(mix.tensor_nbytes(p.tensor.shape, p.choices[v.name].qtype) for p in ref_plan
-                    if p.tensor.gguf_name not in searched)
         note = {"target": v.target.spec}
-        if v.target.variant:
+        if v.target.variant:        # the named file's bytes for the searched tensors
             ref = VARIANTS[v.target.variant]
             ref_plans = make_plan(sources, hp, [ref], imatrix=imatrix, overrides=overrides)
-            budget = sum(mix.tensor_nbytes(p.tensor.shape, p.choices[ref.name].qtype) for p in ref_plans
-                         if p.tensor.gguf_name in searched)
             ref_types = {p.tensor.gguf_name: p.choices[ref.name].qtype for p in ref_plans if p.tensor.gguf_name in searched}
+            budget = sum(mix.tensor_nbytes(shapes[n], t) for n, t in ref_types.items())
             note |= {"reference": ref.label, "reference_bytes": variant_nbytes(ref_plans, ref),
                      "reference_predicted_kld": sum(measured.sensitivity[n].predicted(t) for n, t in ref_types.items())}
-        else:
-            values = sum(prod(p.tensor.shape) for p in ref_plan)
-            budget = int(v.target.bpw * values / 8) - fixed
+        else:                       # bits per weight over every tensor, less what the others take
+            fixed = sum(mix.tensor_nbytes(p.tensor.shape, p.choices[v.name].qtype) for p in plans
+                        if p.tensor.gguf_name not in searched)
+            budget = int(v.target.bpw * sum(prod(p.tensor.shape) for p in plans) / 8) - fixed
         types = mix.choose(shapes, measured, budget)
         assigned = {n: Choice(t, f"auto: predicted KLD {measured.sensitivity[n].predicted(t):.2e}")
                     for n, t in types.items()}

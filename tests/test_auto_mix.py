@@ -136,3 +136,14 @@ def test_auto_on_a_merge_on_the_fly_is_refused_before_any_work(tiny_model, tmp_p
                                   "-o", str(tmp_path / "o")])
     assert r.exit_code == 2 and "merge it first" in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_auto_bits_per_weight_stays_within_its_budget(tiny_model, tmp_path):
+    r = CliRunner().invoke(main, ["export", str(tiny_model), "--gguf", "auto:5.2", "--auto-samples", "1",
+                                  "--auto-seqlen", "32", "-q", "-o", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    (f,) = tmp_path.glob("*-AUTO-5.2BPW.gguf")
+    values = sum(int(np.prod(shape)) for _, _, shape in gguf_diff.tensors(f))
+    data = sum(t.n_bytes for t in gguf_diff.reader(f).tensors)
+    assert data <= 5.2 * values / 8
+    assert {qtype for _, qtype, _ in gguf_diff.tensors(f)} - {"F32"} <= {"Q4_0", "IQ4_NL", "Q4_1", "Q5_0", "Q5_1", "Q8_0"}
