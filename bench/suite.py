@@ -102,8 +102,9 @@ def check_disk(where: Path, model: HFModel, windows, top_k: int) -> None:
     where.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(where).free
     if need + 2**30 > free:
-        raise InputError(f"the baseline's log-probabilities over the whole vocabulary need {need / 1e9:.1f} GB "
-                         f"({windows.n_chunks} windows), {free / 1e9:.1f} GB are free: score fewer windows "
+        raise InputError(f"not enough disk space for the baseline's log-probabilities over the whole vocabulary: "
+                         f"they need {need / 1e9:.1f} GB ({windows.n_chunks} windows), {free / 1e9:.1f} GB are free: "
+                         f"score fewer windows "
                          f"(--limit-chunks), set QUANTKIT_CACHE to a larger disk, or use --top-k 128 "
                          f"(a compact approximation that reads low)", where)
 
