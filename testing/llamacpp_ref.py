@@ -144,3 +144,25 @@ def llama_quantize(inp: Path, out: Path, variant: str, *, nthread: int = 0, imat
     if rc != 0:
         raise RuntimeError(f"llama_model_quantize({inp}, {variant}) returned {rc}")
     return out
+
+
+def logits_agreement(model_dir: Path, gguf_path: Path, n_tokens: int = 48, seed: int = 1) -> tuple[float, float, float]:
+    """(mean cosine, min cosine, share of equal argmax) between transformers' float32 logits of the HF
+    model and llama.cpp's on the GGUF, over BOS (id 1) and n_tokens - 1 random token ids; llama.cpp
+    with a float32 KV cache (the default f16 one rounds k and v more than these comparisons allow)."""
+    import llama_cpp
+    import numpy as np
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    vocab = hf.config.get_text_config().vocab_size
+    ids = [1] + torch.randint(100, vocab, (n_tokens - 1,), generator=torch.Generator().manual_seed(seed)).tolist()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].double().numpy()
+    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=64, logits_all=True, verbose=False, type_k=0, type_v=0)
+    llm.eval(ids)
+    got = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
+    llm.close()
+    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
+    return float(cos.mean()), float(cos.min()), float((got.argmax(1) == ref.argmax(1)).mean())

@@ -147,24 +147,11 @@ def test_logits_agree_with_transformers(exported):
     """llama.cpp running our bf16 GGUF and transformers' fp32 forward of the same (bf16) checkpoint see
     the same model: what byte-identity to the converter cannot show on its own (a norm shift, a
     permute, a fused split both could get wrong)."""
-    import torch
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     family, ours, _ = exported
     model = ours.files["bf16"].parent.parent / f"{family}-tiny"
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    vocab = hf.config.get_text_config().vocab_size
-    ids = [1] + torch.randint(100, vocab, (47,), generator=torch.Generator().manual_seed(1)).tolist()
-    with torch.no_grad():
-        ref = hf(torch.tensor([ids])).logits[0].double().numpy()
-    # a float32 KV cache: the default f16 one rounds k and v more than the comparison allows
-    llm = llama_cpp.Llama(model_path=str(ours.files["bf16"]), n_ctx=64, logits_all=True, verbose=False,
-                          type_k=0, type_v=0)
-    llm.eval(ids)
-    got = np.asarray(llm.scores[:len(ids)], dtype=np.float64)
-    cos = (got * ref).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(ref, axis=1)
-    same = (got.argmax(1) == ref.argmax(1)).mean()
-    assert cos.mean() >= 0.999 and same >= 0.95, f"{family}: mean cosine {cos.mean():.5f} (min {cos.min():.5f}), " \
-                                                 f"same argmax at {same:.0%}"
+    cos, cos_min, same = llamacpp_ref.logits_agreement(model, ours.files["bf16"])
+    assert cos >= 0.999 and same >= 0.95, f"{family}: mean cosine {cos:.5f} (min {cos_min:.5f}), same argmax at {same:.0%}"
 
 
 # --- input dtypes, sharding and Qwen3 with its own output matrix -------------------------------
