@@ -13,6 +13,7 @@ from quantkit.errors import UnsupportedError
 from quantkit.outputs import write_text_atomic
 
 from . import vram
+from .decode import NEW as NEW_TOKENS
 
 # what the model-card notes call a variant
 NEAR_LOSSLESS_KLD = 0.005       # mean KLD below this: indistinguishable in practice (Q8_0 territory)
@@ -126,8 +127,41 @@ def markdown(results: dict) -> str:
     lines += ["", "— : the weights do not fit. Contexts are capped at the model's own maximum. Best: the variant "
               f"closest to the baseline (lowest mean KLD; the baseline itself where it fits) that runs "
               f"{vram.human_ctx(CARD_CONTEXT)} tokens of context on that GPU.", "",
-              "![quality](quality.png)", "", "![vram](vram.png)", "", model_card(results)]
+              *decode_table(results), "![quality](quality.png)", "", "![vram](vram.png)", "", model_card(results)]
     return "\n".join(lines) + "\n"
+
+
+def decode_table(results: dict) -> list[str]:
+    """Decode speed per GPU and variant, measured (m) where a GPU type ran it, estimated (e) from
+    memory bandwidth elsewhere; then who measured what."""
+    d = results.get("decode")
+    if not d:
+        return []
+    rows = _all_rows(results)
+    cal = (f"calibrated on {', '.join(d['calibrated_on'])}: {100 * d['efficiency']:.0f}% of the bandwidth reached"
+           if d["calibrated_on"] else f"uncalibrated: no GPU measured here, {100 * d['efficiency']:.0f}% of the "
+           "bandwidth assumed")
+    lines = [f"## Decode speed (tokens/s at {d['context']} tokens of context)", "",
+             "| GPU | " + " | ".join(_label(r) for r in rows) + " |", "| --- | " + " | ".join("---:" for _ in rows) + " |"]
+    for g, per in d["per_gpu"].items():
+        cells = []
+        for r in rows:
+            e = per.get(r["name"])
+            cells.append("—" if e is None else f"{e['tokens_per_s']:,.0f} " + ("(e)" if e["source"] == "estimated" else
+                                                                               "(m)" if e["source"] == "measured" else "(cpu)"))
+        lines.append(f"| {g} | " + " | ".join(cells) + " |")
+    lines += ["", f"(m) measured: {NEW_TOKENS} tokens decoded one at a time; (e) estimated: bandwidth × efficiency / bytes "
+              f"read per token (the active weights and the KV cache; {cal}); (cpu) measured on a node that has no "
+              "CUDA device, on its CPU. — : no bandwidth known.", ""]
+    who = results.get("measurements") or []
+    if who:
+        lines += ["| Measured | On | Node | Host | Device |", "| --- | --- | --- | --- | --- |"]
+        label = {r["name"]: _label(r) for r in rows}
+        for m in who:
+            lines.append(f"| {label.get(m['row'], m['row'])} | {m['gpu_type']} | {(m.get('node') or '')[:12]} | "
+                         f"{m.get('host', '')} | {m.get('gpu_name') or m['device']} |")
+        lines.append("")
+    return lines
 
 
 def model_card(results: dict) -> str:

@@ -17,7 +17,7 @@ import torch
 from quantkit.errors import InputError, UnsupportedError
 from quantkit.hfmodel import HFModel
 
-from . import evaluate, report, scoring, vram
+from . import decode, evaluate, report, scoring, vram
 from .backends import TransformersBackend, open_backend, variant_kind
 from .proc import machine
 
@@ -113,7 +113,22 @@ def run(baseline: Path, variants: list[Path], out_dir: Path, *, text: Path | Non
         device: str = "cpu", limit_chunks: int | None = None, gpus: dict[str, int] | None = None,
         top_k: int = evaluate.TOP_K, measure_vram: bool | None = None, progress: bool = True,
         name: str | None = None) -> dict:
-    baseline, out_dir = Path(baseline), Path(out_dir)
+    """The whole bench on this machine: score(), then measure_here() for every row when this machine
+    has a GPU (measure_vram), then finish()."""
+    results = score(baseline, variants, text=text, ctx=ctx, device=device, limit_chunks=limit_chunks, top_k=top_k,
+                    progress=progress, name=name)
+    measure = torch.cuda.is_available() if measure_vram is None else measure_vram
+    rows = [results["baseline"]] + results["variants"]
+    measurements = [measure_here(r, "cuda") for r in rows] if measure else []
+    return finish(results, measurements, gpus, out_dir)
+
+
+def score(baseline: Path, variants: list[Path], *, text: Path | None = None, ctx: int = 512, device: str = "cpu",
+          limit_chunks: int | None = None, top_k: int = evaluate.TOP_K, progress: bool = True,
+          name: str | None = None) -> dict:
+    """Perplexity, KLD and top-1 agreement of every variant against the baseline on the same windows:
+    the results dict without the per-GPU figures (finish() adds them)."""
+    baseline = Path(baseline)
     model = HFModel(baseline)
     if variant_kind(baseline) != "hf":
         raise UnsupportedError("the baseline must be an unquantized HF model directory (bf16/fp16)", baseline)
@@ -151,16 +166,7 @@ def run(baseline: Path, variants: list[Path], out_dir: Path, *, text: Path | Non
             backend.close()
         results_v.append({"name": Path(path).name, "path": str(path), "kind": kind, "backend": backend.kind,
                           "label": label(path, kind), "file_bytes": file_bytes(path), **r})
-
-    # VRAM: measured on a GPU (a fresh process per variant), else estimated from files and architecture
-    measure = torch.cuda.is_available() if measure_vram is None else measure_vram
-    for r in [base] + results_v:
-        if measure:
-            r["vram"] = vram.measure(Path(r["path"]), r["kind"])
-        else:
-            r["vram"] = vram.estimate(vram.weights_on_gpu(Path(r["path"]), r["kind"]), arch)
-    gpus = gpus if gpus is not None else dict(vram.GPU_CATALOG)
-    results = {
+    return {
         "quantkit_bench": 1, "date": dt.date.today().isoformat(), "machine": machine(),
         "model": name or model.config.get("_name_or_path") or baseline.name,
         "text": {"name": text.name, "path": str(text), "sha256": hashlib.sha256(raw.encode()).hexdigest(),
@@ -169,8 +175,43 @@ def run(baseline: Path, variants: list[Path], out_dir: Path, *, text: Path | Non
         "kld_over": "the whole vocabulary" if top_k == 0 else f"the baseline's top {top_k} tokens and the rest",
         "device": device, "contexts": list(vram.CONTEXTS),
         "arch": {**arch.__dict__, "kv_mib_per_1k_tokens": round(arch.kv_bytes_per_token() * 1024 / 2**20, 1)},
-        "baseline": base, "variants": results_v, "gpus": gpus,
-        "fits": vram.gpu_fits({r["name"]: r["vram"] for r in [base] + results_v}, arch, gpus),
+        "baseline": base, "variants": results_v,
     }
-    report.write(results, out_dir)
+
+
+def measure_here(row: dict, device: str, gpu_type: str | None = None) -> dict:
+    """One row (baseline or variant, as score() gives them) measured on this process's `device`: the
+    decode speed, and on a GPU the VRAM (in a fresh process). `gpu_type`: what the scheduler asked
+    for (a Ray accelerator type), else the device's own name."""
+    import os
+    import socket
+    on_gpu = device.startswith("cuda") and torch.cuda.is_available()
+    device = device if on_gpu else "cpu"
+    props = torch.cuda.get_device_properties(device) if on_gpu else None
+    path, kind = Path(row["path"]), row["kind"]
+    return {"row": row["name"], "gpu_type": gpu_type or (props.name if props else "cpu"),
+            "gpu_name": props.name if props else None,
+            "total_mib": round(props.total_memory / 2**20) if props else None, "device": device,
+            "host": socket.gethostname(), "pid": os.getpid(), "node": None,
+            "vram": vram.measure(path, kind) if on_gpu else None,
+            "decode": decode.measure(path, kind, device)}
+
+
+def finish(results: dict, measurements: list[dict], gpus: dict[str, int] | None, out_dir: Path) -> dict:
+    """The per-GPU figures and the report: VRAM measured where a GPU measured the row, else
+    estimated; which GPU fits what; decode speed measured or estimated per GPU (decode.summarize)."""
+    model = HFModel(results["baseline"]["path"])
+    arch = vram.Arch.from_config(model.config)
+    rows = [results["baseline"]] + results["variants"]
+    vram_measured = {m["row"]: m["vram"] for m in measurements if m.get("vram")}
+    for r in rows:
+        r["vram"] = vram_measured.get(r["name"]) or vram.estimate(vram.weights_on_gpu(Path(r["path"]), r["kind"]), arch)
+    gpus = gpus if gpus is not None else dict(vram.GPU_CATALOG)
+    kv = arch.kv_bytes_per_token() * decode.CONTEXT
+    per_token = {r["name"]: decode.active_weight_bytes(Path(r["path"]), r["kind"], arch.experts, arch.experts_used) + kv
+                 for r in rows}
+    results.update(gpus=gpus, measurements=measurements,
+                   fits=vram.gpu_fits({r["name"]: r["vram"] for r in rows}, arch, gpus),
+                   decode=decode.summarize(per_token, measurements, gpus))
+    report.write(results, Path(out_dir))
     return results

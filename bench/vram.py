@@ -95,13 +95,16 @@ class Arch:
     ffn: int
     vocab: int
     max_ctx: int
+    experts: int = 0            # a mixture of experts: how many, and how many a token uses
+    experts_used: int = 0
 
     @classmethod
     def from_config(cls, cfg: dict) -> Arch:
         heads = cfg["num_attention_heads"]
         return cls(cfg["num_hidden_layers"], cfg.get("num_key_value_heads") or heads,
                    cfg.get("head_dim") or cfg["hidden_size"] // heads, cfg["hidden_size"], cfg["intermediate_size"],
-                   cfg["vocab_size"], cfg.get("max_position_embeddings", 0))
+                   cfg["vocab_size"], cfg.get("max_position_embeddings", 0),
+                   cfg.get("num_local_experts") or cfg.get("num_experts") or 0, cfg.get("num_experts_per_tok") or 0)
 
     def kv_bytes_per_token(self, bytes_per_value: int = 2) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * bytes_per_value

@@ -520,15 +520,19 @@ def init(path, force):
 
 
 @main.command()
-@click.argument("pipeline", type=click.Path(path_type=Path), required=False)
+@click.argument("pipelines", nargs=-1, type=click.Path(path_type=Path))
 @flag_options()
 @click.option("--dry-run", is_flag=True, help="Print the steps, what is already done, sizes and disk space; run nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars (one line per step stays).")
 @click.option("--rehash", is_flag=True,
               help="Read every input and output again to check its hash, instead of trusting files whose size, "
                    "times and inode are unchanged since they were hashed.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="", default=None, metavar="[ADDRESS]",
+              help="Run the steps as tasks on a Ray cluster: ADDRESS is its head (host:port, or auto); without "
+                   "one, [cluster] address, else Ray starts on this machine. Outputs and inputs must be on storage "
+                   "every node sees. Needs quantkit[ray].")
 @one_line_errors
-def run(pipeline, dry_run, quiet, rehash, **flags):
+def run(pipelines, dry_run, quiet, rehash, ray_address, **flags):
     """Run a pipeline: merge, GGUF, GPTQ, INT8/NF4 and the report, skipping what is already done.
 
     The steps come from PIPELINE (a TOML file, see `quantkit init`), from flags, or both (a flag
@@ -538,21 +542,58 @@ def run(pipeline, dry_run, quiet, rehash, **flags):
     read again (--rehash reads everything). Without a file the defaults are pipeline.toml's: all
     three GGUF types and the report; GPTQ, INT8 and NF4 when asked for.
 
+    Several files are several pipelines (one per model or adapter), run one after the other, or side by
+    side on a cluster with --ray: there every step is a Ray task (GGUF, merge, INT8/NF4 on CPUs; imatrix,
+    GPTQ and scoring on a GPU when there is one) and each variant's VRAM and decode speed are measured on
+    every GPU type of the cluster. See docs/cluster.md.
+
     \b
     Examples:
       quantkit init pipeline.toml && quantkit run pipeline.toml --dry-run && quantkit run pipeline.toml
+      quantkit run a.toml b.toml --ray 10.0.0.5:6379
       quantkit run --base ./base --lora ./adapter --gguf q4_k_m,q5_k_m,q8_0 --gptq --int8 \\
           --bench --gpus rtx4090,a100-40 -o ./out
     """
     _quiet_libraries(quiet)
-    from . import pipeline as pl
-    from .manifest import Manifest, run_steps
     from .pipeline_config import parse
 
     overrides = _overrides(flags)
-    if pipeline is None and not overrides:
+    if not pipelines and not overrides:
         raise click.UsageError("give a pipeline file (quantkit init writes one) or --base and the outputs wanted")
-    cfg = parse(pipeline, overrides)
+    if ray_address and (ray_address.endswith(".toml") or Path(ray_address).is_file()):
+        raise click.UsageError(f"--ray takes the cluster's address, not {ray_address!r}: put the pipeline files "
+                               "before --ray")
+    cfgs = [parse(p, overrides) for p in pipelines] or [parse(None, overrides)]
+    labels = _labels(pipelines, cfgs)
+    if ray_address is not None:
+        from .cluster import ClusterFailed
+        from .cluster import run as run_on_cluster
+        try:
+            for line in run_on_cluster(cfgs, labels, ray_address or None, dry_run=dry_run, rehash=rehash,
+                                       echo=lambda m: click.echo(m, err=True)):
+                click.echo(line)
+        except ClusterFailed as e:
+            for line in e.lines:
+                click.echo(line)
+            raise
+        return
+    for cfg, label in zip(cfgs, labels):
+        if len(cfgs) > 1:
+            click.echo(f"== {label}", err=True)
+        _run_one(cfg, dry_run, quiet, rehash)
+
+
+def _labels(pipelines: tuple[Path, ...], cfgs: list) -> list[str]:
+    """What the progress lines call each pipeline: its file's name, else its output directory's."""
+    names = [Path(p).stem for p in pipelines] or [Path(cfgs[0]["output"]["dir"]).name]
+    if len(set(names)) < len(names):
+        names = [Path(c["output"]["dir"]).name for c in cfgs]
+    return names
+
+
+def _run_one(cfg, dry_run: bool, quiet: bool, rehash: bool) -> None:
+    from . import pipeline as pl
+    from .manifest import Manifest, run_steps
     try:
         device = _resolve_device(cfg["output"]["device"], flag="", dry_run=dry_run)
     except QuantkitError as e:

@@ -115,6 +115,7 @@ class Step:
     outputs: list[Path]
     run: Callable[[], None]
     expected_bytes: int = 0
+    job: Any = None             # the bench step's BenchJob, which a cluster runs in parts
 
 
 @dataclass

@@ -154,20 +154,47 @@ def build(cfg: Pipeline, device: str, *, progress: bool = True, mode: str = RUN,
             variants_for_bench.append(out / mode_)
 
     if b["enabled"]:
-        def do_bench():
-            from .bench import suite, vram
-            ggufs = sorted((out / "gguf").glob("*.gguf")) if types else []
-            gpus = vram.parse_gpus(b["gpus"] or None, [], None)
-            with staged_output(out / "report", True, [plan.model_dir]) as tmp:
-                suite.run(plan.model_dir, ggufs + variants_for_bench, tmp,
-                          text=Path(b["text"]) if b["text"] else None, ctx=b["ctx"], device=device,
-                          limit_chunks=b["limit_chunks"] or None, gpus=gpus, progress=progress, top_k=b["top_k"],
-                          name=_model_name(base) + (" + " + ", ".join(Path(a).name for a in _merged_in(inp))
-                                                    if merged else ""))
+        job = BenchJob(plan.model_dir, out / "report", out / "gguf" if types else None, variants_for_bench,
+                       dict(text=Path(b["text"]) if b["text"] else None, ctx=b["ctx"], device=device,
+                            limit_chunks=b["limit_chunks"] or None, progress=progress, top_k=b["top_k"],
+                            name=_model_name(base) + (" + " + ", ".join(Path(a).name for a in _merged_in(inp))
+                                                      if merged else "")),
+                       b["gpus"])
         inputs = [plan.model_dir] + ([out / "gguf"] if types else []) + variants_for_bench + \
             ([Path(b["text"])] if b["text"] else [])
-        steps.append(Step("bench", inputs, dict(b), [out / "report"], do_bench, expected_bytes=1 << 20))
+        steps.append(Step("bench", inputs, dict(b), [out / "report"], job.run, expected_bytes=1 << 20, job=job))
     return plan
+
+
+@dataclass
+class BenchJob:
+    """The bench step's work, in the parts a cluster runs apart (cluster.py): score() the variants
+    against the baseline, measure each on a GPU (bench.suite.measure_here), finish() the report.
+    run() is all of it on this machine."""
+    model_dir: Path
+    report: Path
+    gguf_dir: Path | None
+    others: list[Path]
+    score_args: dict
+    gpu_names: list[str]
+
+    def variants(self) -> list[Path]:
+        return (sorted(self.gguf_dir.glob("*.gguf")) if self.gguf_dir else []) + self.others
+
+    def score(self) -> dict:
+        from .bench import suite
+        return suite.score(self.model_dir, self.variants(), **self.score_args)
+
+    def finish(self, results: dict, measurements: list[dict]) -> dict:
+        from .bench import suite, vram
+        with staged_output(self.report, True, [self.model_dir]) as tmp:
+            return suite.finish(results, measurements, vram.parse_gpus(self.gpu_names or None, [], None), tmp)
+
+    def run(self) -> None:
+        from .bench import suite, vram
+        with staged_output(self.report, True, [self.model_dir]) as tmp:
+            suite.run(self.model_dir, self.variants(), tmp, gpus=vram.parse_gpus(self.gpu_names or None, [], None),
+                      **self.score_args)
 
 
 def auto_settings(cfg: Pipeline):

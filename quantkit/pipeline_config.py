@@ -92,7 +92,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "top_k": Key(int, 0, "KLD over the whole vocabulary (0), or the baseline's top K tokens and the rest"),
         "gpus": Key(list, [], "GPU tiers of the report, e.g. [\"rtx4090\", \"a100-40\"] ([]: the whole catalog)"),
     },
+    "cluster": {
+        "address": Key(str, "", "with --ray: the Ray head, host:port (\"auto\": RAY_ADDRESS or the one running here; "
+                                "\"\": start Ray on this machine)"),
+        "cpus_per_step": Key(int, 4, "CPUs a merge, export or scoring task reserves (at most the largest node's)"),
+        "gpu_steps": Key(list, ["imatrix", "gptq", "bench"], "steps that ask for a GPU when the cluster has one "
+                                                             "(of merge, imatrix, gguf, gptq, int8, nf4, bench)"),
+        "measure_on": Key(list, [], "GPU types (Ray accelerator types) the bench measures every variant on "
+                                    "([]: each type the cluster has)"),
+        "retries": Key(int, 2, "reruns of a step whose worker or node was lost"),
+    },
 }
+
+STEPS = ("merge", "imatrix", "gguf", "gptq", "int8", "nf4", "bench")
 
 
 @dataclass
@@ -228,7 +240,7 @@ def parse(path: Path | None, overrides: dict[tuple[str, str], tuple[Any, str]] |
 def _check_lists(s: dict, path: Path, where) -> None:
     for section, key, t in (("input", "lora", str), ("input", "lora_weights", (int, float)),
                             ("gguf", "types", str), ("gguf", "tensor_types", str), ("bench", "gpus", str),
-                            ("gptq", "formats", str)):
+                            ("gptq", "formats", str), ("cluster", "gpu_steps", str), ("cluster", "measure_on", str)):
         for item in s[section][key]:
             if not _fits(item, t):
                 raise InputError(f"{where(section, key)}[{section}] {key} must hold {_type_name(t)} items, "
@@ -269,6 +281,15 @@ def _check_lists(s: dict, path: Path, where) -> None:
         raise InputError(f"{where('output', 'dir')}[output] dir must name a directory", path)
     if s["bench"]["limit_chunks"] < 0:
         raise InputError(f"{where('bench', 'limit_chunks')}[bench] limit_chunks must be 0 (all) or more", path)
+    c = s["cluster"]
+    if c["cpus_per_step"] < 1:
+        raise InputError(f"{where('cluster', 'cpus_per_step')}[cluster] cpus_per_step must be 1 or more", path)
+    if c["retries"] < 0:
+        raise InputError(f"{where('cluster', 'retries')}[cluster] retries must be 0 or more", path)
+    unknown = [x for x in c["gpu_steps"] if x not in STEPS]
+    if unknown:
+        raise InputError(f"{where('cluster', 'gpu_steps')}[cluster] gpu_steps: {unknown[0]!r} is not a step "
+                         f"({', '.join(STEPS)})", path)
     if s["bench"]["top_k"] < 0:
         raise InputError(f"{where('bench', 'top_k')}[bench] top_k must be 0 (the whole vocabulary) or more", path)
 
