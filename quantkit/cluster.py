@@ -77,7 +77,8 @@ class Task:
     state: str = "waiting"           # waiting, queued, running, done, skipped, failed, blocked
     attempts: int = 0
     started: float = 0.0
-    seconds: float = 0.0
+    seconds: float = 0.0             # queued to recorded, as this process saw it
+    inside: float = 0.0              # the step itself, as its worker timed it
     node: str = ""
     host: str = ""
     refs: list = field(default_factory=list)
@@ -289,7 +290,7 @@ class Sweep:
             self.say(t, f"failed{'' if what == 'step' else ' (' + what + ')'}: {t.error}")
             return
         if what == "step" or what == "score":
-            t.node, t.host = out["node"], out["host"]
+            t.node, t.host, t.inside = out["node"], out["host"], out["seconds"]
         if what == "score":
             self.bench_results[t.key] = out["results"]
         elif what.startswith("measure"):
@@ -444,13 +445,14 @@ def run(cfgs: list[Pipeline], labels: list[str], address: str | None, *, dry_run
 
 
 def summary(tasks: list[Task], wall: float) -> list[str]:
-    """Per task: state, wall time (queue to record), attempts, node; then the failures, if any."""
+    """Per task: state, wall time (queued to recorded), the step's own time on its worker (the rest is
+    waiting for a CPU, the worker's start and the plan's checks), attempts, node; then the failures."""
     w = max(len(t.key) for t in tasks)
-    lines = [f"{'task':{w}}  {'state':8} {'wall':>8}  attempts  node"]
+    lines = [f"{'task':{w}}  {'state':8} {'wall':>8} {'in step':>8}  attempts  node"]
     for t in tasks:
-        wall_t = f"{t.seconds:.1f} s" if t.state == "done" else ""
+        wall_t, inside = (f"{t.seconds:.1f} s", f"{t.inside:.1f} s") if t.state == "done" else ("", "")
         where = f"{t.host} {t.node[:8]}" if t.node else ""
-        lines.append(f"{t.key:{w}}  {t.state:8} {wall_t:>8}  {t.attempts or '':>8}  {where}")
+        lines.append(f"{t.key:{w}}  {t.state:8} {wall_t:>8} {inside:>8}  {t.attempts or '':>8}  {where}")
     lines.append(f"{len(tasks)} tasks in {wall:.1f} s")
     failed = [t for t in tasks if t.state in ("failed", "blocked")]
     if failed:

@@ -130,7 +130,7 @@ def test_sweep_matches_sequential_run_and_measures_on_each_gpu_type(cluster, two
         assert set(steps) == {"gguf", "bench"}
     # one line per task state change, and a summary with the node of each task
     assert re.search(r"^\[a:gguf\] running on \S+ node [0-9a-f]{8} \(pid \d+\)$", r.stderr, re.M), r.stderr
-    assert re.search(r"^b:bench\s+done\s+[\d.]+ s\s+1\s+\S+ [0-9a-f]{8}$", r.stdout, re.M), r.stdout
+    assert re.search(r"^b:bench\s+done\s+[\d.]+ s\s+[\d.]+ s\s+1\s+\S+ [0-9a-f]{8}$", r.stdout, re.M), r.stdout
     # a rerun finds everything done
     again = quantkit("run", *files, "--ray", address, "-q")
     assert again.returncode == 0 and again.stderr.count("done before, skipped") == 4, again.stderr
@@ -159,7 +159,7 @@ def test_a_worker_killed_mid_export_reruns_that_step_only(cluster, two_models, s
     assert proc.returncode == 0 and killed, text
     assert re.search(r"^\[a:gguf\] running on .*attempt 2: its worker was lost\)$", text, re.M), text
     assert "[b:gguf] running" in text and "attempt 2" not in "".join(x for x in log if x.startswith("[b:"))
-    assert re.search(r"^a:gguf\s+done\s+[\d.]+ s\s+2\s", out, re.M) and re.search(r"^b:gguf\s+done\s+[\d.]+ s\s+1\s",
+    assert re.search(r"^a:gguf\s+done\s+[\d.]+ s\s+[\d.]+ s\s+2\s", out, re.M) and re.search(r"^b:gguf\s+done\s+[\d.]+ s\s+[\d.]+ s\s+1\s",
                                                                                   out, re.M), out
     for name in two_models:
         assert ggufs(tmp_path / f"out-{name}") == ggufs(sequential / f"out-{name}")
