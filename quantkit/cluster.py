@@ -123,7 +123,7 @@ def _remote():
         from . import pipeline as pl
         from .cli import _resolve_device
         device = _resolve_device(cfg["output"]["device"], flag="")
-        return pl.build(cfg, device, progress=False), device
+        return pl.build(cfg, device, progress=False, checks=False), device
 
     @ray.remote(max_calls=1)
     def run_step(cfg: Pipeline, name: str, key: str, events) -> dict:
@@ -183,7 +183,7 @@ class Inventory:
                 if k.startswith(ACCELERATOR):
                     t = k[len(ACCELERATOR):]
                     types[t] = types.get(t, False) or n["Resources"].get("GPU", 0) > 0
-        return cls(nodes, types, int(max(n["Resources"].get("CPU", 0) for n in nodes)),
+        return cls(nodes, dict(sorted(types.items())), int(max(n["Resources"].get("CPU", 0) for n in nodes)),
                    any(n["Resources"].get("GPU", 0) > 0 for n in nodes))
 
     def describe(self) -> str:

@@ -45,21 +45,24 @@ class Plan:
     results: dict[str, Any] = field(default_factory=dict)   # what each step made: ExportResult, directories
 
 
-def build(cfg: Pipeline, device: str, *, progress: bool = True, mode: str = RUN, force: bool = False) -> Plan:
+def build(cfg: Pipeline, device: str, *, progress: bool = True, mode: str = RUN, force: bool = False,
+          checks: bool = True) -> Plan:
     """The steps of `cfg`, for both commands; `device` is resolved by the caller (cpu, cuda, cuda:N).
 
     mode "run" (`quantkit run`): OUT/merged, OUT/imatrix, OUT/gguf, OUT/gptq..., OUT/report, each staged and
     recorded in the manifest, replaced when its record no longer holds.
     mode "export" (`quantkit export`): the GGUFs straight into OUT, adapters merged on the fly as the
     tensors are read; a merged copy only when a transformers step needs one, removed after; an existing
-    OUT/gptq, OUT/int8 ... needs `force`."""
+    OUT/gptq, OUT/int8 ... needs `force`. checks=False skips check_inputs (a cluster's worker: the
+    driver checked the same settings)."""
     inp, gg, g, b = cfg["input"], cfg["gguf"], cfg["gptq"], cfg["bench"]
     out, base = Path(cfg["output"]["dir"]), Path(inp["base"])
     base_model = HFModel(base)                         # checks the base now: a clear error before any step
     # export: the GGUF pass comes first (it checks its own inputs before any work), unless it needs an
     # importance matrix made first
     gguf_first = mode == EXPORT and bool(gg["types"]) and gg["imatrix"] != "auto"
-    src = check_inputs(cfg, base_model, device, mode=mode, force=force, check_gguf=not gguf_first)
+    src = check_inputs(cfg, base_model, device, mode=mode, force=force, check_gguf=not gguf_first) if checks else \
+        source(cfg, device) if inp["lora"] or inp["residual"] else base_model
     n = base_model.n_params()
     plan = Plan([], out, base)
     steps = plan.steps
