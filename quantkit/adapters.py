@@ -271,10 +271,13 @@ def load_adapter(path: str | Path, base: HFModel, *, weight: float = 1.0,
 
     layout = _expert_names(base)
     for module, p in sorted(parts.items()):
-        if layout is not None and f"{module}.weight" not in base.tensors and _expert_module(module, layout):
+        target = f"{module}.weight"
+        if layout is not None and target not in base.tensors and _expert_module(module, layout):
             _place_expert_lora(adapter, module, p, base, layout, where)
-        else:
-            adapter.terms[f"{module}.weight"] = _make_term(module, p, config, base, weight, where)
+            continue
+        if layout is not None and target not in base.tensors and layout.router:
+            target = _renamed_router(target, base, layout.router)
+        adapter.terms[target] = _make_term(module, p, config, base, weight, where, target)
     if not adapter.terms and not adapter.replacements and not adapter.expert_terms:
         raise InputError("the adapter holds no LoRA tensors", where)
     return adapter
@@ -331,8 +334,8 @@ def _scaling(config: dict, key: str, r: int, weight: float, where: Path, what: s
 
 
 def _make_term(module: str, p: dict[str, torch.Tensor], config: dict, base: HFModel, weight: float,
-               where: Path) -> LoraTerm:
-    target = f"{module}.weight"
+               where: Path, target: str | None = None) -> LoraTerm:
+    target = target or f"{module}.weight"
     embedding = "emb_A" in p or "emb_B" in p
     A, B = (p.get("emb_A"), p.get("emb_B")) if embedding else (p.get("lora_A"), p.get("lora_B"))
     if A is None or B is None:
@@ -346,13 +349,16 @@ def _make_term(module: str, p: dict[str, torch.Tensor], config: dict, base: HFMo
             raise UnsupportedError(f"adapter module {module!r}: LoRA on experts the base holds fused in one tensor "
                                    f"({fused!r}) is not supported yet", where)
         raise InputError(f"adapter module {module!r} matches no tensor of the base ({target!r})", where)
-    if not _targets_allow(config, module) and not _params_allow(config, target):
+    by_param = not _targets_allow(config, module) and _params_allow(config, f"{module}.weight")  # 2-D target_parameters
+    if not _targets_allow(config, module) and not by_param:
         raise InputError(f"adapter module {module!r} is not among target_modules {config.get('target_modules')}", where)
     r = A.shape[0]
     if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
         raise InputError(f"module {module!r}: lora_A {list(A.shape)} and lora_B {list(B.shape)} do not form a "
                          "low-rank pair", where)
-    scaling = _scaling(config, module, r, weight, where)
+    # peft resolves rank_pattern / alpha_pattern on the parameter's name for target_parameters
+    scaling = _scaling(config, f"{module}.weight" if by_param else module, r, weight, where,
+                       "parameter" if by_param else "module")
     conv1d = base.config.get("model_type") in CONV1D_MODEL_TYPES
     term = LoraTerm(module, A.float(), B.float(), scaling, transposed=embedding or conv1d)
     shape = tuple(base.tensors[target].shape)
@@ -387,6 +393,16 @@ def _expert_module(module: str, layout) -> re.Match | None:
     one = re.escape(layout.per_expert).replace(re.escape("{e}"), r"(?P<e>\d+)")
     return (re.fullmatch(rf"(?P<layer>.+\.){re.escape(layout.module)}(?P<wrap>(?:\.base_layer)*)", module)
             or re.fullmatch(rf"(?P<layer>.+\.){one}\.(?P<linear>{linears})", module))
+
+
+def _renamed_router(target: str, base: HFModel, router: tuple[str, str]) -> str:
+    """The base's name of a router that transformers 5 renamed (Mixtral's block_sparse_moe.gate is
+    its mlp.gate): adapters made on either name merge into either layout."""
+    for a, b in (router, router[::-1]):
+        renamed = re.sub(rf"\.{re.escape(a)}\.weight$", f".{b}.weight", target)
+        if renamed != target and renamed in base.tensors:
+            return renamed
+    return target
 
 
 def _fused_tensor(base: HFModel, layer: str, layout, param: str) -> str | None:

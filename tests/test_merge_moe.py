@@ -28,8 +28,10 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
-EXPERT_LINEARS = {"qwen3moe-tiny": ["gate_proj", "up_proj", "down_proj"], "qwen2moe-tiny": ["gate_proj", "up_proj", "down_proj"],
-                  "mixtral-tiny": ["w1", "w2", "w3"]}
+# each preset's expert linears and router as the original (per-expert) checkpoints name them
+EXPERT_LINEARS = {"qwen3moe-tiny": ["gate_proj", "up_proj", "down_proj", "mlp.gate"],
+                  "qwen2moe-tiny": ["gate_proj", "up_proj", "down_proj", "mlp.gate"],
+                  "mixtral-tiny": ["w1", "w2", "w3", "block_sparse_moe.gate"]}
 
 
 def _ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -74,7 +76,7 @@ def target_parameters_adapter(base: Path, dest: Path, seed: int = 0, **cfg) -> P
     """peft's own adapter on the fused experts (and on the attention), random non-zero A and B."""
     torch.manual_seed(seed)
     config = dict(r=4, lora_alpha=8, target_modules=ATTENTION, init_lora_weights=False,
-                  target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]) | cfg
+                  target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"]) | cfg
     model = peft.get_peft_model(_fp32(base), peft.LoraConfig(**config))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -112,8 +114,8 @@ def assert_within_one_ulp(ours: dict, ref: dict, base: dict) -> None:
     for name, t in ours.items():
         u = _ulps(t, ref[name].to(torch.bfloat16))
         assert int(u.max()) <= 1, (name, int(u.max()), int((u > 0).sum()))
-    # the experts did change, in every expert: a merge that skipped them would fail here
-    experts = [n for n in ours if ".experts." in n]
+    # the experts and the router did change, in every expert: a merge that skipped them would fail here
+    experts = [n for n in ours if ".experts." in n or n.endswith(".gate.weight")]
     assert experts and all(not torch.equal(ours[n], base[n]) for n in experts), experts
     assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"], base["model.layers.0.self_attn.q_proj.weight"])
 
@@ -129,7 +131,9 @@ CASES = [(p, layout, form) for p in EXPERT_LINEARS for layout in ("per-expert", 
 def test_lora_on_experts_equals_peft_merge(bases, preset, layout, form, tmp_path):
     base = bases[preset, layout]
     if form == "target_parameters":     # made on either layout: transformers builds the same model
-        adapter = target_parameters_adapter(base, tmp_path / "adapter", alpha_pattern={"down_proj": 3})
+        # peft resolves the patterns on parameter names (mlp.gate.weight: the router, which
+        # transformers 5 renames for Mixtral)
+        adapter = target_parameters_adapter(base, tmp_path / "adapter", alpha_pattern={"down_proj": 3, "gate.weight": 5})
         keys = load_file(adapter / "adapter_model.safetensors")
         assert "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight" in keys
     else:
@@ -165,7 +169,7 @@ def test_residual_and_lora_on_fused_experts(bases, tmp_path):
     ref = peft_reference(base, adapter, tmp_path / "ref", residual=delta)
     assert_within_one_ulp(tensors_of(tmp_path / "ours"), ref, tensors_of(base))
     note = json.loads((tmp_path / "ours" / "merge.json").read_text())
-    assert note["adapters"][0]["lora_tensors"] == 4 + 2 and note["residual"]["scale"] == 0.5
+    assert note["adapters"][0]["lora_tensors"] == 4 + 1 + 2 and note["residual"]["scale"] == 0.5
 
 
 def test_lora_on_experts_that_fits_nothing_is_refused(bases, tmp_path):
@@ -180,3 +184,13 @@ def test_lora_on_experts_that_fits_nothing_is_refused(bases, tmp_path):
     assert r.exit_code == 2 and len(lines) == 1, r.stderr
     assert "'model.layers.0.mlp.experts'" in lines[0] and "fits none of the experts' parameters" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.gpu
+def test_cuda_merge_of_lora_on_experts_agrees_with_cpu(bases, tmp_path):
+    base = bases["qwen3moe-tiny", "fused"]
+    adapter = target_parameters_adapter(base, tmp_path / "adapter")
+    for dev in ("cpu", "cuda"):
+        assert run_cli("merge", base, "--lora", adapter, "--device", dev, "-q", "-o", tmp_path / dev)[0] == 0
+    cpu, cuda = tensors_of(tmp_path / "cpu"), tensors_of(tmp_path / "cuda")
+    assert max(int(_ulps(cpu[n], cuda[n]).max()) for n in cpu) <= 1

@@ -157,6 +157,7 @@ class ExpertNames:
     module: str                             # relative to the layer: "mlp.experts"
     per_expert: str                         # relative to the layer, {e} the expert: "mlp.experts.{e}"
     fused: dict[str, tuple[str, ...]]       # fused parameter: the per-expert linears whose rows it stacks, in order
+    router: tuple[str, str] | None = None   # the router's module where transformers 5 renames it: (new, original)
 
 
 class Family:

@@ -72,7 +72,7 @@ class Mixtral(Llama):
     fixture = TestFixture(tokenizer="mistral-v1", vectors=None, tied=False)
     # transformers 5 renames block_sparse_moe to mlp and fuses w1 and w3 (gate, up) into gate_up_proj
     lora_experts = ExpertNames("mlp.experts", "block_sparse_moe.experts.{e}",
-                               {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)})
+                               {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}, ("mlp.gate", "block_sparse_moe.gate"))
 
     def complete_config(self, c, path=None):
         c = {"num_experts_per_tok": 2, **c}
