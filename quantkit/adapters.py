@@ -13,6 +13,20 @@ variants peft has written over the years:
     base_model.model.<module>.base_layer.weight                    saved embedding layer: replacement
     base_model.model.<module>.weight                               modules_to_save (peft >= 0.13)
 
+MoE experts come in two more forms. peft's `target_parameters` on transformers 5's fused experts
+(`mlp.experts.gate_up_proj` [experts, 2 x ffn, hidden], `mlp.experts.down_proj` [experts, hidden,
+ffn]) saves one pair per parameter under the experts module, nested wrappers spelled
+`.base_layer` (the parameter defined first innermost), each pair holding every expert:
+
+    base_model.model.<layer>.mlp.experts[.base_layer].lora_A.weight     [experts x r, in]   (expert-major)
+    base_model.model.<layer>.mlp.experts[.base_layer].lora_B.weight     [out, r x experts]  (expert-minor)
+
+expert e's update is scaling * B[:, e::experts] @ A[e*r:(e+1)*r] ([out, in], peft's ParamWrapper),
+r and alpha resolved on the parameter's name. Adapters trained on one module per expert
+(`mlp.experts.N.gate_proj`, Mixtral's `block_sparse_moe.experts.N.w1`) name those modules. Either
+form merges into either layout of the base: one tensor per expert, or fused (the rows of the fused
+tensor that linear holds); the family's `lora_experts` says which linears a fused parameter stacks.
+
 Each is mapped to the base tensor `<module>.weight`; anything that maps nowhere or has the wrong
 shape is an error naming it, raised before anything is written. Scaling is peft's: alpha / r, or
 alpha / sqrt(r) with use_rslora, with r and alpha resolved through rank_pattern / alpha_pattern as
@@ -44,7 +58,7 @@ CONV1D_MODEL_TYPES = {"gpt2"}
 # LoRA variants whose merge is not W + scale * B @ A on the base the user has, or that peft will
 # not merge: refused rather than merged wrongly
 _VARIANT_FIELDS = ("use_qalora", "use_bdlora", "alora_invocation_tokens", "velora_config", "monteclora_config",
-                   "kasa_config", "arrow_config", "target_parameters", "lora_bias", "layer_replication")
+                   "kasa_config", "arrow_config", "lora_bias", "layer_replication")
 # inits that change the base weights during training: such adapters must be converted first
 _BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq", "kasa")
 _KEY_FORMS = [
@@ -77,6 +91,10 @@ class LoraTerm:
         return (self.A.shape[1], self.B.shape[0]) if self.transposed else (self.B.shape[0], self.A.shape[1])
 
 
+# a fused experts tensor's updates: expert → (first row of the expert's matrix it updates, update)
+ExpertTerms = dict[int, list[tuple[int, LoraTerm]]]
+
+
 @dataclass
 class Adapter:
     path: Path
@@ -84,17 +102,19 @@ class Adapter:
     weight: float
     terms: dict[str, LoraTerm] = field(default_factory=dict)           # base tensor name → update
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)  # base tensor name → new tensor
+    expert_terms: dict[str, ExpertTerms] = field(default_factory=dict)   # fused experts tensor → updates
     sha256: str = ""
 
     def note(self) -> dict:
         """What merge.json and the safetensors metadata record about this adapter."""
         c = self.config
-        scalings = sorted({round(t.scaling, 10) for t in self.terms.values()})
+        every = [*self.terms.values(), *(t for pieces in self.expert_terms.values() for p in pieces.values() for _, t in p)]
+        scalings = sorted({round(t.scaling, 10) for t in every})
         return {"path": str(Path(self.path).resolve()), "sha256": self.sha256, "r": c.get("r"), "lora_alpha": c.get("lora_alpha"),
                 "use_rslora": bool(c.get("use_rslora")), "use_dora": bool(c.get("use_dora")),
                 "rank_pattern": c.get("rank_pattern") or {}, "alpha_pattern": c.get("alpha_pattern") or {},
                 "weight": self.weight, "scaling": scalings, "base_model_name_or_path": c.get("base_model_name_or_path"),
-                "lora_tensors": len(self.terms), "replaced_tensors": sorted(self.replacements)}
+                "lora_tensors": len(self.terms) + len(self.expert_terms), "replaced_tensors": sorted(self.replacements)}
 
 
 def pattern_key(patterns, key: str) -> str:
@@ -152,6 +172,11 @@ def _targets_allow(config: dict, module: str) -> bool:
     if isinstance(t, str):
         return re.fullmatch(t, module) is not None
     return any(module == m or module.endswith("." + m) for m in t)
+
+
+def _params_allow(config: dict, param: str) -> bool:
+    # peft's target_parameters: full parameter names or their endings
+    return any(param == t or param.endswith("." + t) for t in config.get("target_parameters") or ())
 
 
 def _check_config_types(config, cfg_path: Path) -> None:
@@ -244,9 +269,16 @@ def load_adapter(path: str | Path, base: HFModel, *, weight: float = 1.0,
         raise UnsupportedError(f"the file holds several adapters ({', '.join(sorted(adapter_names))}); "
                                "save each on its own", where)
 
+    layout = _expert_names(base)
     for module, p in sorted(parts.items()):
-        adapter.terms[f"{module}.weight"] = _make_term(module, p, config, base, weight, where)
-    if not adapter.terms and not adapter.replacements:
+        target = f"{module}.weight"
+        if layout is not None and target not in base.tensors and _expert_module(module, layout):
+            _place_expert_lora(adapter, module, p, base, layout, where)
+            continue
+        if layout is not None and target not in base.tensors and layout.router:
+            target = _renamed_router(target, base, layout.router)
+        adapter.terms[target] = _make_term(module, p, config, base, weight, where, target)
+    if not adapter.terms and not adapter.replacements and not adapter.expert_terms:
         raise InputError("the adapter holds no LoRA tensors", where)
     return adapter
 
@@ -286,9 +318,24 @@ def _fused_experts(module: str, base: HFModel) -> str | None:
     return next((n for n in fused if linear in n.rsplit(".", 1)[-1]), fused[0] if fused else None)
 
 
+def _scaling(config: dict, key: str, r: int, weight: float, where: Path, what: str = "module") -> float:
+    """peft's scaling of the LoRA on `key` (a module, or a parameter for target_parameters), whose
+    tensors have rank r: r and alpha through rank_pattern / alpha_pattern, times the user's weight."""
+    r_cfg = (config.get("rank_pattern") or {}).get(pattern_key((config.get("rank_pattern") or {}).keys(), key),
+                                                   config.get("r", DEFAULT_R))
+    if r_cfg != r:
+        raise InputError(f"{what} {key!r} has rank {r}, adapter_config.json says {r_cfg}", where)
+    alpha = (config.get("alpha_pattern") or {}).get(pattern_key((config.get("alpha_pattern") or {}).keys(), key),
+                                                    config.get("lora_alpha", DEFAULT_ALPHA))
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    if weight != 1.0:
+        scaling *= weight          # as peft's scale_layer(weight)
+    return scaling
+
+
 def _make_term(module: str, p: dict[str, torch.Tensor], config: dict, base: HFModel, weight: float,
-               where: Path) -> LoraTerm:
-    target = f"{module}.weight"
+               where: Path, target: str | None = None) -> LoraTerm:
+    target = target or f"{module}.weight"
     embedding = "emb_A" in p or "emb_B" in p
     A, B = (p.get("emb_A"), p.get("emb_B")) if embedding else (p.get("lora_A"), p.get("lora_B"))
     if A is None or B is None:
@@ -302,21 +349,16 @@ def _make_term(module: str, p: dict[str, torch.Tensor], config: dict, base: HFMo
             raise UnsupportedError(f"adapter module {module!r}: LoRA on experts the base holds fused in one tensor "
                                    f"({fused!r}) is not supported yet", where)
         raise InputError(f"adapter module {module!r} matches no tensor of the base ({target!r})", where)
-    if not _targets_allow(config, module):
+    by_param = not _targets_allow(config, module) and _params_allow(config, f"{module}.weight")  # 2-D target_parameters
+    if not _targets_allow(config, module) and not by_param:
         raise InputError(f"adapter module {module!r} is not among target_modules {config.get('target_modules')}", where)
     r = A.shape[0]
     if A.dim() != 2 or B.dim() != 2 or B.shape[1] != r:
         raise InputError(f"module {module!r}: lora_A {list(A.shape)} and lora_B {list(B.shape)} do not form a "
                          "low-rank pair", where)
-    r_cfg = (config.get("rank_pattern") or {}).get(pattern_key((config.get("rank_pattern") or {}).keys(), module),
-                                                   config.get("r", DEFAULT_R))
-    if r_cfg != r:
-        raise InputError(f"module {module!r} has rank {r}, adapter_config.json says {r_cfg}", where)
-    alpha = (config.get("alpha_pattern") or {}).get(pattern_key((config.get("alpha_pattern") or {}).keys(), module),
-                                                    config.get("lora_alpha", DEFAULT_ALPHA))
-    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    if weight != 1.0:
-        scaling *= weight          # as peft's scale_layer(weight)
+    # peft resolves rank_pattern / alpha_pattern on the parameter's name for target_parameters
+    scaling = _scaling(config, f"{module}.weight" if by_param else module, r, weight, where,
+                       "parameter" if by_param else "module")
     conv1d = base.config.get("model_type") in CONV1D_MODEL_TYPES
     term = LoraTerm(module, A.float(), B.float(), scaling, transposed=embedding or conv1d)
     shape = tuple(base.tensors[target].shape)
@@ -335,3 +377,125 @@ def _make_term(module: str, p: dict[str, torch.Tensor], config: dict, base: HFMo
     elif config.get("use_dora") and not embedding:
         raise InputError(f"module {module!r}: use_dora is set but lora_magnitude_vector is missing", where)
     return term
+
+
+# -- MoE experts ------------------------------------------------------------------------------------
+
+def _expert_names(base: HFModel):
+    from .families import BY_HF_NAME
+    fam = BY_HF_NAME.get((base.config.get("architectures") or [None])[0])
+    return fam.lora_experts if fam is not None else None
+
+
+def _expert_module(module: str, layout) -> re.Match | None:
+    """`<layer>.mlp.experts[.base_layer...]` (target_parameters) or `<layer>.<one expert>.<linear>`."""
+    linears = "|".join(re.escape(n) for parts in layout.fused.values() for n in parts)
+    one = re.escape(layout.per_expert).replace(re.escape("{e}"), r"(?P<e>\d+)")
+    return (re.fullmatch(rf"(?P<layer>.+\.){re.escape(layout.module)}(?P<wrap>(?:\.base_layer)*)", module)
+            or re.fullmatch(rf"(?P<layer>.+\.){one}\.(?P<linear>{linears})", module))
+
+
+def _renamed_router(target: str, base: HFModel, router: tuple[str, str]) -> str:
+    """The base's name of a router that transformers 5 renamed (Mixtral's block_sparse_moe.gate is
+    its mlp.gate): adapters made on either name merge into either layout."""
+    for a, b in (router, router[::-1]):
+        renamed = re.sub(rf"\.{re.escape(a)}\.weight$", f".{b}.weight", target)
+        if renamed != target and renamed in base.tensors:
+            return renamed
+    return target
+
+
+def _fused_tensor(base: HFModel, layer: str, layout, param: str) -> str | None:
+    """The base's fused tensor of `param` in this layer (transformers writes no `.weight` suffix; the
+    converter reads both), or None where the base holds the layer's experts one tensor per expert."""
+    name = f"{layer}{layout.module}.{param}"
+    return next((n for n in (name, name + ".weight") if n in base.tensors and len(base.tensors[n].shape) == 3), None)
+
+
+def _per_expert_tensor(layer: str, layout, e: int, linear: str) -> str:
+    return f"{layer}{layout.per_expert.format(e=e)}.{linear}.weight"
+
+
+def _place_expert_lora(adapter: Adapter, module: str, p: dict[str, torch.Tensor], base: HFModel, layout,
+                       where: Path) -> None:
+    """Map a LoRA pair on experts onto the base: its fused tensors (expert_terms, by rows) or its
+    tensors per expert (terms)."""
+    m = _expert_module(module, layout)
+    config, weight = adapter.config, adapter.weight
+    A, B = p.get("lora_A"), p.get("lora_B")
+    if A is None or B is None or set(p) - {"lora_A", "lora_B"}:
+        what = f"lora_{'A' if A is None else 'B'} missing" if A is None or B is None else "DoRA or an embedding LoRA"
+        raise (InputError if A is None or B is None else UnsupportedError)(
+            f"adapter module {module!r} on MoE experts: {what}" + ("" if A is None or B is None else
+                                                                   " is not supported there (plain LoRA only)"), where)
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+        raise InputError(f"module {module!r}: lora_A {list(A.shape)} and lora_B {list(B.shape)} do not form a "
+                         "low-rank pair", where)
+    A, B = A.float(), B.float()
+    layer = m.group("layer")
+    n_expert = int(base.config.get("num_local_experts") or base.config.get("num_experts") or 0)
+
+    def fused_shape(param: str) -> tuple[int, int] | None:
+        """One expert's [rows, cols] of `param`, from the fused tensor or the per-expert ones."""
+        fused = _fused_tensor(base, layer, layout, param)
+        if fused is not None:
+            return tuple(base.tensors[fused].shape[1:])
+        names = [_per_expert_tensor(layer, layout, 0, lin) for lin in layout.fused[param]]
+        if not all(n in base.tensors for n in names):
+            return None
+        return sum(base.tensors[n].shape[0] for n in names), base.tensors[names[0]].shape[1]
+
+    def add_piece(param: str, e: int, row: int, term: LoraTerm, linear_rows: tuple[str, int] | None) -> None:
+        fused = _fused_tensor(base, layer, layout, param)
+        if fused is not None:
+            adapter.expert_terms.setdefault(fused, {}).setdefault(e, []).append((row, term))
+            return
+        name = _per_expert_tensor(layer, layout, e, linear_rows[0])
+        if name in adapter.terms:
+            raise InputError(f"adapter module {module!r} updates {name!r}, which another module of it updates too", where)
+        adapter.terms[name] = term
+
+    if m.groupdict().get("wrap") is not None:
+        # peft's ParamWrapper: which parameter the pair adapts, by its shape (gate_up_proj's and
+        # down_proj's [rows, cols] never agree: that would need 2 x ffn = hidden = ffn)
+        fits = [q for q in layout.fused if (shape := fused_shape(q)) is not None
+                and (B.shape[0], A.shape[1]) == shape and _params_allow(config, f"{layer}{layout.module}.{q}")]
+        if not fits:
+            raise InputError(f"adapter module {module!r}: lora_A {list(A.shape)} @ lora_B {list(B.shape)} fits none of "
+                             f"the experts' parameters {sorted(layout.fused)} that target_parameters "
+                             f"{config.get('target_parameters')} names in the base", where)
+        param = fits[0]
+        if n_expert <= 0 or A.shape[0] % n_expert:
+            raise InputError(f"adapter module {module!r}: lora_A has {A.shape[0]} rows, not a multiple of the "
+                             f"{n_expert} experts of config.json", where)
+        r = A.shape[0] // n_expert
+        scaling = _scaling(config, f"{layer}{layout.module}.{param}", r, weight, where, "parameter")
+        parts = layout.fused[param]
+        rows = fused_shape(param)[0] // len(parts)
+        for e in range(n_expert):
+            A_e, B_e = A[e * r:(e + 1) * r].contiguous(), B[:, e::n_expert]
+            if _fused_tensor(base, layer, layout, param) is not None:
+                add_piece(param, e, 0, LoraTerm(f"{module}[{e}]", A_e, B_e.contiguous(), scaling, False), None)
+            else:
+                for j, lin in enumerate(parts):
+                    piece = LoraTerm(f"{module}[{e}]", A_e, B_e[j * rows:(j + 1) * rows].contiguous(), scaling, False)
+                    add_piece(param, e, 0, piece, (lin, j))
+        return
+
+    # one expert's linear, on a base that holds the layer's experts fused
+    e, linear = int(m.group("e")), m.group("linear")
+    param, j = next((q, parts.index(linear)) for q, parts in layout.fused.items() if linear in parts)
+    fused = _fused_tensor(base, layer, layout, param)
+    if fused is None:
+        raise InputError(f"adapter module {module!r} matches no tensor of the base "
+                         f"({_per_expert_tensor(layer, layout, e, linear)!r})", where)
+    if not _targets_allow(config, module):
+        raise InputError(f"adapter module {module!r} is not among target_modules {config.get('target_modules')}", where)
+    n, rows, cols = base.tensors[fused].shape
+    rows //= len(layout.fused[param])
+    if e >= n or (B.shape[0], A.shape[1]) != (rows, cols):
+        raise InputError(f"module {module!r}: lora_A {list(A.shape)} @ lora_B {list(B.shape)} does not fit expert {e} "
+                         f"of {fused!r} {list(base.tensors[fused].shape)} ({rows} rows each of "
+                         f"{', '.join(layout.fused[param])})", where)
+    scaling = _scaling(config, module, A.shape[0], weight, where)
+    add_piece(param, e, j * rows, LoraTerm(module, A, B, scaling, False), (linear, j))

@@ -57,7 +57,7 @@ class MergedModel(HFModel):
         if residual is not None:
             residual.check(base)
         for a in self.adapters:
-            for t in a.terms.values():
+            for t in [*a.terms.values(), *(t for p in a.expert_terms.values() for ts in p.values() for _, t in ts)]:
                 t.A, t.B = t.A.to(self.device), t.B.to(self.device)
                 if t.magnitude is not None:
                     t.magnitude = t.magnitude.to(self.device)
@@ -66,12 +66,15 @@ class MergedModel(HFModel):
         if residual is not None:
             for name in base.tensors:
                 reader = (lambda n: lambda rows: residual.model.read_rows(n, rows.start, rows.stop))(name)
-                self.ops.setdefault(name, []).append(transforms.AddResidual(reader, residual.scale))
+                expert = (lambda n: lambda e, rows: residual.model.read_expert_rows(n, e, rows.start, rows.stop))(name)
+                self.ops.setdefault(name, []).append(transforms.AddResidual(reader, residual.scale, expert))
         for a in self.adapters:
             for name, tensor in a.replacements.items():
                 self.ops.setdefault(name, []).append(transforms.Replace(tensor))
             for name, term in a.terms.items():
                 self.ops.setdefault(name, []).append(transforms.Lora(term))
+            for name, pieces in a.expert_terms.items():
+                self.ops.setdefault(name, []).append(transforms.ExpertLora(pieces))
 
         # an adapter that replaces lm_head of a tied model unties it (also where a tied checkpoint
         # stores lm_head anyway: transformers would re-tie it on load and drop the change)
@@ -125,8 +128,12 @@ class MergedModel(HFModel):
             shape = self.tensors[name].shape
             x = torch.zeros((stop - start, *shape[1:]), dtype=torch.float32, device=self.device)
         out = transforms.apply(ops, x, rows)   # 1-D tensors: rows are elements, the ops are elementwise
+        return self._checked(name, out, x if fetched is not None else None)
+
+    def _checked(self, name: str, out: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
+        """out in the output dtype, or an error if the merge gave NaN or Inf (x: the base's rows)."""
         if not transforms.all_finite(out):
-            if fetched is not None and not transforms.all_finite(x):
+            if x is not None and not transforms.all_finite(x):
                 raise InputError(f"tensor {name!r} holds NaN or Inf (in the base itself, before any merge)",
                                  self.base.path)
             sources = [str(p) for p in self.input_paths()[1:]]       # what is merged into the base
@@ -135,16 +142,25 @@ class MergedModel(HFModel):
         return out.to(self.dtype)
 
     def fetch_expert(self, name: str, expert: int, start: int, stop: int) -> torch.Tensor:
-        """Rows of one expert of a fused experts tensor; the expert whole where an op (a residual)
-        applies, as ops work on rows of the first dimension."""
-        if self.ops.get(name):
+        """Rows [start, stop) of one expert of a fused experts tensor, as stored: its ops (a residual,
+        LoRA on experts) work on any rows of one expert; others (a replacement) on the expert whole."""
+        if not self._by_expert(name):
             return self.base.read_rows(name, expert, expert + 1)
         return self.base.read_expert_rows(name, expert, start, stop)
 
+    def _by_expert(self, name: str) -> bool:
+        return all(hasattr(op, "expert") for op in self.ops.get(name, ()))
+
     def finish_expert(self, name: str, expert: int, start: int, stop: int, fetched: torch.Tensor) -> torch.Tensor:
-        if self.ops.get(name):
+        ops = self.ops.get(name)
+        if not ops:
+            return fetched.to(self.dtype)
+        if not self._by_expert(name):
             return self.finish(name, expert, expert + 1, fetched)[0, start:stop]
-        return fetched.to(self.dtype)
+        x = out = fetched.to(device=self.device, dtype=torch.float32)
+        for op in ops:
+            out = op.expert(out, expert, slice(start, stop))
+        return self._checked(name, out, x)
 
     def total_bytes(self) -> int:
         return self.base.total_bytes()

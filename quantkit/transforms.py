@@ -62,15 +62,45 @@ class Lora:
 
 
 @dataclass(frozen=True)
+class ExpertLora:
+    """LoRA on experts fused in one [experts, rows, cols] tensor: each piece adds scaling * (B @ A)
+    to rows [first, first + len(B)) of its expert's matrix (a ParamWrapper's whole matrix, or the
+    gate or up half that one expert's gate_proj / up_proj holds)."""
+    pieces: dict[int, list[tuple[int, LoraTerm]]]       # expert → (first row, update)
+
+    def __call__(self, x: Tensor, w0: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        # x: whole experts [rows.start, rows.stop)
+        return torch.stack([self.expert(x[i], e, slice(0, x.shape[1]))
+                            for i, e in enumerate(range(rows.start, rows.stop))]), w0
+
+    def expert(self, x: Tensor, e: int, rows: slice) -> Tensor:
+        """Rows [rows.start, rows.stop) of expert e's matrix; the delta's blocks are aligned to the
+        piece's own rows, so any split into row ranges gives the same bits."""
+        pieces = [(first, t) for first, t in self.pieces.get(e, ()) if first < rows.stop and first + t.B.shape[0] > rows.start]
+        if not pieces:
+            return x
+        x = x.clone()
+        for first, term in pieces:
+            lo, hi = max(rows.start, first), min(rows.stop, first + term.B.shape[0])
+            x[lo - rows.start:hi - rows.start] += lora_delta(term, slice(lo - first, hi - first))
+        return x
+
+
+@dataclass(frozen=True)
 class AddResidual:
     """W + scale * delta, delta read lazily from a residual checkpoint (rows as stored)."""
     read: Callable[[slice], Tensor]
     scale: float
+    read_expert: Callable[[int, slice], Tensor] | None = None    # rows of one expert of a fused tensor
 
     def __call__(self, x: Tensor, w0: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
         d = self.read(rows).to(device=x.device, dtype=torch.float32)
         x = x + d if self.scale == 1.0 else x + self.scale * d
         return x, x
+
+    def expert(self, x: Tensor, e: int, rows: slice) -> Tensor:
+        d = self.read_expert(e, rows).to(device=x.device, dtype=torch.float32)
+        return x + d if self.scale == 1.0 else x + self.scale * d
 
 
 def all_finite(x: Tensor) -> bool:

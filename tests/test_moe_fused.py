@@ -187,6 +187,37 @@ def test_merge_of_a_fused_checkpoint_equals_peft_and_exports_on_the_fly(qwen3moe
     assert gguf_diff.file_difference(fly, folder) is None
 
 
+def test_export_with_lora_on_fused_experts_equals_export_of_the_merge(qwen3moe, tmp_path):
+    # the merge on the fly reads each GGUF stack's rows of one expert (gate_up_proj's gate half, its
+    # up half): the LoRA on experts must give the bits the whole-tensor merge writes. Two adapters:
+    # peft's target_parameters on the fused experts, and one module per expert (peft's merge of
+    # each: test_merge_moe.py)
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(qwen3moe, dtype=torch.float32),
+                                peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                                                target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(tmp_path / "fused-lora")
+    per_expert = synthetic.write_lora_adapter(qwen3moe.parent.parent / "per-expert" / qwen3moe.name, tmp_path / "lora",
+                                              r=4, alpha=8, targets=("gate_proj", "up_proj", "down_proj"), seed=1)
+    loras = ["--lora", tmp_path / "fused-lora", "--lora", per_expert, "--weight", 1, "--weight", 0.5]
+    merged_dir = tmp_path / "merged" / qwen3moe.name
+    code, out = run_cli("merge", qwen3moe, *loras, "-q", "-o", merged_dir)
+    assert code == 0, out
+    base, merged = load_file(qwen3moe / "model.safetensors"), load_file(merged_dir / "model.safetensors")
+    assert not torch.equal(base["model.layers.1.mlp.experts.gate_up_proj"], merged["model.layers.1.mlp.experts.gate_up_proj"])
+    code, out = run_cli("export", qwen3moe, *loras, "--gguf", "q8_0", "-q", "-o", tmp_path / "fly")
+    assert code == 0, out
+    code, out = run_cli("export", merged_dir, "--gguf", "q8_0", "-q", "-o", tmp_path / "from-merged")
+    assert code == 0, out
+    (fly,), (folder,) = (tmp_path / "fly").glob("*.gguf"), (tmp_path / "from-merged").glob("*.gguf")
+    assert gguf_diff.file_difference(fly, folder) is None
+
+
 def test_a_residual_on_fused_experts_is_added_as_torch_adds_it(qwen3moe, tmp_path):
     base = load_file(qwen3moe / "model.safetensors")
     gen = torch.Generator().manual_seed(3)
@@ -232,8 +263,8 @@ def _one_line_error(code: int, out: str, fragments: list[str], out_dir) -> None:
                             "config.json implies [4, 512, 256]"]),
     ("transposed", ["model.safetensors", "'model.layers.0.mlp.experts.gate_up_proj' has shape [4, 256, 512]"]),
     ("half fused", ["missing tensor 'model.layers.0.mlp.experts.down_proj'"]),
-    ("lora on experts", ["adapter_model.safetensors", "'model.layers.0.mlp.experts.0.gate_proj'",
-                         "fused in one tensor ('model.layers.0.mlp.experts.gate_up_proj')", "not supported"]),
+    ("dora on experts", ["adapter_model.safetensors", "'model.layers.0.mlp.experts.0.gate_proj'",
+                         "DoRA", "not supported there"]),
 ])
 def test_bad_fused_checkpoints_are_refused(qwen3moe, tmp_path, damage, fragments):
     model = shutil.copytree(qwen3moe, tmp_path / "m")
@@ -250,10 +281,11 @@ def test_bad_fused_checkpoints_are_refused(qwen3moe, tmp_path, damage, fragments
         adapter = tmp_path / "lora"
         adapter.mkdir()
         key = "base_model.model.model.layers.0.mlp.experts.0.gate_proj"
-        save_file({f"{key}.lora_A.weight": torch.zeros(8, 256), f"{key}.lora_B.weight": torch.zeros(256, 8)},
-                  str(adapter / "adapter_model.safetensors"))
+        save_file({f"{key}.lora_A.weight": torch.zeros(8, 256), f"{key}.lora_B.weight": torch.zeros(256, 8),
+                   f"{key}.lora_magnitude_vector": torch.ones(256)}, str(adapter / "adapter_model.safetensors"))
         (adapter / "adapter_config.json").write_text(json.dumps({
-            "peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["gate_proj"], "bias": "none"}))
+            "peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["gate_proj"], "bias": "none",
+            "use_dora": True}))
         args = ["--lora", adapter]
     save_file(t, str(model / "model.safetensors"), metadata={"format": "pt"})
     code, out = run_cli("export", model, *args, "--gguf", "q8_0", "-q", "-o", tmp_path / "out")

@@ -149,6 +149,17 @@ TINY = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
         "num_key_value_heads": 2, "num_hidden_layers": 8}
 
 
+@dataclass(frozen=True)
+class ExpertNames:
+    """How LoRA adapters name a MoE layer's experts (quantkit.adapters): transformers 5's experts
+    module, whose fused parameters peft's target_parameters adapt, and one expert's module in the
+    original checkpoints (and in adapters trained on them), whose linears those parameters stack."""
+    module: str                             # relative to the layer: "mlp.experts"
+    per_expert: str                         # relative to the layer, {e} the expert: "mlp.experts.{e}"
+    fused: dict[str, tuple[str, ...]]       # fused parameter: the per-expert linears whose rows it stacks, in order
+    router: tuple[str, str] | None = None   # the router's module where transformers 5 renames it: (new, original)
+
+
 class Family:
     """A model family. Subclasses set the data below and override a hook only where data can't say it."""
     name: ClassVar[str]                         # short name: llama, qwen3
@@ -178,6 +189,7 @@ class Family:
     gptq_groups: ClassVar[tuple[tuple[str, ...], ...]] = (ATTENTION[:3], ATTENTION[3:], MLP[:2], MLP[2:])
     presets: ClassVar[dict[str, dict]] = {}     # synthetic checkpoints: published configs, and shrunk
     fixture: ClassVar[TestFixture | None] = None
+    lora_experts: ClassVar[ExpertNames | None] = None   # MoE: how adapters name the experts
 
     @property
     def sentencepiece_only(self) -> bool:

@@ -9,7 +9,7 @@ Mistral's sliding window is not written (the converter writes none for llama).
 from __future__ import annotations
 
 from ..errors import InputError, UnsupportedError
-from .base import BPE, SPM, TINY, TestFixture, register
+from .base import BPE, SPM, TINY, ExpertNames, TestFixture, register
 from .llama import Llama
 
 # config.json of mistralai/Mistral-7B-Instruct-v0.3, as published
@@ -70,6 +70,9 @@ class Mixtral(Llama):
     gptq_groups = ()        # experts are not Linear modules in transformers 5: no GPTQ yet
     config_has_head_dim = False         # MixtralConfig leaves head_dim unset
     fixture = TestFixture(tokenizer="mistral-v1", vectors=None, tied=False)
+    # transformers 5 renames block_sparse_moe to mlp and fuses w1 and w3 (gate, up) into gate_up_proj
+    lora_experts = ExpertNames("mlp.experts", "block_sparse_moe.experts.{e}",
+                               {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}, ("mlp.gate", "block_sparse_moe.gate"))
 
     def complete_config(self, c, path=None):
         c = {"num_experts_per_tok": 2, **c}

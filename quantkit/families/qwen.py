@@ -10,7 +10,7 @@ from __future__ import annotations
 import gguf
 
 from ..errors import InputError, UnsupportedError
-from .base import TINY, Family, TestFixture, register
+from .base import TINY, ExpertNames, Family, TestFixture, register
 
 # config.json of Qwen/Qwen2.5-7B-Instruct, as published
 QWEN25_7B = {
@@ -108,6 +108,8 @@ class _Experts(Family):
     [n_expert, 2 x ffn, hidden] (each expert's gate rows, then its up rows) and down_proj [n_expert,
     hidden, ffn], with or without a `.weight` suffix, as the converter reads them."""
     gptq_groups = ()        # experts are not Linear modules in transformers 5: no GPTQ yet
+    lora_experts = ExpertNames("mlp.experts", "mlp.experts.{e}",
+                               {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)})
 
     def complete_config(self, c, path=None):
         c = {"decoder_sparse_step": 1, "mlp_only_layers": [], "num_experts_per_tok": 8, **c}
