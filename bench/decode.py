@@ -99,21 +99,24 @@ def measure(path: Path, kind: str, device: str = "cpu") -> dict:
         import transformers
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=device)
         sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+        out = None
         try:
             with torch.no_grad():
                 ids = torch.ones(1, PROMPT, dtype=torch.long, device=device)
                 out = model(input_ids=ids, use_cache=True, logits_to_keep=1)
                 one = ids[:, :1]
-                sync()
-                t0 = time.perf_counter()
                 # transformers 5.25 renamed the argument (and warns on the old name); older ones know only it
                 arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+                sync()
+                t0 = time.perf_counter()
                 for _ in range(NEW):
                     out = model(input_ids=one, use_cache=True, **{arg: out.past_key_values})
                 sync()
                 seconds = time.perf_counter() - t0
         finally:
-            del model
+            model = out = None
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
     return {"tokens_per_s": round(NEW / seconds, 2), "prompt": PROMPT, "new": NEW, "device": device}
 
 

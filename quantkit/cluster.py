@@ -142,7 +142,7 @@ def _remote():
         results = next(s for s in plan.steps if s.name == "bench").job.score()
         return {**info, "device": device, "seconds": time.perf_counter() - t0, "results": results}
 
-    @ray.remote(max_calls=1)
+    @ray.remote      # a worker measures one row after another (VRAM in a fresh process; decode frees its model)
     def bench_measure(row: dict, gpu_type: str, key: str, events) -> dict:
         info = here(events, key)
         from .bench import suite
