@@ -49,7 +49,9 @@ def moe(request, tmp_path_factory):
     model = synthetic.write_checkpoint(root / f"{request.param}-tiny",
                                        synthetic.preset_config(tiny_preset(fam), num_hidden_layers=1),
                                        FIX / fam.fixture.tokenizer)
-    common = ["--group-size", 64, "--calib", CALIB, "--calib-samples", SAMPLES, "--calib-seqlen", SEQLEN]
+    # on the CPU (float32) wherever the tests run: the routing checks compare with a float32 forward
+    common = ["--group-size", 64, "--calib", CALIB, "--calib-samples", SAMPLES, "--calib-seqlen", SEQLEN,
+              "--device", "cpu"]
     r = run_cli("export", model, "--gptq", *common, "-o", root / "gptq")
     assert r.exit_code == 0, r.output
     rtn = run_cli("export", model, "--gptq", "--gptq-method", "rtn", "--gptq-format", "compressed-tensors", *common,
@@ -73,10 +75,25 @@ def _load(d):
 
 
 def test_gptq_beats_round_to_nearest_on_the_calibration_tokens(moe):
+    _, model_dir, gptq_dir, rtn_dir, _, tokens = moe
+    _assert_gptq_beats_rtn(model_dir, gptq_dir / "gptq-ct", rtn_dir, tokens)
+
+
+@pytest.mark.gpu
+def test_cuda_gptq_beats_round_to_nearest_on_the_calibration_tokens(moe, tmp_path):
+    """The same export on CUDA (bf16 compute, the model's routing in bf16), read back on the CPU."""
+    _, model_dir, _, rtn_dir, _, tokens = moe
+    r = run_cli("export", model_dir, "--gptq", "--gptq-format", "compressed-tensors", "--group-size", 64,
+                "--calib", CALIB, "--calib-samples", SAMPLES, "--calib-seqlen", SEQLEN, "--device", "cuda", "-q",
+                "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    _assert_gptq_beats_rtn(model_dir, tmp_path / "out" / "gptq-ct", rtn_dir, tokens)
+
+
+def _assert_gptq_beats_rtn(model_dir, gptq_ct, rtn_ct, tokens):
     """Through transformers: the whole model's KL to the float model on two calibration samples, and the
     MoE block's output error on the float model's own block inputs (same routing: the router stays fp16)."""
-    _, model_dir, gptq_dir, rtn_dir, _, tokens = moe
-    ref, gptq, rtn = _load(model_dir), _load(gptq_dir / "gptq-ct"), _load(rtn_dir)
+    ref, gptq, rtn = _load(model_dir), _load(gptq_ct), _load(rtn_ct)
     block_in = []
     h = ref.model.layers[0].mlp.register_forward_pre_hook(lambda m, a: block_in.append(a[0].detach()))
     kl, block = {}, {}
