@@ -193,7 +193,7 @@ def _hessians(layer, mods: dict, inputs: list, run, device: str) -> dict[str, to
 
 
 class _Hessian:
-    """H = 2 X Xᵀ / tokens, accumulated sample by sample (a running mean: no overflow in bf16 sums)."""
+    """H = 2 X Xᵀ / tokens in float32, a running mean over the samples."""
 
     def __init__(self, cols: int, device):
         self.H = torch.zeros(cols, cols, device=device)
@@ -213,9 +213,12 @@ def _experts(layer, prefix: str, spec, s: GPTQSettings, inputs: list, run, devic
     router sent to it (its top k), and what its down_proj multiplies from its own already-quantized
     gate and up; an expert with fewer routed tokens than input columns (H short of full rank, GPTQ
     would fit those few tokens) is rounded to nearest instead, and counted."""
-    from .imatrix import _check_layout
+    from .imatrix import _check_layout, _fused_experts, _transformers_version
 
     experts = layer.get_submodule(spec.module)
+    if not _fused_experts(experts):
+        raise UnsupportedError(f"{prefix}{spec.module}: transformers {_transformers_version()} keeps the experts as "
+                               "separate modules; GPTQ of experts reads transformers 5's fused ones")
     _check_layout(experts, f"{prefix}{spec.module}")
     n, f = experts.gate_up_proj.shape[0], experts.down_proj.shape[2]
     shared = [layer.get_submodule(m) for m in spec.shared]
