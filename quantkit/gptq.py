@@ -6,6 +6,8 @@
             run the layer on every sample, accumulating H = 2 X Xᵀ / tokens for the group's inputs
             quantize each linear (kernels.gptq), and put its dequantized weight back, so the next group
             sees the quantized ones ("true sequential")
+        a MoE layer's experts (transformers 5 holds them fused): gate/up, then down, expert e's H from the
+            tokens its router sent to it; an expert with too few of them is rounded to nearest
         run the layer once more: its outputs are the next layer's inputs
     → Quantized codes per linear → the AutoGPTQ and/or compressed-tensors directories (converters)
 
@@ -60,6 +62,7 @@ class GPTQSettings:
     seqlen: int = 2048
     seed: int = 0
     formats: tuple[str, ...] = FORMATS
+    expert_min_tokens: int | None = None    # MoE: fewer routed tokens → round-to-nearest (None: its input columns)
 
     def note(self) -> dict:
         return {"method": self.method, "bits": self.bits, "group_size": self.group_size, "sym": self.sym,
@@ -74,6 +77,8 @@ class GPTQResult:
     calib_tokens: int = 0
     seconds: float = 0.0
     dirs: dict[str, Path] = field(default_factory=dict)
+    experts: int = 0            # MoE: expert projections quantized (one per expert, projection and layer)
+    experts_rtn: int = 0        # of which rounded to nearest: too few calibration tokens were routed to them
 
 
 def check_shapes(model: HFModel, s: GPTQSettings) -> None:
@@ -83,21 +88,31 @@ def check_shapes(model: HFModel, s: GPTQSettings) -> None:
         raise UnsupportedError(f"--bits {s.bits}: GPTQ checkpoints pack 2, 4 or 8 bits")
     family = family_of(model, " for GPTQ")
     if not family.gptq_groups:
-        raise UnsupportedError(f"GPTQ of {model.architecture} is not supported yet (its experts are not Linear "
-                               "layers in transformers 5)", model.path / "config.json")
-    for module in family.linear_names(hparams_of(model)):
+        raise UnsupportedError(f"GPTQ of {model.architecture} is not supported yet", model.path / "config.json")
+    hp = hparams_of(model)
+    spec = family.gptq_experts
+    shared = [f"{family.layer_prefix(i)}{m}" for i in range(hp.n_layer) for m in spec.shared] if spec else []
+    for module in family.linear_names(hp) + shared:
         name = f"{module}.weight"
         if name not in model.tensors:
             raise InputError(f"missing tensor {name!r}", model.path)
         ref = model.tensors[name]
-        out, cols = ref.shape
-        if s.group_size > 0 and cols % s.group_size:
-            raise InputError(f"layer {name}: input dimension {cols} is not a multiple of --group-size "
-                             f"{s.group_size}", ref.shard)
-        per = 32 // s.bits
-        if cols % per or out % per:
-            raise InputError(f"layer {name}: shape [{out}, {cols}] cannot be packed {per} values to an int32",
-                             ref.shard)
+        _check_packable(name, *ref.shape, s, ref.shard)
+    if spec:            # the experts' shapes by the template (the checkpoint may hold them fused)
+        template = family.layer_tensors(hp)
+        for m in spec.names:
+            out, cols = template[f"{spec.expert.format(e=0)}.{m}.weight"]
+            _check_packable(f"{family.layer_prefix(0)}{spec.expert.format(e='*')}.{m}.weight", out, cols, s,
+                            model.path / "config.json")
+
+
+def _check_packable(name: str, out: int, cols: int, s: GPTQSettings, where: Path) -> None:
+    if s.group_size > 0 and cols % s.group_size:
+        raise InputError(f"layer {name}: input dimension {cols} is not a multiple of --group-size "
+                         f"{s.group_size}", where)
+    per = 32 // s.bits
+    if cols % per or out % per:
+        raise InputError(f"layer {name}: shape [{out}, {cols}] cannot be packed {per} values to an int32", where)
 
 
 def quantize(model_dir: Path, s: GPTQSettings, device: str = "cpu", progress: bool = True,
@@ -142,15 +157,25 @@ def quantize(model_dir: Path, s: GPTQSettings, device: str = "cpu", progress: bo
                     # the next group (and the next layer) see this layer as the loader will
                     m.weight.data = q.dequantize().to(device=m.weight.device, dtype=work)
                 H.clear()
+            if family.gptq_experts:
+                _experts(layer, family.layer_prefix(i), family.gptq_experts, s, inputs, run, device, result)
             if s.method == "gptq":
                 inputs = run(layer, inputs)
-            for name in (n for g in family.gptq_groups for n in g):       # the codes are kept: the weights are done
+            done = [n for g in family.gptq_groups for n in g] + list(family.gptq_experts.shared if family.gptq_experts
+                                                                      else ())
+            for name in done:       # the codes are kept: the weights are done
                 layer.get_submodule(name).weight = None
+            if family.gptq_experts:
+                experts = layer.get_submodule(family.gptq_experts.module)
+                experts.gate_up_proj = experts.down_proj = None
             layerwise.to(layer, "cpu", stored)
             bar.update(1)
     finally:
         bar.close()
     result.seconds = time.perf_counter() - t0
+    if progress and result.experts and s.method == "gptq":
+        print(f"GPTQ: {result.experts_rtn} of {result.experts} expert projections saw fewer routed calibration "
+              "tokens than their input columns and were rounded to nearest", file=sys.stderr)
     return model, result
 
 
@@ -158,22 +183,101 @@ def _hessians(layer, mods: dict, inputs: list, run, device: str) -> dict[str, to
     """H = 2 X Xᵀ / tokens of the group's input, over every calibration sample. The linears of a
     group read the same tensor (q/k/v the normed hidden states, gate/up likewise): one H serves all."""
     first = next(iter(mods.values()))
-    H = torch.zeros(first.in_features, first.in_features, device=device)
-    seen = 0
-
-    def hook(module, args, output):
-        nonlocal seen
-        x = args[0].reshape(-1, args[0].shape[-1]).float()
-        n = x.shape[0]
-        H.mul_(seen / (seen + n)).addmm_(x.T, x, alpha=2 / (seen + n))
-        seen += n
-
-    handle = first.register_forward_hook(hook)
+    H = _Hessian(first.in_features, device)
+    handle = first.register_forward_hook(lambda module, args, output: H.add(args[0]))
     try:
         run(layer, inputs)
     finally:
         handle.remove()
-    return {name: H for name in mods}
+    return {name: H.H for name in mods}
+
+
+class _Hessian:
+    """H = 2 X Xᵀ / tokens in float32, a running mean over the samples."""
+
+    def __init__(self, cols: int, device):
+        self.H = torch.zeros(cols, cols, device=device)
+        self.seen = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        if n:
+            self.H.mul_(self.seen / (self.seen + n)).addmm_(x.T, x, alpha=2 / (self.seen + n))
+            self.seen += n
+
+
+def _experts(layer, prefix: str, spec, s: GPTQSettings, inputs: list, run, device: str, result: GPTQResult) -> None:
+    """A MoE layer's experts (transformers 5's fused module) and its shared expert, if any, in the order
+    data flows: every expert's gate and up, then every down. Expert e's H comes from the tokens the
+    router sent to it (its top k), and what its down_proj multiplies from its own already-quantized
+    gate and up; an expert with fewer routed tokens than input columns (H short of full rank, GPTQ
+    would fit those few tokens) is rounded to nearest instead, and counted."""
+    from .imatrix import _check_layout, _fused_experts, _transformers_version
+
+    experts = layer.get_submodule(spec.module)
+    if not _fused_experts(experts):
+        raise UnsupportedError(f"{prefix}{spec.module}: transformers {_transformers_version()} keeps the experts as "
+                               "separate modules; GPTQ of experts reads transformers 5's fused ones")
+    _check_layout(experts, f"{prefix}{spec.module}")
+    n, f = experts.gate_up_proj.shape[0], experts.down_proj.shape[2]
+    shared = [layer.get_submodule(m) for m in spec.shared]
+    gate, up, down = (f"{prefix}{spec.expert}.{m}" for m in spec.names)
+    for stage in ("gate_up", "down"):
+        stack = experts.gate_up_proj if stage == "gate_up" else experts.down_proj
+        lin = dict(zip(spec.shared[:2], shared[:2])) if stage == "gate_up" else dict(zip(spec.shared[2:], shared[2:]))
+        H = [_Hessian(stack.shape[2], device) for _ in range(n)] if s.method == "gptq" else []
+        Hl = {}
+        if H:
+            def pre(m, args, kwargs):
+                x = (args[0] if args else kwargs["hidden_states"]).detach()
+                chosen = args[1] if len(args) > 1 else kwargs["top_k_index"]      # [tokens, top k]: the routing
+                x = x.reshape(-1, x.shape[-1])
+                chosen = chosen.reshape(x.shape[0], -1)
+                for e in range(n):
+                    rows = x[(chosen == e).any(-1)]
+                    if stage == "down":         # what down_proj multiplies: act(gate) * up, quantized gate/up
+                        gu = torch.nn.functional.linear(rows, m.gate_up_proj[e])
+                        if hasattr(m, "_apply_gate"):
+                            rows = m._apply_gate(gu)
+                        else:
+                            g, u = gu.chunk(2, dim=-1)
+                            rows = m.act_fn(g) * u
+                    H[e].add(rows)
+            handles = [experts.register_forward_pre_hook(pre, with_kwargs=True)]
+            if lin:
+                first = next(iter(lin.values()))
+                hl = _Hessian(first.in_features, device)
+                handles.append(first.register_forward_hook(lambda module, args, output: hl.add(args[0])))
+            try:
+                run(layer, inputs)
+            finally:
+                for h in handles:
+                    h.remove()
+            if lin:
+                Hl = {name: hl.H for name in lin}
+        for e in range(n):
+            W = stack.data[e].float()
+            parts = ((gate, W[:f]), (up, W[f:])) if stage == "gate_up" else ((down, W),)
+            use_gptq = s.method == "gptq" and H[e].seen >= (W.shape[1] if s.expert_min_tokens is None
+                                                            else max(1, s.expert_min_tokens))
+            deq = []
+            for name, w in parts:
+                q = (kgptq.gptq(w, H[e].H, s.bits, s.group_size, s.sym, s.act_order, s.damp,
+                                static_groups=s.static_groups)
+                     if use_gptq else kgptq.rtn(w, s.bits, s.group_size, s.sym))
+                result.layers[name.format(e=e)] = dataclasses.replace(q, q=q.q.to(torch.uint8))
+                deq.append(q.dequantize())
+                result.experts += 1
+                result.experts_rtn += s.method == "gptq" and not use_gptq
+            stack.data[e] = torch.cat(deq).to(device=stack.device, dtype=stack.dtype)
+        H.clear()
+        for name, m in lin.items():
+            W = m.weight.data.float()
+            q = (kgptq.gptq(W, Hl[name], s.bits, s.group_size, s.sym, s.act_order, s.damp, static_groups=s.static_groups)
+                 if s.method == "gptq" else kgptq.rtn(W, s.bits, s.group_size, s.sym))
+            result.layers[f"{prefix}{name}"] = dataclasses.replace(q, q=q.q.to(torch.uint8))
+            m.weight.data = q.dequantize().to(device=m.weight.device, dtype=m.weight.dtype)
 
 
 def write(model, result: GPTQResult, s: GPTQSettings, src: Path, out_root: Path, *, force: bool = False,
@@ -181,7 +285,13 @@ def write(model, result: GPTQResult, s: GPTQSettings, src: Path, out_root: Path,
     """The GPTQ directories: OUT/gptq (AutoGPTQ v1) and OUT/gptq-ct (compressed-tensors pack-quantized)."""
     # embeddings, norms, lm_head in fp16 (quantize() dropped the linears' weights: only codes remain)
     plain = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    head = family_of(HFModel(src)).head
+    family = family_of(HFModel(src))
+    head, spec = family.head, family.gptq_experts
+    ignore = [head]
+    if spec:            # the router under its checkpoint name; it and `keep` stay unquantized (compressed-tensors)
+        model_name, ckpt = (f".{r}." for r in spec.router)
+        plain = {k.replace(model_name, ckpt) if k.startswith(family.decoder_layers) else k: v for k, v in plain.items()}
+        ignore += [rf"re:.*\.{k}$" for k in spec.keep]
     if model.config.tie_word_embeddings:
         plain.pop(f"{head}.weight", None)
     cfg = model.config.to_dict()
@@ -199,7 +309,7 @@ def write(model, result: GPTQResult, s: GPTQSettings, src: Path, out_root: Path,
             dest = out_root / "gptq"
         else:
             qcfg = compressed_tensors_config(s.bits, s.group_size, s.sym, s.act_order, s.static_groups,
-                                             [head])
+                                             ignore)
             dest = out_root / "gptq-ct"
         with staged_output(dest, force, [src]) as tmp:
             write_tensors(tmp, tensors, shard_bytes=shard_bytes, metadata={"quantkit_gptq": str(s.note())})
@@ -208,6 +318,8 @@ def write(model, result: GPTQResult, s: GPTQSettings, src: Path, out_root: Path,
                 write_json(tmp / "quantize_config.json", qcfg)
             copy_model_files(src, tmp)
             write_json(tmp / "quantkit_gptq.json", {**s.note(), "format": fmt, "calib_tokens": result.calib_tokens,
-                                                    "layers": len(result.layers)})
+                                                    "layers": len(result.layers),
+                                                    **({"experts": result.experts, "experts_rtn": result.experts_rtn}
+                                                       if result.experts else {})})
         dirs[fmt] = dest
     return dirs

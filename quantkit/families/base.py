@@ -144,6 +144,22 @@ BPE, SPM = "byte-level BPE", "SentencePiece"
 # (the GPTQ groups: q/k/v read the same normed input, gate/up likewise).
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class GPTQExperts:
+    """Where GPTQ finds a MoE layer's experts and how it writes them. In transformers 5 they are one
+    module (`module`: gate_up_proj [n, 2 x ffn, hidden], down_proj [n, hidden, ffn]); the checkpoint
+    holds one Linear per expert and projection, `expert.format(e=...)` + one of `names` (gate, up,
+    down), the layout transformers 5 (compressed-tensors) and vLLM's MoE loaders read. The router and
+    the modules in `keep` stay unquantized (as gptqmodel leaves them); `router` is the router's
+    checkpoint name where transformers 5 names it otherwise (Mixtral's block_sparse_moe.gate)."""
+    module: str
+    expert: str
+    names: tuple[str, str, str]
+    router: tuple[str, str] = ("mlp.gate", "mlp.gate")      # (in the transformers model, in the checkpoint)
+    keep: tuple[str, ...] = ("gate",)
+    shared: tuple[str, ...] = ()        # a shared expert's Linears (gate, up, down), quantized as a dense MLP
 # The real 8B configs shrunk for tests: widths stay multiples of 256 so the K-quant path runs.
 TINY = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
         "num_key_value_heads": 2, "num_hidden_layers": 8}
@@ -187,6 +203,7 @@ class Family:
     final_norm: ClassVar[str] = "model.norm"
     head: ClassVar[str] = "lm_head"
     gptq_groups: ClassVar[tuple[tuple[str, ...], ...]] = (ATTENTION[:3], ATTENTION[3:], MLP[:2], MLP[2:])
+    gptq_experts: ClassVar[GPTQExperts | None] = None     # MoE: quantized after gptq_groups (the attention)
     presets: ClassVar[dict[str, dict]] = {}     # synthetic checkpoints: published configs, and shrunk
     fixture: ClassVar[TestFixture | None] = None
     lora_experts: ClassVar[ExpertNames | None] = None   # MoE: how adapters name the experts

@@ -9,7 +9,7 @@ Mistral's sliding window is not written (the converter writes none for llama).
 from __future__ import annotations
 
 from ..errors import InputError, UnsupportedError
-from .base import BPE, SPM, TINY, ExpertNames, TestFixture, register
+from .base import ATTENTION, BPE, SPM, TINY, ExpertNames, GPTQExperts, TestFixture, register
 from .llama import Llama
 
 # config.json of mistralai/Mistral-7B-Instruct-v0.3, as published
@@ -67,7 +67,9 @@ class Mixtral(Llama):
     rope_types = ("", "linear", "yarn")
     presets = {"mixtral-8x7b": MIXTRAL_8X7B,
                "mixtral-tiny": {**MIXTRAL_8X7B, **TINY, "intermediate_size": 256}}
-    gptq_groups = ()        # experts are not Linear modules in transformers 5: no GPTQ yet
+    gptq_groups = (ATTENTION[:3], ATTENTION[3:])
+    gptq_experts = GPTQExperts("mlp.experts", "block_sparse_moe.experts.{e}", ("w1", "w3", "w2"),
+                               router=("mlp.gate", "block_sparse_moe.gate"))
     config_has_head_dim = False         # MixtralConfig leaves head_dim unset
     fixture = TestFixture(tokenizer="mistral-v1", vectors=None, tied=False)
     # transformers 5 renames block_sparse_moe to mlp and fuses w1 and w3 (gate, up) into gate_up_proj

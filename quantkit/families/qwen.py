@@ -10,7 +10,7 @@ from __future__ import annotations
 import gguf
 
 from ..errors import InputError, UnsupportedError
-from .base import TINY, ExpertNames, Family, TestFixture, register
+from .base import ATTENTION, TINY, ExpertNames, Family, GPTQExperts, TestFixture, register
 
 # config.json of Qwen/Qwen2.5-7B-Instruct, as published
 QWEN25_7B = {
@@ -107,7 +107,8 @@ class _Experts(Family):
     or fused as transformers 5 holds them (save_pretrained(save_original_format=False)): gate_up_proj
     [n_expert, 2 x ffn, hidden] (each expert's gate rows, then its up rows) and down_proj [n_expert,
     hidden, ffn], with or without a `.weight` suffix, as the converter reads them."""
-    gptq_groups = ()        # experts are not Linear modules in transformers 5: no GPTQ yet
+    gptq_groups = (ATTENTION[:3], ATTENTION[3:])
+    gptq_experts = GPTQExperts("mlp.experts", "mlp.experts.{e}", EXPERT_LINEARS)
     lora_experts = ExpertNames("mlp.experts", "mlp.experts.{e}",
                                {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)})
 
@@ -188,6 +189,8 @@ class Qwen2Moe(_Experts, Qwen2):
                "qwen2moe-tiny": {**QWEN15_MOE_A27B, **MOE_TINY, "shared_expert_intermediate_size": 512}}
     fixture = TestFixture(tokenizer="qwen3", vectors="ggml-vocab-qwen2.gguf", tied=False)
     bnb_keep = ("shared_expert_gate",)      # one output row: bitsandbytes' 4-bit CPU kernel refuses it
+    gptq_experts = GPTQExperts("mlp.experts", "mlp.experts.{e}", EXPERT_LINEARS, keep=("gate", "shared_expert_gate"),
+                               shared=tuple(f"mlp.shared_expert.{m}" for m in EXPERT_LINEARS))
 
     def shared_expert(self, hp):
         h, f = hp.n_embd, hp.config["shared_expert_intermediate_size"]
