@@ -188,7 +188,26 @@ class Inventory:
 
     def describe(self) -> str:
         gpus = ", ".join(f"{t}{'' if real else ' (no GPU resource)'}" for t, real in self.gpu_types.items()) or "none"
-        return f"Ray cluster: {len(self.nodes)} node(s), up to {self.max_cpus} CPUs on one; GPU types: {gpus}"
+        return f"Ray cluster: {len(self.nodes)} node(s), the largest with {self.max_cpus} CPU(s); GPU types: {gpus}"
+
+
+def resources(step: str, settings: dict, inv: Inventory) -> dict:
+    """What a step's task asks Ray for: CPUs, and a GPU for [cluster] gpu_steps when the cluster has one."""
+    gpu = inv.has_gpu and step in settings["gpu_steps"]
+    return {"num_cpus": min(settings["cpus_per_step"], max(1, inv.max_cpus)), "num_gpus": 1 if gpu else 0}
+
+
+def placement(steps: list[Step], settings: dict, inv: Inventory) -> list[str]:
+    """The --dry-run lines saying what each step's tasks ask for."""
+    types = settings["measure_on"] or list(inv.gpu_types)
+    out = []
+    for s in steps:
+        r = resources(s.name, settings, inv)
+        need = f"{r['num_cpus']} CPU" + (" + 1 GPU" if r["num_gpus"] else "")
+        extra = f"; then per row, a measuring task on each GPU type ({', '.join(types)})" \
+            if s.name == "bench" and types else ""
+        out.append(f"  {s.name}: a task of {need}{extra}")
+    return out
 
 
 class Sweep:
@@ -213,10 +232,9 @@ class Sweep:
     def say(self, t: Task, text: str) -> None:
         self.echo(f"[{t.key}] {text}")
 
-    def _options(self, t: Task, gpu_ok: bool = True) -> dict:
-        gpu = gpu_ok and self.inv.has_gpu and t.step.name in self.s["gpu_steps"]
-        return {"num_cpus": min(self.s["cpus_per_step"], max(1, self.inv.max_cpus)), "num_gpus": 1 if gpu else 0,
-                "max_retries": self.s["retries"], "retry_exceptions": False, "name": t.key}
+    def _options(self, t: Task) -> dict:
+        return {**resources(t.step.name, self.s, self.inv), "max_retries": self.s["retries"],
+                "retry_exceptions": False, "name": t.key}
 
     def start(self, t: Task) -> None:
         m = t.model
@@ -425,6 +443,7 @@ def run(cfgs: list[Pipeline], labels: list[str], address: str | None, *, dry_run
             lines = []
             for m in models:
                 lines += [f"{m.label}:"] + ["  " + x for x in pl.describe(m.plan, m.manifest)]
+                lines += placement(m.plan.steps, settings, inv)
             return lines
         for m in models:
             pl.require_disk(m.plan, m.manifest)

@@ -174,6 +174,13 @@ def test_a_gpu_type_nobody_has_stops_before_any_work(cluster, two_models, tmp_pa
     assert r.returncode == 2 and "no node of the cluster has GPU type 'H100' (it has: A100, RTX4090)" in r.stderr, \
         r.stderr
     assert len(r.stderr.strip().splitlines()[-1]) < 300 and not (tmp_path / "out-a").exists()
+    # the plan, where each task goes, and nothing written
+    files = pipelines(two_models, tmp_path)
+    r = quantkit("run", *files, "--ray", address, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "GPU types: A100 (no GPU resource), RTX4090 (no GPU resource)" in r.stderr and r.stdout.count("[1/2] gguf   will run (not run yet)") == 2
+    assert "bench: a task of 1 CPU; then per row, a measuring task on each GPU type (A100, RTX4090)" in r.stdout
+    assert not (tmp_path / "out-a").exists()
 
 
 @pytest.mark.ray
