@@ -28,20 +28,11 @@ from pathlib import Path
 
 from quantkit.hfmodel import _read_header
 
+from .vram import BANDWIDTH_GBS, _key
+
 PROMPT, NEW = 256, 64
 CONTEXT = PROMPT + NEW // 2
 DEFAULT_EFFICIENCY = 0.6
-
-# GPU_CATALOG's names -> memory bandwidth in GB/s (datasheets; the SXM parts for A100 80GB and H100)
-BANDWIDTH_GBS: dict[str, float] = {
-    "RTX 3060 12GB": 360, "RTX 3080 10GB": 760, "RTX 4060 Ti 16GB": 288, "RTX 3090 24GB": 936,
-    "RTX 4090 24GB": 1008, "RTX 5090 32GB": 1792, "T4 16GB": 320, "L4 24GB": 300, "A10 24GB": 600,
-    "A100 40GB": 1555, "A100 80GB": 2039, "H100 80GB": 3350, "H200 141GB": 4800,
-}
-
-
-def _key(name: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
 def catalog_name(gpu_type: str, total_mib: float | None, catalog: dict[str, int]) -> str | None:

@@ -30,12 +30,16 @@ UBATCH = 512
 HEADROOM_MIB = 768          # CUDA context (~300-500 MiB) plus allocator slack
 CONTEXTS = (4096, 8192, 32768)
 
-# name -> total device memory in MiB as the driver reports it (nvidia-smi "Total")
-GPU_CATALOG: dict[str, int] = {
-    "RTX 3060 12GB": 12288, "RTX 3080 10GB": 10240, "RTX 4060 Ti 16GB": 16380, "RTX 3090 24GB": 24576,
-    "RTX 4090 24GB": 24564, "RTX 5090 32GB": 32607, "T4 16GB": 15360, "L4 24GB": 23034, "A10 24GB": 23028,
-    "A100 40GB": 40960, "A100 80GB": 81920, "H100 80GB": 81559, "H200 141GB": 143771,
-}
+# name, total device memory in MiB as the driver reports it (nvidia-smi "Total"), memory bandwidth in
+# GB/s (datasheets; the SXM parts of A100 80GB and H100)
+_GPUS = [
+    ("RTX 3060 12GB", 12288, 360), ("RTX 3080 10GB", 10240, 760), ("RTX 4060 Ti 16GB", 16380, 288),
+    ("RTX 3090 24GB", 24576, 936), ("RTX 4090 24GB", 24564, 1008), ("RTX 5090 32GB", 32607, 1792),
+    ("T4 16GB", 15360, 320), ("L4 24GB", 23034, 300), ("A10 24GB", 23028, 600), ("A100 40GB", 40960, 1555),
+    ("A100 80GB", 81920, 2039), ("H100 80GB", 81559, 3350), ("H200 141GB", 143771, 4800),
+]
+GPU_CATALOG: dict[str, int] = {name: mib for name, mib, _ in _GPUS}
+BANDWIDTH_GBS: dict[str, float] = {name: gbs for name, _, gbs in _GPUS}
 
 
 def _key(name: str) -> str:
