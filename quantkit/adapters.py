@@ -25,7 +25,7 @@ expert e's update is scaling * B[:, e::experts] @ A[e*r:(e+1)*r] ([out, in], pef
 r and alpha resolved on the parameter's name. Adapters trained on one module per expert
 (`mlp.experts.N.gate_proj`, Mixtral's `block_sparse_moe.experts.N.w1`) name those modules. Either
 form merges into either layout of the base: one tensor per expert, or fused (the rows of the fused
-tensor that linear holds); the family's `lora_experts` says which linears a fused parameter stacks.
+tensor that linear holds); the family's `experts_layout` says which linears a fused parameter stacks.
 
 Each is mapped to the base tensor `<module>.weight`; anything that maps nowhere or has the wrong
 shape is an error naming it, raised before anything is written. Scaling is peft's: alpha / r, or
@@ -275,7 +275,7 @@ def load_adapter(path: str | Path, base: HFModel, *, weight: float = 1.0,
         if layout is not None and target not in base.tensors and _expert_module(module, layout):
             _place_expert_lora(adapter, module, p, base, layout, where)
             continue
-        if layout is not None and target not in base.tensors and layout.router:
+        if layout is not None and target not in base.tensors:
             target = _renamed_router(target, base, layout.router)
         adapter.terms[target] = _make_term(module, p, config, base, weight, where, target)
     if not adapter.terms and not adapter.replacements and not adapter.expert_terms:
@@ -384,20 +384,21 @@ def _make_term(module: str, p: dict[str, torch.Tensor], config: dict, base: HFMo
 def _expert_names(base: HFModel):
     from .families import BY_HF_NAME
     fam = BY_HF_NAME.get((base.config.get("architectures") or [None])[0])
-    return fam.lora_experts if fam is not None else None
+    return fam.experts_layout if fam is not None else None
 
 
 def _expert_module(module: str, layout) -> re.Match | None:
     """`<layer>.mlp.experts[.base_layer...]` (target_parameters) or `<layer>.<one expert>.<linear>`."""
     linears = "|".join(re.escape(n) for parts in layout.fused.values() for n in parts)
-    one = re.escape(layout.per_expert).replace(re.escape("{e}"), r"(?P<e>\d+)")
+    one = re.escape(layout.expert).replace(re.escape("{e}"), r"(?P<e>\d+)")
     return (re.fullmatch(rf"(?P<layer>.+\.){re.escape(layout.module)}(?P<wrap>(?:\.base_layer)*)", module)
             or re.fullmatch(rf"(?P<layer>.+\.){one}\.(?P<linear>{linears})", module))
 
 
 def _renamed_router(target: str, base: HFModel, router: tuple[str, str]) -> str:
     """The base's name of a router that transformers 5 renamed (Mixtral's block_sparse_moe.gate is
-    its mlp.gate): adapters made on either name merge into either layout."""
+    its mlp.gate): adapters made on either name merge into either layout. A router it did not rename
+    (both names the same) keeps its name."""
     for a, b in (router, router[::-1]):
         renamed = re.sub(rf"\.{re.escape(a)}\.weight$", f".{b}.weight", target)
         if renamed != target and renamed in base.tensors:
@@ -413,7 +414,7 @@ def _fused_tensor(base: HFModel, layer: str, layout, param: str) -> str | None:
 
 
 def _per_expert_tensor(layer: str, layout, e: int, linear: str) -> str:
-    return f"{layer}{layout.per_expert.format(e=e)}.{linear}.weight"
+    return f"{layer}{layout.expert.format(e=e)}.{linear}.weight"
 
 
 def _place_expert_lora(adapter: Adapter, module: str, p: dict[str, torch.Tensor], base: HFModel, layout,

@@ -90,7 +90,7 @@ def check_shapes(model: HFModel, s: GPTQSettings) -> None:
     if not family.gptq_groups:
         raise UnsupportedError(f"GPTQ of {model.architecture} is not supported yet", model.path / "config.json")
     hp = hparams_of(model)
-    spec = family.gptq_experts
+    spec = family.experts_layout
     shared = [f"{family.layer_prefix(i)}{m}" for i in range(hp.n_layer) for m in spec.shared] if spec else []
     for module in family.linear_names(hp) + shared:
         name = f"{module}.weight"
@@ -100,7 +100,7 @@ def check_shapes(model: HFModel, s: GPTQSettings) -> None:
         _check_packable(name, *ref.shape, s, ref.shard)
     if spec:            # the experts' shapes by the template (the checkpoint may hold them fused)
         template = family.layer_tensors(hp)
-        for m in spec.names:
+        for m in spec.linears:
             out, cols = template[f"{spec.expert.format(e=0)}.{m}.weight"]
             _check_packable(f"{family.layer_prefix(0)}{spec.expert.format(e='*')}.{m}.weight", out, cols, s,
                             model.path / "config.json")
@@ -124,6 +124,7 @@ def quantize(model_dir: Path, s: GPTQSettings, device: str = "cpu", progress: bo
     hf = HFModel(model_dir)
     check_shapes(hf, s)
     family = family_of(hf)
+    spec = family.experts_layout        # MoE: the experts, quantized after gptq_groups (the attention)
     if tokens is None and s.calib and s.method == "gptq":      # checked before any weight is loaded
         tokens = layerwise.text_tokens(Path(model_dir), s.calib, s.n_samples, s.seqlen)
     model, stored, work = layerwise.load(model_dir, device, progress)
@@ -157,16 +158,15 @@ def quantize(model_dir: Path, s: GPTQSettings, device: str = "cpu", progress: bo
                     # the next group (and the next layer) see this layer as the loader will
                     m.weight.data = q.dequantize().to(device=m.weight.device, dtype=work)
                 H.clear()
-            if family.gptq_experts:
-                _experts(layer, family.layer_prefix(i), family.gptq_experts, s, inputs, run, device, result)
+            if spec:
+                _experts(layer, family.layer_prefix(i), spec, s, inputs, run, device, result)
             if s.method == "gptq":
                 inputs = run(layer, inputs)
-            done = [n for g in family.gptq_groups for n in g] + list(family.gptq_experts.shared if family.gptq_experts
-                                                                      else ())
+            done = [n for g in family.gptq_groups for n in g] + list(spec.shared if spec else ())
             for name in done:       # the codes are kept: the weights are done
                 layer.get_submodule(name).weight = None
-            if family.gptq_experts:
-                experts = layer.get_submodule(family.gptq_experts.module)
+            if spec:
+                experts = layer.get_submodule(spec.module)
                 experts.gate_up_proj = experts.down_proj = None
             layerwise.to(layer, "cpu", stored)
             bar.update(1)
@@ -222,7 +222,7 @@ def _experts(layer, prefix: str, spec, s: GPTQSettings, inputs: list, run, devic
     _check_layout(experts, f"{prefix}{spec.module}")
     n, f = experts.gate_up_proj.shape[0], experts.down_proj.shape[2]
     shared = [layer.get_submodule(m) for m in spec.shared]
-    gate, up, down = (f"{prefix}{spec.expert}.{m}" for m in spec.names)
+    gate, up, down = (f"{prefix}{spec.expert}.{m}" for m in spec.linears)
     for stage in ("gate_up", "down"):
         stack = experts.gate_up_proj if stage == "gate_up" else experts.down_proj
         lin = dict(zip(spec.shared[:2], shared[:2])) if stage == "gate_up" else dict(zip(spec.shared[2:], shared[2:]))
@@ -286,7 +286,7 @@ def write(model, result: GPTQResult, s: GPTQSettings, src: Path, out_root: Path,
     # embeddings, norms, lm_head in fp16 (quantize() dropped the linears' weights: only codes remain)
     plain = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
     family = family_of(HFModel(src))
-    head, spec = family.head, family.gptq_experts
+    head, spec = family.head, family.experts_layout
     ignore = [head]
     if spec:            # the router under its checkpoint name; it and `keep` stay unquantized (compressed-tensors)
         model_name, ckpt = (f".{r}." for r in spec.router)

@@ -191,7 +191,7 @@ def test_gptq_of_a_new_family_loads_in_transformers(tiny, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text((ROOT / "docs" / "kernels.md").read_text())       # any English that is not WikiText
     # a MoE family's experts: round-to-nearest here (their GPTQ, on one layer, is in test_moe_gptq.py)
-    moe = ["--gptq-method", "rtn"] if families.family_for(cfg["architectures"][0]).gptq_experts else []
+    moe = ["--gptq-method", "rtn"] if families.family_for(cfg["architectures"][0]).experts_layout else []
     code, out = run_cli("export", model, "--gptq", "--gptq-format", "compressed-tensors", "--group-size", 64,
                         "--calib", calib, "--calib-samples", 4, "--calib-seqlen", 64, *moe, "-q", "-o", tmp_path / "out")
     assert code == 0, out

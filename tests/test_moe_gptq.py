@@ -118,7 +118,7 @@ def test_experts_are_written_one_module_each_and_read_back_alike_by_both_loaders
     (what vLLM's MoE loaders read); AutoGPTQ's dequantization of them equals the fused experts
     transformers builds from OUT/gptq-ct, bit for bit; the router stays fp16."""
     fam, model_dir, gptq_dir, _, _, _ = moe
-    spec = fam.gptq_experts
+    spec = fam.experts_layout
     cfg = json.loads((gptq_dir / "gptq" / "config.json").read_text())
     n = families.hparams_from_config(cfg).n_expert
     t = load_file(gptq_dir / "gptq" / "model.safetensors")
@@ -131,12 +131,12 @@ def test_experts_are_written_one_module_each_and_read_back_alike_by_both_loaders
     f = experts.down_proj.shape[2]
     for e in range(n):
         deq = {}
-        for m in spec.names:
+        for m in spec.linears:
             p = f"{pre}{spec.expert.format(e=e)}.{m}"
             assert t[f"{p}.qweight"].dtype == torch.int32 and t[f"{p}.scales"].dtype == torch.float16
             deq[m], _, _ = autogptq_dequantize(t[f"{p}.qweight"], t[f"{p}.qzeros"], t[f"{p}.scales"], t[f"{p}.g_idx"],
                                                cfg["quantization_config"]["bits"])
-        gate, up, down = (deq[m].half().float() for m in spec.names)
+        gate, up, down = (deq[m].half().float() for m in spec.linears)
         assert torch.equal(experts.gate_up_proj[e][:f], gate) and torch.equal(experts.gate_up_proj[e][f:], up), e
         assert torch.equal(experts.down_proj[e], down), e
     for m in spec.shared:           # Qwen2-MoE's shared expert: a dense MLP, quantized; its gate is not
@@ -150,7 +150,7 @@ def test_experts_with_too_few_routed_tokens_are_rounded_to_nearest_and_counted(m
     had fewer comes from transformers' own routing of the calibration tokens in the quantized model
     (its router sees what ours saw: the quantized attention before it)."""
     fam, model_dir, gptq_dir, rtn_dir, stderr, tokens = moe
-    spec = fam.gptq_experts
+    spec = fam.experts_layout
     q = _load(gptq_dir / "gptq-ct")
     cfg = q.config
     k, n = cfg.num_experts_per_tok, families.hparams_from_config(cfg.to_dict()).n_expert

@@ -146,34 +146,34 @@ ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_a
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
-@dataclass(frozen=True)
-class GPTQExperts:
-    """Where GPTQ finds a MoE layer's experts and how it writes them. In transformers 5 they are one
-    module (`module`: gate_up_proj [n, 2 x ffn, hidden], down_proj [n, hidden, ffn]); the checkpoint
-    holds one Linear per expert and projection, `expert.format(e=...)` + one of `names` (gate, up,
-    down), the layout transformers 5 (compressed-tensors) and vLLM's MoE loaders read. The router and
-    the modules in `keep` stay unquantized (as gptqmodel leaves them); `router` is the router's
-    checkpoint name where transformers 5 names it otherwise (Mixtral's block_sparse_moe.gate)."""
-    module: str
-    expert: str
-    names: tuple[str, str, str]
-    router: tuple[str, str] = ("mlp.gate", "mlp.gate")      # (in the transformers model, in the checkpoint)
-    keep: tuple[str, ...] = ("gate",)
-    shared: tuple[str, ...] = ()        # a shared expert's Linears (gate, up, down), quantized as a dense MLP
 # The real 8B configs shrunk for tests: widths stay multiples of 256 so the K-quant path runs.
 TINY = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
         "num_key_value_heads": 2, "num_hidden_layers": 8}
 
 
 @dataclass(frozen=True)
-class ExpertNames:
-    """How LoRA adapters name a MoE layer's experts (quantkit.adapters): transformers 5's experts
-    module, whose fused parameters peft's target_parameters adapt, and one expert's module in the
-    original checkpoints (and in adapters trained on them), whose linears those parameters stack."""
+class Experts:
+    """A MoE layer's experts, as GPTQ (quantkit.gptq) and the LoRA merge (quantkit.adapters) name them.
+    transformers 5 holds them in one module (`module`: gate_up_proj [n, 2 x ffn, hidden], each expert's
+    gate rows then its up rows; down_proj [n, hidden, ffn]), whose fused parameters peft's
+    target_parameters adapt; the original checkpoints (and adapters trained on them, and the GPTQ
+    checkpoints, as transformers 5's compressed-tensors and vLLM's MoE loaders read them) hold one
+    Linear per expert and projection: `expert.format(e=...)` + one of `linears`. GPTQ leaves the router
+    and the modules in `keep` unquantized (as gptqmodel does); `router` names the router in the
+    transformers 5 model and in the checkpoint, which differ where transformers 5 renamed it (Mixtral's
+    block_sparse_moe.gate is its mlp.gate)."""
     module: str                             # relative to the layer: "mlp.experts"
-    per_expert: str                         # relative to the layer, {e} the expert: "mlp.experts.{e}"
-    fused: dict[str, tuple[str, ...]]       # fused parameter: the per-expert linears whose rows it stacks, in order
-    router: tuple[str, str] | None = None   # the router's module where transformers 5 renames it: (new, original)
+    expert: str                             # relative to the layer, {e} the expert: "mlp.experts.{e}"
+    linears: tuple[str, str, str]           # one expert's linears: gate, up, down
+    router: tuple[str, str] = ("mlp.gate", "mlp.gate")      # (in the transformers 5 model, in the checkpoint)
+    keep: tuple[str, ...] = ("gate",)
+    shared: tuple[str, ...] = ()        # a shared expert's Linears (gate, up, down), quantized as a dense MLP
+
+    @property
+    def fused(self) -> dict[str, tuple[str, ...]]:
+        """transformers 5's fused parameters: the per-expert linears whose rows each stacks, in order."""
+        gate, up, down = self.linears
+        return {"gate_up_proj": (gate, up), "down_proj": (down,)}
 
 
 class Family:
@@ -203,10 +203,10 @@ class Family:
     final_norm: ClassVar[str] = "model.norm"
     head: ClassVar[str] = "lm_head"
     gptq_groups: ClassVar[tuple[tuple[str, ...], ...]] = (ATTENTION[:3], ATTENTION[3:], MLP[:2], MLP[2:])
-    gptq_experts: ClassVar[GPTQExperts | None] = None     # MoE: quantized after gptq_groups (the attention)
+    # MoE: how the experts are named (GPTQ quantizes them after gptq_groups, the attention; LoRA merges)
+    experts_layout: ClassVar[Experts | None] = None
     presets: ClassVar[dict[str, dict]] = {}     # synthetic checkpoints: published configs, and shrunk
     fixture: ClassVar[TestFixture | None] = None
-    lora_experts: ClassVar[ExpertNames | None] = None   # MoE: how adapters name the experts
 
     @property
     def sentencepiece_only(self) -> bool:

@@ -9,7 +9,7 @@ Mistral's sliding window is not written (the converter writes none for llama).
 from __future__ import annotations
 
 from ..errors import InputError, UnsupportedError
-from .base import ATTENTION, BPE, SPM, TINY, ExpertNames, GPTQExperts, TestFixture, register
+from .base import ATTENTION, BPE, SPM, TINY, Experts, TestFixture, register
 from .llama import Llama
 
 # config.json of mistralai/Mistral-7B-Instruct-v0.3, as published
@@ -68,13 +68,11 @@ class Mixtral(Llama):
     presets = {"mixtral-8x7b": MIXTRAL_8X7B,
                "mixtral-tiny": {**MIXTRAL_8X7B, **TINY, "intermediate_size": 256}}
     gptq_groups = (ATTENTION[:3], ATTENTION[3:])
-    gptq_experts = GPTQExperts("mlp.experts", "block_sparse_moe.experts.{e}", ("w1", "w3", "w2"),
-                               router=("mlp.gate", "block_sparse_moe.gate"))
+    # transformers 5 renames block_sparse_moe to mlp and fuses w1 and w3 (gate, up) into gate_up_proj
+    experts_layout = Experts("mlp.experts", "block_sparse_moe.experts.{e}", ("w1", "w3", "w2"),
+                             router=("mlp.gate", "block_sparse_moe.gate"))
     config_has_head_dim = False         # MixtralConfig leaves head_dim unset
     fixture = TestFixture(tokenizer="mistral-v1", vectors=None, tied=False)
-    # transformers 5 renames block_sparse_moe to mlp and fuses w1 and w3 (gate, up) into gate_up_proj
-    lora_experts = ExpertNames("mlp.experts", "block_sparse_moe.experts.{e}",
-                               {"gate_up_proj": ("w1", "w3"), "down_proj": ("w2",)}, ("mlp.gate", "block_sparse_moe.gate"))
 
     def complete_config(self, c, path=None):
         c = {"num_experts_per_tok": 2, **c}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import gguf
 
 from ..errors import InputError, UnsupportedError
-from .base import ATTENTION, TINY, ExpertNames, Family, GPTQExperts, TestFixture, register
+from .base import ATTENTION, TINY, Experts, Family, TestFixture, register
 
 # config.json of Qwen/Qwen2.5-7B-Instruct, as published
 QWEN25_7B = {
@@ -108,9 +108,7 @@ class _Experts(Family):
     [n_expert, 2 x ffn, hidden] (each expert's gate rows, then its up rows) and down_proj [n_expert,
     hidden, ffn], with or without a `.weight` suffix, as the converter reads them."""
     gptq_groups = (ATTENTION[:3], ATTENTION[3:])
-    gptq_experts = GPTQExperts("mlp.experts", "mlp.experts.{e}", EXPERT_LINEARS)
-    lora_experts = ExpertNames("mlp.experts", "mlp.experts.{e}",
-                               {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)})
+    experts_layout = Experts("mlp.experts", "mlp.experts.{e}", EXPERT_LINEARS)
 
     def complete_config(self, c, path=None):
         c = {"decoder_sparse_step": 1, "mlp_only_layers": [], "num_experts_per_tok": 8, **c}
@@ -189,8 +187,8 @@ class Qwen2Moe(_Experts, Qwen2):
                "qwen2moe-tiny": {**QWEN15_MOE_A27B, **MOE_TINY, "shared_expert_intermediate_size": 512}}
     fixture = TestFixture(tokenizer="qwen3", vectors="ggml-vocab-qwen2.gguf", tied=False)
     bnb_keep = ("shared_expert_gate",)      # one output row: bitsandbytes' 4-bit CPU kernel refuses it
-    gptq_experts = GPTQExperts("mlp.experts", "mlp.experts.{e}", EXPERT_LINEARS, keep=("gate", "shared_expert_gate"),
-                               shared=tuple(f"mlp.shared_expert.{m}" for m in EXPERT_LINEARS))
+    experts_layout = Experts("mlp.experts", "mlp.experts.{e}", EXPERT_LINEARS, keep=("gate", "shared_expert_gate"),
+                             shared=tuple(f"mlp.shared_expert.{m}" for m in EXPERT_LINEARS))
 
     def shared_expert(self, hp):
         h, f = hp.n_embd, hp.config["shared_expert_intermediate_size"]
