@@ -230,19 +230,11 @@ def _experts(layer, prefix: str, spec, s: GPTQSettings, inputs: list, run, devic
         Hl = {}
         if H:
             def pre(m, args, kwargs):
-                x = (args[0] if args else kwargs["hidden_states"]).detach()
-                chosen = args[1] if len(args) > 1 else kwargs["top_k_index"]      # [tokens, top k]: the routing
-                x = x.reshape(-1, x.shape[-1])
-                chosen = chosen.reshape(x.shape[0], -1)
+                x, chosen = layerwise.routed(args, kwargs)
                 for e in range(n):
                     rows = x[(chosen == e).any(-1)]
                     if stage == "down":         # what down_proj multiplies: act(gate) * up, quantized gate/up
-                        gu = torch.nn.functional.linear(rows, m.gate_up_proj[e])
-                        if hasattr(m, "_apply_gate"):
-                            rows = m._apply_gate(gu)
-                        else:
-                            g, u = gu.chunk(2, dim=-1)
-                            rows = m.act_fn(g) * u
+                        rows = layerwise.expert_activation(m, e, rows)
                     H[e].add(rows)
             handles = [experts.register_forward_pre_hook(pre, with_kwargs=True)]
             if lin:

@@ -138,21 +138,14 @@ def collect(model_dir: Path, *, calib: Path | None = None, n_samples: int = 64, 
                                                          gguf.MODEL_TENSOR.FFN_DOWN_EXP))
 
         def pre(m, args, kwargs):
-            x = (args[0] if args else kwargs["hidden_states"]).detach()
-            chosen = args[1] if len(args) > 1 else kwargs["top_k_index"]       # [tokens, top k]: the model's routing
-            x, n = x.reshape(-1, x.shape[-1]), m.gate_up_proj.shape[0]
+            x, chosen = layerwise.routed(args, kwargs)
+            n = m.gate_up_proj.shape[0]
             for e in range(n):
                 # llama-imatrix's MUL_MAT_ID: every (token, top-k slot) that chose expert e is one row
-                rows = x[torch.where(chosen.reshape(x.shape[0], -1) == e)[0]]
+                rows = x[torch.where(chosen == e)[0]]
                 add(gate, rows, e, n)
                 add(up, rows, e, n)
-                gate_up = torch.nn.functional.linear(rows, m.gate_up_proj[e])
-                if hasattr(m, "_apply_gate"):
-                    h = m._apply_gate(gate_up)
-                else:
-                    g, u = gate_up.chunk(2, dim=-1)
-                    h = m.act_fn(g) * u
-                add(down, h, e, n)                  # what down_proj multiplies: act(gate) * up
+                add(down, layerwise.expert_activation(m, e, rows), e, n)   # what down_proj multiplies
         return pre
 
     layers = family.layers(model)

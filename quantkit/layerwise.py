@@ -107,3 +107,22 @@ def ram_bytes() -> int:
 def hidden(out):
     """A decoder layer's hidden states (some transformers versions return a tuple)."""
     return out[0] if isinstance(out, tuple) else out
+
+
+def routed(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs of transformers 5's fused experts module, as a forward pre-hook sees them: the
+    tokens [N, hidden] and the router's choice for each [N, top k] (the model's own routing)."""
+    x = (args[0] if args else kwargs["hidden_states"]).detach()
+    chosen = args[1] if len(args) > 1 else kwargs["top_k_index"]
+    x = x.reshape(-1, x.shape[-1])
+    return x, chosen.reshape(x.shape[0], -1)
+
+
+def expert_activation(experts, e: int, rows: torch.Tensor) -> torch.Tensor:
+    """What expert e's down_proj multiplies for `rows`: act(gate) * up, through the module's own
+    gate (its _apply_gate where it has one: gpt-oss-style clamped gates)."""
+    gate_up = torch.nn.functional.linear(rows, experts.gate_up_proj[e])
+    if hasattr(experts, "_apply_gate"):
+        return experts._apply_gate(gate_up)
+    g, u = gate_up.chunk(2, dim=-1)
+    return experts.act_fn(g) * u
