@@ -21,6 +21,7 @@ the context averages CONTEXT tokens over them, and the estimates are for that co
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import statistics
 import time
@@ -37,23 +38,23 @@ DEFAULT_EFFICIENCY = 0.6
 
 def catalog_name(gpu_type: str, total_mib: float | None, catalog: dict[str, int]) -> str | None:
     """The catalog entry a measured GPU is: by its model (Ray's accelerator type "A100", or the
-    driver's name "NVIDIA A100-SXM4-80GB"), and among several (A100 40GB / 80GB, A10 / A100) the one
-    named exactly so, else the one of closest memory."""
-    k = _key(gpu_type).removeprefix("nvidia")
+    driver's name "NVIDIA A100-SXM4-80GB"), where what follows the model is at most a form factor
+    SXM, a memory size and HBM (so an L40S is no L4, an RTX 3060 Ti no RTX 3060, an H100 PCIe no
+    H100 SXM); among several (A100 40GB / 80GB), the one of closest memory. None: not in the catalog
+    (its measurement is shown, and calibrates nothing)."""
+    k = re.sub(r"^(nvidia)?(geforce)?", "", _key(gpu_type))
     model = {c: _key(re.sub(r"\s*\d+\s*GB$", "", c, flags=re.I)) for c in catalog}
-    found = [c for c, m in model.items() if k and m and (m in k or k in m)]
+    found = [c for c, m in model.items() if m and k.startswith(m)
+             and re.fullmatch(r"(sxm\d*)?(\d+gb)?(hbm\d*e?)?", k[len(m):])]
     if not found:
         return None
-    if total_mib:
-        return min(found, key=lambda c: abs(catalog[c] - total_mib))
-    exact = [c for c in found if model[c] == k]
-    return (exact or found)[0]
+    return min(found, key=lambda c: abs(catalog[c] - total_mib)) if total_mib else found[0]
 
 
 def active_weight_bytes(path: Path, kind: str, experts: int = 0, experts_used: int = 0) -> int:
     """Bytes of weights one decoded token reads (see the module's note)."""
     path = Path(path)
-    frac = experts_used / experts if experts else 1.0
+    frac = experts_used / experts if experts and experts_used else 1.0
     if kind == "gguf":
         from .gguf_diff import reader
         sizes = {t.name: int(t.n_bytes) for t in reader(path).tensors}
@@ -61,7 +62,7 @@ def active_weight_bytes(path: Path, kind: str, experts: int = 0, experts_used: i
         expert = [n for n in sizes if "_exps." in n]
     else:
         sizes = {}
-        for shard in sorted(path.glob("*.safetensors")):
+        for shard in _shards(path):
             header, _ = _read_header(shard)
             sizes.update({n: e - b for n, i in header.items() if n != "__metadata__" for b, e in [i["data_offsets"]]})
         embed = next((n for n in sizes if n.endswith("embed_tokens.weight")), "")
@@ -69,6 +70,15 @@ def active_weight_bytes(path: Path, kind: str, experts: int = 0, experts_used: i
         expert = [n for n in sizes if ".experts." in n]
     total = sum(sizes.values()) - sum(sizes[n] for n in expert) * (1 - frac)
     return int(total - (0 if tied else sizes.get(embed, 0)))
+
+
+def _shards(path: Path) -> list[Path]:
+    """The checkpoint's shards as its index names them (a Mistral repository also ships a
+    consolidated.safetensors beside them), else every *.safetensors."""
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return sorted(path.glob("*.safetensors"))
 
 
 def measure(path: Path, kind: str, device: str = "cpu") -> dict:

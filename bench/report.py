@@ -158,8 +158,9 @@ def decode_table(results: dict) -> list[str]:
         lines += ["| Measured | On | Node | Host | Device |", "| --- | --- | --- | --- | --- |"]
         label = {r["name"]: _label(r) for r in rows}
         for m in who:
+            device = f"failed: {m['error']}" if m.get("error") else m.get("gpu_name") or m["device"]
             lines.append(f"| {label.get(m['row'], m['row'])} | {m['gpu_type']} | {(m.get('node') or '')[:12]} | "
-                         f"{m.get('host', '')} | {m.get('gpu_name') or m['device']} |")
+                         f"{m.get('host') or ''} | {device} |")
         lines.append("")
     return lines
 

@@ -189,12 +189,16 @@ def measure_here(row: dict, device: str, gpu_type: str | None = None) -> dict:
     device = device if on_gpu else "cpu"
     props = torch.cuda.get_device_properties(device) if on_gpu else None
     path, kind = Path(row["path"]), row["kind"]
-    return {"row": row["name"], "gpu_type": gpu_type or (props.name if props else "cpu"),
-            "gpu_name": props.name if props else None,
-            "total_mib": round(props.total_memory / 2**20) if props else None, "device": device,
-            "host": socket.gethostname(), "pid": os.getpid(), "node": None,
-            "vram": vram.measure(path, kind) if on_gpu else None,
-            "decode": decode.measure(path, kind, device)}
+    out = {"row": row["name"], "gpu_type": gpu_type or (props.name if props else "cpu"),
+           "gpu_name": props.name if props else None,
+           "total_mib": round(props.total_memory / 2**20) if props else None, "device": device,
+           "host": socket.gethostname(), "pid": os.getpid(), "node": None, "vram": None, "decode": None}
+    try:            # a row that does not fit or load there fails its own cell, not the report
+        out["vram"] = vram.measure(path, kind) if on_gpu else None
+        out["decode"] = decode.measure(path, kind, device)
+    except Exception as e:  # noqa: BLE001 - out of memory, a load failure, the measuring process' error
+        out["error"] = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+    return out
 
 
 def finish(results: dict, measurements: list[dict], gpus: dict[str, int] | None, out_dir: Path) -> dict:
@@ -203,7 +207,11 @@ def finish(results: dict, measurements: list[dict], gpus: dict[str, int] | None,
     model = HFModel(results["baseline"]["path"])
     arch = vram.Arch.from_config(model.config)
     rows = [results["baseline"]] + results["variants"]
-    vram_measured = {m["row"]: m["vram"] for m in measurements if m.get("vram")}
+    measurements = sorted(measurements, key=lambda m: (m["row"], m["gpu_type"]))     # not in the order they ended
+    vram_measured = {}
+    for m in measurements:                      # a row's VRAM: the first GPU type (by name) that measured it
+        if m.get("vram"):
+            vram_measured.setdefault(m["row"], m["vram"])
     for r in rows:
         r["vram"] = vram_measured.get(r["name"]) or vram.estimate(vram.weights_on_gpu(Path(r["path"]), r["kind"]), arch)
     gpus = gpus if gpus is not None else dict(vram.GPU_CATALOG)

@@ -588,6 +588,8 @@ def _labels(pipelines: tuple[Path, ...], cfgs: list) -> list[str]:
     names = [Path(p).stem for p in pipelines] or [Path(cfgs[0]["output"]["dir"]).name]
     if len(set(names)) < len(names):
         names = [Path(c["output"]["dir"]).name for c in cfgs]
+    if len(set(names)) < len(names):
+        names = [f"{i}-{n}" for i, n in enumerate(names, 1)]
     return names
 
 

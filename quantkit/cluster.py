@@ -95,12 +95,19 @@ def depends(step: Step, earlier: Step) -> bool:
     return any(Path(i) == o or o in Path(i).parents for i in step.inputs for o in outs)
 
 
+def worker_device(configured: str, gpu_ids: list) -> str:
+    """Where a task works: the GPU Ray gave it ("cuda": Ray makes it the only one the task sees),
+    else the CPU, whatever other GPUs its node has (Ray leaves them visible to every task). [output]
+    device = "cpu" keeps every step on the CPU."""
+    return "cuda" if gpu_ids and configured != "cpu" else "cpu"
+
+
 @functools.cache
 def _remote():
     """The remote functions and the events actor (defined once Ray is imported: it is an extra)."""
     ray = import_ray()
 
-    @ray.remote(num_cpus=0)
+    @ray.remote(num_cpus=0, max_restarts=-1)
     class Events:
         """Where tasks say they started (the driver prints it): Ray tells only when a task ends."""
         def __init__(self):
@@ -116,13 +123,15 @@ def _remote():
     def here(events, key: str) -> dict:
         ctx = ray.get_runtime_context()
         info = {"node": ctx.get_node_id(), "host": socket.gethostname(), "pid": os.getpid()}
-        ray.get(events.put.remote("started", key, info))
+        try:
+            ray.get(events.put.remote("started", key, info))
+        except Exception:  # noqa: BLE001 - the progress line is lost, not the step
+            pass
         return info
 
     def worker_plan(cfg: Pipeline):
         from . import pipeline as pl
-        from .cli import _resolve_device
-        device = _resolve_device(cfg["output"]["device"], flag="")
+        device = worker_device(cfg["output"]["device"], ray.get_gpu_ids())
         return pl.build(cfg, device, progress=False, checks=False), device
 
     @ray.remote(max_calls=1)
@@ -191,23 +200,37 @@ class Inventory:
         return f"Ray cluster: {len(self.nodes)} node(s), the largest with {self.max_cpus} CPU(s); GPU types: {gpus}"
 
 
-def resources(step: str, settings: dict, inv: Inventory) -> dict:
-    """What a step's task asks Ray for: CPUs, and a GPU for [cluster] gpu_steps when the cluster has one."""
-    gpu = inv.has_gpu and step in settings["gpu_steps"]
-    return {"num_cpus": min(settings["cpus_per_step"], max(1, inv.max_cpus)), "num_gpus": 1 if gpu else 0}
+def resources(step: str, settings: dict, inv: Inventory, device: str = "auto") -> dict:
+    """What a step's task asks Ray for: CPUs (at most what the largest node that can run it has), and
+    a GPU for [cluster] gpu_steps when the cluster has one (not with [output] device = "cpu")."""
+    gpu = inv.has_gpu and step in settings["gpu_steps"] and device != "cpu"
+    fit = [n["Resources"].get("CPU", 0) for n in inv.nodes if not gpu or n["Resources"].get("GPU", 0) >= 1]
+    return {"num_cpus": max(1, min(settings["cpus_per_step"], int(max(fit, default=1)))), "num_gpus": 1 if gpu else 0}
 
 
-def placement(steps: list[Step], settings: dict, inv: Inventory) -> list[str]:
+def placement(steps: list[Step], settings: dict, inv: Inventory, device: str) -> list[str]:
     """The --dry-run lines saying what each step's tasks ask for."""
     types = settings["measure_on"] or list(inv.gpu_types)
     out = []
     for s in steps:
-        r = resources(s.name, settings, inv)
+        r = resources(s.name, settings, inv, device)
         need = f"{r['num_cpus']} CPU" + (" + 1 GPU" if r["num_gpus"] else "")
         extra = f"; then per row, a measuring task on each GPU type ({', '.join(types)})" \
             if s.name == "bench" and types else ""
         out.append(f"  {s.name}: a task of {need}{extra}")
     return out
+
+
+def measured_types(settings: dict, inv: Inventory) -> list[str]:
+    return settings["measure_on"] or list(inv.gpu_types)
+
+
+def mark_bench(models: list[Model], types: list[str]) -> None:
+    """The bench step's record says which GPU types measured: a rerun with other types redoes it."""
+    for m in models:
+        for step in m.plan.steps:
+            if step.name == "bench":
+                step.settings = {**step.settings, "measured_on": sorted(types)}
 
 
 class Sweep:
@@ -216,13 +239,13 @@ class Sweep:
     def __init__(self, models: list[Model], inv: Inventory, settings: dict, echo: Callable[[str], None]):
         self.models, self.inv, self.s, self.echo = models, inv, settings, echo
         self.ray, Events, self.run_step, self.bench_score, self.bench_measure, _ = _remote()
-        self.events = Events.remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        here = self.ray.get_runtime_context().get_node_id()
+        self.events = Events.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True)).remote()
         self.tasks: list[Task] = []
-        self.measure_on = settings["measure_on"] or list(inv.gpu_types)
+        self.measure_on = measured_types(settings, inv)
         for m in models:
-            for i, step in enumerate(m.plan.steps):
-                if step.name == "bench":
-                    step.settings = {**step.settings, "measured_on": sorted(self.measure_on)}
+            for step in m.plan.steps:
                 deps = [t for t in self.tasks if t.model is m and depends(step, t.step)]
                 self.tasks.append(Task(m, step, deps))
         self.parts: dict[Any, tuple[Task, str]] = {}       # ref -> (task, what: step / score / measure row@type)
@@ -233,7 +256,8 @@ class Sweep:
         self.echo(f"[{t.key}] {text}")
 
     def _options(self, t: Task) -> dict:
-        return {**resources(t.step.name, self.s, self.inv), "max_retries": self.s["retries"],
+        return {**resources(t.step.name, self.s, self.inv, t.model.cfg["output"]["device"]),
+                "max_retries": self.s["retries"],
                 "retry_exceptions": False, "name": t.key}
 
     def start(self, t: Task) -> None:
@@ -268,10 +292,13 @@ class Sweep:
         self.measurements[t.key] = []
         for gpu_type in self.measure_on:
             real = self.inv.gpu_types.get(gpu_type, False)
+            # a real GPU: one measurement per GPU, each in a fresh worker (a reused one would keep its
+            # first GPU's CUDA context); a node without one (a stand-in type): one at a time per node
+            on = {"num_gpus": 1, "max_calls": 1, "resources": {ACCELERATOR + gpu_type: 0.001}} if real else \
+                {"num_gpus": 0, "resources": {ACCELERATOR + gpu_type: 1}}
             for row in rows:
-                r = self.bench_measure.options(num_cpus=1, num_gpus=1 if real else 0,
-                                               resources={ACCELERATOR + gpu_type: 1}, max_retries=self.s["retries"],
-                                               name=f"{t.key}:{row['name']}@{gpu_type}").remote(
+                r = self.bench_measure.options(num_cpus=1, max_retries=self.s["retries"],
+                                               name=f"{t.key}:{row['name']}@{gpu_type}", **on).remote(
                     row, gpu_type, f"{t.key}:{row['name']}@{gpu_type}", self.events)
                 t.refs.append(r)
                 self.parts[r] = (t, f"measure {row['name']} on {gpu_type}")
@@ -280,7 +307,11 @@ class Sweep:
         return t.state == "waiting" and all(d.state in ("done", "skipped") for d in t.deps)
 
     def _drain_events(self) -> None:
-        for kind, key, info in self.ray.get(self.events.drain.remote()):
+        try:
+            events = self.ray.get(self.events.drain.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - the actor restarts; only progress lines are lost
+            return
+        for kind, key, info in events:
             t = next((t for t in self.tasks if key == t.key or key.startswith(t.key + ":")), None)
             if t is None:
                 continue
@@ -300,6 +331,12 @@ class Sweep:
         try:
             out = self.ray.get(ref)
         except Exception as e:  # noqa: BLE001 - a task's error (ours, or the worker's loss) fails that step only
+            if what.startswith("measure"):          # a row that does not load on that GPU: its cell says so
+                row, gpu_type = what.removeprefix("measure ").rsplit(" on ", 1)
+                self.measurements[t.key].append({"row": row, "gpu_type": gpu_type, "device": None,
+                                                 "error": _reason(e), "vram": None, "decode": None})
+                self.say(t, f"{what}: failed: {_reason(e)}")
+                return self._complete(t)
             t.state, t.error = "failed", _reason(e)
             for r in t.refs:
                 if r in self.parts:
@@ -314,17 +351,24 @@ class Sweep:
         elif what.startswith("measure"):
             self.measurements[t.key].append(out["measurement"])
             self.say(t, f"{what}: done in {out['seconds']:.1f} s on {out['host']} node {out['node'][:8]}")
+        self._complete(t)
+
+    def _complete(self, t: Task) -> None:
+        """Once every part of a task is in: the report (bench), the check of the outputs, the record."""
         if any(r in self.parts for r in t.refs):
             return
-        if t.step.name == "bench" and t.step.job is not None:
-            t.step.job.finish(self.bench_results.pop(t.key), self.measurements.pop(t.key))
-        missing = [str(p) for p in t.step.outputs if not Path(p).exists()]
-        if missing:
-            t.state, t.error = "failed", f"did not write {', '.join(missing)}"
+        try:
+            if t.step.name == "bench" and t.step.job is not None:
+                t.step.job.finish(self.bench_results.pop(t.key), self.measurements.pop(t.key))
+            missing = [str(p) for p in t.step.outputs if not Path(p).exists()]
+            if missing:
+                raise QuantkitError(f"did not write {', '.join(missing)}")
+            t.seconds = time.perf_counter() - t.started
+            t.model.manifest.record(t.step, t.seconds)
+        except Exception as e:  # noqa: BLE001 - this step fails; the other pipelines go on
+            t.state, t.error = "failed", str(e) if isinstance(e, QuantkitError) else _reason(e)
             self.say(t, f"failed: {t.error}")
             return
-        t.seconds = time.perf_counter() - t.started
-        t.model.manifest.record(t.step, t.seconds)
         t.state = "done"
         self.say(t, f"done in {t.seconds:.1f} s")
 
@@ -372,7 +416,7 @@ def connect(address: str, settings: dict):
             ray.init(address=address, **kw)
         else:
             ray.init(include_dashboard=False, **kw)
-    except ConnectionError as e:
+    except Exception as e:  # noqa: BLE001 - ConnectionError, a Ray version mismatch, a port that is not Ray's
         raise InputError(f"--ray {address}: cannot connect to the Ray cluster ({' '.join(str(e).split())[:200]})") \
             from None
     return ray
@@ -394,7 +438,12 @@ def check_shared(ray, inv: Inventory, models: list[Model]) -> None:
             tokens[str(p)] = p.name
         refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
                 .remote(inputs, tokens) for n in inv.nodes]
-        for r in ray.get(refs):
+        try:
+            seen = ray.get(refs, timeout=300)
+        except Exception as e:  # noqa: BLE001 - a node that cannot run the check cannot run the steps
+            raise InputError(f"the check that every node sees the inputs and outputs did not complete: {_reason(e)} "
+                             "(is quantkit installed on every node?)") from None
+        for r in seen:
             if r["missing"]:
                 raise InputError(f"not visible from the Ray node on {r['host']} ({r['node'][:8]}): inputs and "
                                  "[output] dir must be on storage every node mounts at the same path (NFS, a "
@@ -419,7 +468,7 @@ def run(cfgs: list[Pipeline], labels: list[str], address: str | None, *, dry_run
         if c["cluster"] != settings:
             raise InputError("the pipelines' [cluster] tables differ: give them one (the first file's is not "
                              "assumed for the others)", c.source)
-    outs = [Path(c["output"]["dir"]) for c in cfgs]
+    outs = [Path(c["output"]["dir"]).resolve() for c in cfgs]
     for i, o in enumerate(outs):
         if o in outs[:i]:
             raise InputError(f"two pipelines write to the same [output] dir {o}: give each its own", cfgs[i].source)
@@ -429,6 +478,9 @@ def run(cfgs: list[Pipeline], labels: list[str], address: str | None, *, dry_run
             device = _resolve_device(cfg["output"]["device"], flag="", dry_run=True)
         except QuantkitError as e:
             raise cfg.error("output", "device", str(e)) from None
+        if device.startswith("cuda:"):
+            raise cfg.error("output", "device", f"{device!r}: on a cluster each task sees only the GPU Ray gives it; "
+                            "use auto (a GPU where Ray gives one) or cpu")
         plan = pl.build(cfg, device, progress=False)
         models.append(Model(label, cfg, plan, Manifest.load(plan.out, trust_stats=not rehash)))
     ray = connect(address, settings)
@@ -439,11 +491,12 @@ def run(cfgs: list[Pipeline], labels: list[str], address: str | None, *, dry_run
             raise cfgs[0].error("cluster", "measure_on", f"[cluster] measure_on: no node of the cluster has GPU type "
                                 f"{unknown[0]!r} (it has: {', '.join(inv.gpu_types) or 'none'})")
         echo(inv.describe())
+        mark_bench(models, measured_types(settings, inv))
         if dry_run:
             lines = []
             for m in models:
                 lines += [f"{m.label}:"] + ["  " + x for x in pl.describe(m.plan, m.manifest)]
-                lines += placement(m.plan.steps, settings, inv)
+                lines += placement(m.plan.steps, settings, inv, m.cfg["output"]["device"])
             return lines
         for m in models:
             pl.require_disk(m.plan, m.manifest)
@@ -466,7 +519,7 @@ def run(cfgs: list[Pipeline], labels: list[str], address: str | None, *, dry_run
 def summary(tasks: list[Task], wall: float) -> list[str]:
     """Per task: state, wall time (queued to recorded), the step's own time on its worker (the rest is
     waiting for a CPU, the worker's start and the plan's checks), attempts, node; then the failures."""
-    w = max(len(t.key) for t in tasks)
+    w = max([len(t.key) for t in tasks] + [4])
     lines = [f"{'task':{w}}  {'state':8} {'wall':>8} {'in step':>8}  attempts  node"]
     for t in tasks:
         wall_t, inside = (f"{t.seconds:.1f} s", f"{t.inside:.1f} s") if t.state == "done" else ("", "")

@@ -111,6 +111,7 @@ def test_sweep_matches_sequential_run_and_measures_on_each_gpu_type(cluster, two
         assert len(par) == len(TYPES) and par == seq, name
         report = json.loads((tmp_path / f"out-{name}" / "report" / "report.json").read_text())
         ref = json.loads((sequential / f"out-{name}" / "report" / "report.json").read_text())
+        assert len(report["variants"]) == len(ref["variants"]) == len(TYPES)
         for got, want in zip(report["variants"], ref["variants"]):
             assert got["name"] == want["name"]
             assert got["ppl"] == pytest.approx(want["ppl"], rel=1e-4)
@@ -150,8 +151,9 @@ def test_a_worker_killed_mid_export_reruns_that_step_only(cluster, two_models, s
         if m and killed is None:
             pid = int(m.group(1))
             deadline = time.time() + 60
-            while not list((tmp_path / "out-a").glob(f".gguf.partial-{pid}-*/*")) and time.time() < deadline:
+            while not (staged := list((tmp_path / "out-a").glob(f".gguf.partial-{pid}-*/*"))) and time.time() < deadline:
                 time.sleep(0.005)
+            assert staged, "the export ended before its staged files could be seen"
             os.kill(pid, signal.SIGKILL)          # mid-export: its staged files exist, not yet renamed
             killed = pid
     out, _ = proc.communicate(timeout=600)
@@ -164,6 +166,31 @@ def test_a_worker_killed_mid_export_reruns_that_step_only(cluster, two_models, s
     for name in two_models:
         assert ggufs(tmp_path / f"out-{name}") == ggufs(sequential / f"out-{name}")
         assert not [p for p in (tmp_path / f"out-{name}").iterdir() if ".partial" in p.name]
+
+
+@pytest.mark.ray
+def test_a_step_that_fails_stops_its_pipeline_only(cluster, two_models, tmp_path):
+    """A NaN in b's weights passes the checks (they read no weights) and stops b's export when read:
+    b's bench is not run, a's pipeline completes, and the run exits non-zero naming the step."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    address, _ = cluster
+    bad = tmp_path / "nan-model"
+    shutil.copytree(two_models["b"], bad)
+    w = load_file(bad / "model.safetensors")
+    name = next(n for n in w if "mlp.down_proj" in n)
+    w[name][0, 0] = torch.nan
+    save_file(w, bad / "model.safetensors", metadata={"format": "pt"})
+    files = pipelines({"a": two_models["a"], "b": bad}, tmp_path)
+    r = quantkit("run", *files, "--ray", address, "-q")
+    assert r.returncode == 2, r.stderr
+    assert re.search(r"^\[b:gguf\] failed: .*contains NaN or Inf", r.stderr, re.M), r.stderr
+    assert "[b:bench] not run: a step it reads failed" in r.stderr
+    assert "2 step(s) did not complete: b:gguf: " in r.stderr.strip().splitlines()[-1]
+    assert re.search(r"^a:bench\s+done", r.stdout, re.M) and re.search(r"^b:bench\s+blocked", r.stdout, re.M), r.stdout
+    assert len(ggufs(tmp_path / "out-a")) == len(TYPES) and not (tmp_path / "out-b" / "gguf").exists()
+    manifest = tmp_path / "out-b" / "pipeline.json"
+    assert not manifest.exists() or not json.loads(manifest.read_text())["steps"]
 
 
 @pytest.mark.ray

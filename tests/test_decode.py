@@ -69,7 +69,9 @@ def test_estimates_scale_with_bandwidth_from_the_measured_gpu():
 
 @pytest.mark.parametrize("name,mib,want", [("A100", 40960, "A100 40GB"), ("NVIDIA A100-SXM4-80GB", 81559, "A100 80GB"),
                                            ("A10", None, "A10 24GB"), ("NVIDIA GeForce RTX 4090", 24564,
-                                                                       "RTX 4090 24GB"), ("TPU-V4", None, None)])
+                                                                       "RTX 4090 24GB"), ("TPU-V4", None, None),
+                                           ("NVIDIA H100 80GB HBM3", 81559, "H100 80GB"), ("NVIDIA L40S", 46068, None),
+                                           ("NVIDIA GeForce RTX 3060 Ti", 8192, None), ("NVIDIA H100 PCIe", 81559, None)])
 def test_a_measured_gpu_is_named_as_the_catalog_names_it(name, mib, want):
     assert decode.catalog_name(name, mib, dict(vram.GPU_CATALOG)) == want
 
