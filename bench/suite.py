@@ -113,14 +113,17 @@ def run(baseline: Path, variants: list[Path], out_dir: Path, *, text: Path | Non
         device: str = "cpu", limit_chunks: int | None = None, gpus: dict[str, int] | None = None,
         top_k: int = evaluate.TOP_K, measure_vram: bool | None = None, progress: bool = True,
         name: str | None = None) -> dict:
-    """The whole bench on this machine: score(), then measure_here() for every row when this machine
-    has a GPU (measure_vram), then finish()."""
+    """The whole bench on this machine: score(), local_measurements(), finish()."""
     results = score(baseline, variants, text=text, ctx=ctx, device=device, limit_chunks=limit_chunks, top_k=top_k,
                     progress=progress, name=name)
+    return finish(results, local_measurements(results, measure_vram), gpus, out_dir)
+
+
+def local_measurements(results: dict, measure_vram: bool | None = None) -> list[dict]:
+    """measure_here() for every row of score()'s results when this machine has a GPU (or
+    measure_vram says to); none otherwise (finish() then estimates)."""
     measure = torch.cuda.is_available() if measure_vram is None else measure_vram
-    rows = [results["baseline"]] + results["variants"]
-    measurements = [measure_here(r, "cuda") for r in rows] if measure else []
-    return finish(results, measurements, gpus, out_dir)
+    return [measure_here(r, "cuda") for r in [results["baseline"]] + results["variants"]] if measure else []
 
 
 def score(baseline: Path, variants: list[Path], *, text: Path | None = None, ctx: int = 512, device: str = "cpu",

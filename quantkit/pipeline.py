@@ -194,10 +194,9 @@ class BenchJob:
             return suite.finish(results, measurements, vram.parse_gpus(self.gpu_names or None, [], None), tmp)
 
     def run(self) -> None:
-        from .bench import suite, vram
-        with staged_output(self.report, True, [self.model_dir]) as tmp:
-            suite.run(self.model_dir, self.variants(), tmp, gpus=vram.parse_gpus(self.gpu_names or None, [], None),
-                      **self.score_args)
+        from .bench import suite
+        results = self.score()
+        self.finish(results, suite.local_measurements(results))
 
 
 def auto_settings(cfg: Pipeline):
